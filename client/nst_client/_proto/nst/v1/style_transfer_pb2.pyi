@@ -1,0 +1,149 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Optimizer(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    OPTIMIZER_UNSPECIFIED: _ClassVar[Optimizer]
+    OPTIMIZER_LBFGS: _ClassVar[Optimizer]
+    OPTIMIZER_ADAM: _ClassVar[Optimizer]
+
+class StopReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STOP_REASON_UNSPECIFIED: _ClassVar[StopReason]
+    STOP_REASON_ITERATIONS_DONE: _ClassVar[StopReason]
+    STOP_REASON_CANCELLED: _ClassVar[StopReason]
+    STOP_REASON_NON_FINITE_COST: _ClassVar[StopReason]
+OPTIMIZER_UNSPECIFIED: Optimizer
+OPTIMIZER_LBFGS: Optimizer
+OPTIMIZER_ADAM: Optimizer
+STOP_REASON_UNSPECIFIED: StopReason
+STOP_REASON_ITERATIONS_DONE: StopReason
+STOP_REASON_CANCELLED: StopReason
+STOP_REASON_NON_FINITE_COST: StopReason
+
+class StylizeRequest(_message.Message):
+    __slots__ = ("content_image", "style_image", "max_side_px", "iterations", "content_weight", "style_weight", "seed", "optimizer", "learning_rate", "noise_ratio", "progress_every")
+    CONTENT_IMAGE_FIELD_NUMBER: _ClassVar[int]
+    STYLE_IMAGE_FIELD_NUMBER: _ClassVar[int]
+    MAX_SIDE_PX_FIELD_NUMBER: _ClassVar[int]
+    ITERATIONS_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    STYLE_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    NOISE_RATIO_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_EVERY_FIELD_NUMBER: _ClassVar[int]
+    content_image: bytes
+    style_image: bytes
+    max_side_px: int
+    iterations: int
+    content_weight: float
+    style_weight: float
+    seed: int
+    optimizer: Optimizer
+    learning_rate: float
+    noise_ratio: float
+    progress_every: int
+    def __init__(self, content_image: _Optional[bytes] = ..., style_image: _Optional[bytes] = ..., max_side_px: _Optional[int] = ..., iterations: _Optional[int] = ..., content_weight: _Optional[float] = ..., style_weight: _Optional[float] = ..., seed: _Optional[int] = ..., optimizer: _Optional[_Union[Optimizer, str]] = ..., learning_rate: _Optional[float] = ..., noise_ratio: _Optional[float] = ..., progress_every: _Optional[int] = ...) -> None: ...
+
+class StylizeResponse(_message.Message):
+    __slots__ = ("accepted", "progress", "result")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    accepted: JobAccepted
+    progress: Progress
+    result: Result
+    def __init__(self, accepted: _Optional[_Union[JobAccepted, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., result: _Optional[_Union[Result, _Mapping]] = ...) -> None: ...
+
+class JobAccepted(_message.Message):
+    __slots__ = ("job_id", "queue_position")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_POSITION_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    queue_position: int
+    def __init__(self, job_id: _Optional[str] = ..., queue_position: _Optional[int] = ...) -> None: ...
+
+class Costs(_message.Message):
+    __slots__ = ("content", "style", "total")
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    STYLE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    content: float
+    style: float
+    total: float
+    def __init__(self, content: _Optional[float] = ..., style: _Optional[float] = ..., total: _Optional[float] = ...) -> None: ...
+
+class Progress(_message.Message):
+    __slots__ = ("iteration", "costs", "elapsed_ms")
+    ITERATION_FIELD_NUMBER: _ClassVar[int]
+    COSTS_FIELD_NUMBER: _ClassVar[int]
+    ELAPSED_MS_FIELD_NUMBER: _ClassVar[int]
+    iteration: int
+    costs: Costs
+    elapsed_ms: float
+    def __init__(self, iteration: _Optional[int] = ..., costs: _Optional[_Union[Costs, _Mapping]] = ..., elapsed_ms: _Optional[float] = ...) -> None: ...
+
+class Result(_message.Message):
+    __slots__ = ("image_png", "width_px", "height_px", "costs", "iterations", "best_iteration", "stop_reason", "elapsed_ms")
+    IMAGE_PNG_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_PX_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_PX_FIELD_NUMBER: _ClassVar[int]
+    COSTS_FIELD_NUMBER: _ClassVar[int]
+    ITERATIONS_FIELD_NUMBER: _ClassVar[int]
+    BEST_ITERATION_FIELD_NUMBER: _ClassVar[int]
+    STOP_REASON_FIELD_NUMBER: _ClassVar[int]
+    ELAPSED_MS_FIELD_NUMBER: _ClassVar[int]
+    image_png: bytes
+    width_px: int
+    height_px: int
+    costs: Costs
+    iterations: int
+    best_iteration: int
+    stop_reason: StopReason
+    elapsed_ms: float
+    def __init__(self, image_png: _Optional[bytes] = ..., width_px: _Optional[int] = ..., height_px: _Optional[int] = ..., costs: _Optional[_Union[Costs, _Mapping]] = ..., iterations: _Optional[int] = ..., best_iteration: _Optional[int] = ..., stop_reason: _Optional[_Union[StopReason, str]] = ..., elapsed_ms: _Optional[float] = ...) -> None: ...
+
+class GetModelInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("output_layers", "input_contract_json", "weights_source", "weights_sha256", "weights_input_contract_json", "execution_providers", "replica_device", "pooling", "versions", "min_side_px", "max_side_px")
+    class VersionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    OUTPUT_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_CONTRACT_JSON_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_SHA256_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_INPUT_CONTRACT_JSON_FIELD_NUMBER: _ClassVar[int]
+    EXECUTION_PROVIDERS_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_DEVICE_FIELD_NUMBER: _ClassVar[int]
+    POOLING_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    MIN_SIDE_PX_FIELD_NUMBER: _ClassVar[int]
+    MAX_SIDE_PX_FIELD_NUMBER: _ClassVar[int]
+    output_layers: _containers.RepeatedScalarFieldContainer[str]
+    input_contract_json: str
+    weights_source: str
+    weights_sha256: str
+    weights_input_contract_json: str
+    execution_providers: _containers.RepeatedScalarFieldContainer[str]
+    replica_device: str
+    pooling: str
+    versions: _containers.ScalarMap[str, str]
+    min_side_px: int
+    max_side_px: int
+    def __init__(self, output_layers: _Optional[_Iterable[str]] = ..., input_contract_json: _Optional[str] = ..., weights_source: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., weights_input_contract_json: _Optional[str] = ..., execution_providers: _Optional[_Iterable[str]] = ..., replica_device: _Optional[str] = ..., pooling: _Optional[str] = ..., versions: _Optional[_Mapping[str, str]] = ..., min_side_px: _Optional[int] = ..., max_side_px: _Optional[int] = ...) -> None: ...

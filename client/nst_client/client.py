@@ -1,0 +1,195 @@
+"""Python client of the ``nst.v1.StyleTransfer`` gRPC API (synchronous; needs only grpcio and protobuf).
+
+Every ``grpc.RpcError`` is turned into :class:`NSTError`, which carries the status code and the server's
+message.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from nst_client._proto.nst.v1 import style_transfer_pb2 as pb
+from nst_client._proto.nst.v1 import style_transfer_pb2_grpc as pb_grpc
+
+#: Client receive limit for stream messages, bytes (results of large images exceed gRPC's 4 MiB default).
+MAX_RECEIVE_MESSAGE_BYTES = 64 * 1024 * 1024
+
+OPTIMIZERS = {"lbfgs": pb.OPTIMIZER_LBFGS, "adam": pb.OPTIMIZER_ADAM}
+STOP_REASONS = {value: name for name, value in pb.StopReason.items()}
+
+
+class NSTError(Exception):
+    """A failed call: ``code`` is the ``grpc.StatusCode``, ``details`` the server's message."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+    @classmethod
+    def from_rpc_error(cls, error: grpc.RpcError) -> "NSTError":
+        return cls(error.code(), error.details() or "")
+
+
+@dataclass(frozen=True)
+class StylizeResult:
+    """The final image and its costs (see ``nst.v1.Result``)."""
+
+    job_id: str
+    image_png: bytes
+    width_px: int
+    height_px: int
+    content_cost: float
+    style_cost: float
+    total_cost: float
+    iterations: int
+    best_iteration: int
+    stop_reason: str
+    elapsed_ms: float
+    progress: list[pb.Progress]
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the PNG bytes to ``path``."""
+        with open(path, "wb") as handle:
+            handle.write(self.image_png)
+
+
+def read_image_bytes(image: bytes | str | os.PathLike) -> bytes:
+    """Bytes as they are, or the contents of a file path."""
+    if isinstance(image, bytes | bytearray):
+        return bytes(image)
+    with open(image, "rb") as handle:
+        return handle.read()
+
+
+def build_request(content: bytes | str | os.PathLike, style: bytes | str | os.PathLike, *,
+                  max_side_px: int = 0, iterations: int = 0, content_weight: float | None = None,
+                  style_weight: float | None = None, seed: int | None = None, optimizer: str | None = None,
+                  learning_rate: float | None = None, noise_ratio: float | None = None,
+                  progress_every: int = 0) -> pb.StylizeRequest:
+    """A ``StylizeRequest``; images are encoded bytes or paths, ``None``/0 leave the server's default.
+
+    Raises:
+        ValueError: unknown ``optimizer`` name. OSError: an image path cannot be read.
+    """
+    request = pb.StylizeRequest(content_image=read_image_bytes(content), style_image=read_image_bytes(style),
+                                max_side_px=max_side_px, iterations=iterations, progress_every=progress_every)
+    for name, value in (("content_weight", content_weight), ("style_weight", style_weight), ("seed", seed),
+                        ("learning_rate", learning_rate), ("noise_ratio", noise_ratio)):
+        if value is not None:
+            setattr(request, name, value)
+    if optimizer is not None:
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
+        request.optimizer = OPTIMIZERS[optimizer]
+    return request
+
+
+class NSTClient:
+    """A channel to one server; use as a context manager, or call :meth:`close`.
+
+    Args:
+        target: ``host:port``.
+        timeout_s: default deadline for :meth:`stylize` calls, seconds (``None``: no deadline).
+    """
+
+    def __init__(self, target: str, timeout_s: float | None = None) -> None:
+        self.target = target
+        self.timeout_s = timeout_s
+        self._channel = grpc.insecure_channel(target, options=[
+            ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_RECEIVE_MESSAGE_BYTES),
+        ])
+        self._stub = pb_grpc.StyleTransferStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def __enter__(self) -> "NSTClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def health(self, service: str = "", timeout_s: float = 5.0) -> str:
+        """The server's health status name (``SERVING``, ``NOT_SERVING`` …). Raises :class:`NSTError`."""
+        try:
+            reply = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
+        except grpc.RpcError as error:
+            raise NSTError.from_rpc_error(error) from None
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+    def wait_until_serving(self, timeout_s: float = 120.0) -> None:
+        """Block until health is SERVING. Raises :class:`NSTError` (DEADLINE_EXCEEDED) after ``timeout_s``."""
+        import time
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                grpc.channel_ready_future(self._channel).result(timeout=max(0.1, deadline - time.monotonic()))
+                if self.health() == "SERVING":
+                    return
+            except (NSTError, grpc.FutureTimeoutError):
+                pass
+            if time.monotonic() >= deadline:
+                raise NSTError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                               f"{self.target} not SERVING after {timeout_s:.0f} s")
+            time.sleep(0.2)
+
+    def model_info(self, timeout_s: float = 5.0) -> pb.ModelInfo:
+        """``GetModelInfo``. Raises :class:`NSTError`."""
+        try:
+            return self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout_s)
+        except grpc.RpcError as error:
+            raise NSTError.from_rpc_error(error) from None
+
+    def stream(self, request: pb.StylizeRequest, timeout_s: float | None = None) -> Iterator[pb.StylizeResponse]:
+        """The raw response stream of one job. Closing the iterator early cancels the job.
+
+        Raises:
+            NSTError: the call failed (status code and the server's message).
+        """
+        call = self._stub.Stylize(request, timeout=timeout_s if timeout_s is not None else self.timeout_s)
+        try:
+            yield from call
+        except grpc.RpcError as error:
+            raise NSTError.from_rpc_error(error) from None
+        finally:
+            call.cancel()
+
+    def stylize(self, content: bytes | str | os.PathLike, style: bytes | str | os.PathLike, *,
+                on_progress=None, timeout_s: float | None = None, **options) -> StylizeResult:
+        """Run one job to completion.
+
+        Args:
+            content, style: encoded image bytes or file paths.
+            on_progress: called with each ``nst.v1.Progress`` as it arrives.
+            timeout_s: deadline for the whole job, seconds.
+            **options: :func:`build_request` keywords (``max_side_px``, ``iterations``, ``content_weight`` …).
+        Raises:
+            NSTError: the server refused or failed the job. ValueError, OSError: from :func:`build_request`.
+        """
+        request = build_request(content, style, **options)
+        job_id, progress = "", []
+        for message in self.stream(request, timeout_s=timeout_s):
+            kind = message.WhichOneof("event")
+            if kind == "accepted":
+                job_id = message.accepted.job_id
+            elif kind == "progress":
+                progress.append(message.progress)
+                if on_progress is not None:
+                    on_progress(message.progress)
+            elif kind == "result":
+                result = message.result
+                return StylizeResult(
+                    job_id=job_id, image_png=result.image_png, width_px=result.width_px,
+                    height_px=result.height_px, content_cost=result.costs.content, style_cost=result.costs.style,
+                    total_cost=result.costs.total, iterations=result.iterations,
+                    best_iteration=result.best_iteration, stop_reason=STOP_REASONS[result.stop_reason],
+                    elapsed_ms=result.elapsed_ms, progress=progress)
+        raise NSTError(grpc.StatusCode.UNKNOWN, "the stream ended without a result")

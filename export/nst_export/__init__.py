@@ -1,0 +1,10 @@
+"""Export of the VGG-19 feature stack to ONNX: network definition, offline weight loaders, tracer."""
+
+from nst_export.onnx_export import DEFAULT_MODEL_PATH, OPSET, export_onnx, read_metadata
+from nst_export.vgg import LAYER_STRIDE, MIN_SIDE_PX, OUTPUT_LAYERS, VGG19Features
+from nst_export.weights import WeightSet, WeightsNotFoundError, build_vgg19, load_weights
+
+__all__ = [
+    "DEFAULT_MODEL_PATH", "LAYER_STRIDE", "MIN_SIDE_PX", "OPSET", "OUTPUT_LAYERS", "VGG19Features",
+    "WeightSet", "WeightsNotFoundError", "build_vgg19", "export_onnx", "load_weights", "read_metadata",
+]

@@ -1,0 +1,60 @@
+"""``nst-server``: serve neural style transfer over gRPC."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from nst_export.onnx_export import DEFAULT_MODEL_PATH
+from nst_server.app import ServerConfig, serve
+from nst_server.model import ModelFileError
+from nst_server.servicer import ServerLimits
+
+
+def build_parser() -> argparse.ArgumentParser:
+    limits = ServerLimits()
+    parser = argparse.ArgumentParser(prog="nst-server", description=__doc__)
+    parser.add_argument("--model", default=str(DEFAULT_MODEL_PATH), help="ONNX file from nst-export "
+                        "(default: %(default)s, or $NST_MODEL)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=50051, help="port; 0 picks a free one (default: %(default)s)")
+    parser.add_argument("--providers", default=None,
+                        help="comma-separated execution providers to try in order "
+                             "(default: TensorrtExecutionProvider,CUDAExecutionProvider,CPUExecutionProvider)")
+    parser.add_argument("--max-side-px", type=int, default=limits.max_side_px,
+                        help="largest output side a job may ask for, px (default: %(default)s)")
+    parser.add_argument("--max-iterations", type=int, default=limits.max_iterations)
+    parser.add_argument("--max-running-jobs", type=int, default=limits.max_running_jobs,
+                        help="N: jobs optimised at once (default: %(default)s)")
+    parser.add_argument("--max-queued-jobs", type=int, default=limits.max_queued_jobs,
+                        help="Q: jobs waiting; beyond N+Q new jobs get RESOURCE_EXHAUSTED (default: %(default)s)")
+    parser.add_argument("--max-input-pixels", type=int, default=limits.max_input_pixels,
+                        help="pixel budget of each input image, checked before decoding (default: %(default)s)")
+    parser.add_argument("--max-receive-message-bytes", type=int, default=64 * 1024 * 1024)
+    parser.add_argument("--grace-s", type=float, default=10.0, help="shutdown grace for running jobs, s")
+    parser.add_argument("--log-level", default="INFO")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = ServerConfig(
+        model_path=args.model, host=args.host, port=args.port,
+        providers=args.providers.split(",") if args.providers else None,
+        limits=ServerLimits(max_side_px=args.max_side_px, max_iterations=args.max_iterations,
+                            max_input_pixels=args.max_input_pixels, max_running_jobs=args.max_running_jobs,
+                            max_queued_jobs=args.max_queued_jobs),
+        max_receive_message_bytes=args.max_receive_message_bytes, grace_s=args.grace_s)
+    try:
+        asyncio.run(serve(config))
+    except ModelFileError as exc:
+        print(f"nst-server: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

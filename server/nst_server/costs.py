@@ -1,0 +1,97 @@
+"""The costs of neural style transfer, exactly as the seed document writes them.
+
+Notation (seed, after Gatys et al. 2015): ``a`` is one layer's activation volume with ``n_C`` channels and
+``n_H x n_W`` positions; the Gram matrix of ``a`` is ``G = A A^T`` with ``A`` the ``(n_C, n_H n_W)`` unrolled
+volume.
+
+* ``J_content(C, G) = 1 / (4 n_H n_W n_C) * sum (a_C - a_G)^2``
+* ``J_style^[l](S, G) = 1 / (4 n_C^2 (n_H n_W)^2) * sum_ij (G_S,ij - G_G,ij)^2``
+* ``J_style(S, G) = sum_l lambda_l J_style^[l](S, G)``
+* ``J(G) = alpha J_content(C, G) + beta J_style(S, G)``
+
+All functions take batched tensors ``(B, …)`` and return per-item costs ``(B,)`` in float32; inputs in lower
+precision are promoted to float32 before the Gram product (an fp16 sum of squares overflows past 65504).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def gram_matrix(features: torch.Tensor) -> torch.Tensor:
+    """Unnormalised Gram matrix ``G = A A^T`` of each item.
+
+    Args:
+        features: ``(B, n_C, n_H, n_W)`` activations (any float dtype).
+    Returns:
+        ``(B, n_C, n_C)`` float32.
+    """
+    batch, channels = features.shape[:2]
+    unrolled = features.reshape(batch, channels, -1).float()        # (B, n_C, n_H n_W)
+    return torch.bmm(unrolled, unrolled.transpose(1, 2))
+
+
+def content_cost(content: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
+    """The seed's ``J_content``: ``sum (a_C - a_G)^2 / (4 n_H n_W n_C)`` per item.
+
+    Args:
+        content, generated: ``(B, n_C, n_H, n_W)`` activations of the same layer and shape
+            (``content`` may have ``B = 1`` and is then broadcast).
+    Returns:
+        ``(B,)`` float32.
+    Raises:
+        ValueError: the shapes differ beyond the batch axis.
+    """
+    if content.shape[1:] != generated.shape[1:]:
+        raise ValueError(f"content cost needs equal layer shapes, got {tuple(content.shape)} "
+                         f"and {tuple(generated.shape)}")
+    n_c, n_h, n_w = generated.shape[1:]
+    diff = generated.float() - content.float()
+    return diff.pow(2).flatten(1).sum(1) / (4.0 * n_h * n_w * n_c)
+
+
+def style_layer_cost(style_gram: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
+    """The seed's ``J_style^[l]``: ``sum (G_S - G_G)^2 / (4 n_C^2 (n_H n_W)^2)`` per item.
+
+    Args:
+        style_gram: ``(1 or B, n_C, n_C)`` float32 target Gram matrix, already expressed for ``n_H n_W``
+            positions of the generated image (see :func:`style_gram_target`).
+        generated: ``(B, n_C, n_H, n_W)`` activations of the generated image at this layer.
+    Returns:
+        ``(B,)`` float32.
+    """
+    n_c, n_h, n_w = generated.shape[1:]
+    diff = gram_matrix(generated) - style_gram
+    return diff.pow(2).flatten(1).sum(1) / (4.0 * n_c**2 * (n_h * n_w) ** 2)
+
+
+def style_gram_target(style_features: torch.Tensor, generated_positions: int) -> torch.Tensor:
+    """The style image's Gram matrix rescaled to the generated image's number of positions.
+
+    The seed's formula compares unnormalised Gram matrices of images of one size; when the style image has
+    ``P_S`` positions and the generated image ``P_G``, we use ``G_S * P_G / P_S`` (identical when the sizes
+    are equal), which keeps the per-position statistics that the style cost matches.
+
+    Args:
+        style_features: ``(1, n_C, n_H', n_W')`` activations of the style image.
+        generated_positions: ``n_H n_W`` of the generated image at this layer.
+    Returns:
+        ``(1, n_C, n_C)`` float32.
+    """
+    positions = style_features.shape[2] * style_features.shape[3]
+    return gram_matrix(style_features) * (generated_positions / positions)
+
+
+def total_variation(image: torch.Tensor) -> torch.Tensor:
+    """Anisotropic total variation ``sum |x[i+1,j] - x[i,j]|^2 + |x[i,j+1] - x[i,j]|^2`` per item, mean over
+    pixels (Mahendran & Vedaldi 2015, beta = 2; the form jcjohnson/neural-style uses).
+
+    Args:
+        image: ``(B, 3, H, W)``.
+    Returns:
+        ``(B,)`` float32, in squared units of the image.
+    """
+    image = image.float()
+    d_h = (image[:, :, 1:, :] - image[:, :, :-1, :]).pow(2).flatten(1).sum(1)
+    d_w = (image[:, :, :, 1:] - image[:, :, :, :-1]).pow(2).flatten(1).sum(1)
+    return (d_h + d_w) / image[0].numel()
