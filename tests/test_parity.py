@@ -1,0 +1,39 @@
+"""The onnxruntime session and the PyTorch replica compute the same features (fp32)."""
+
+import pytest
+import torch
+
+from nst_export import OUTPUT_LAYERS
+from nst_server.model import ModelFileError, StyleModels
+
+
+@pytest.mark.parametrize("height,width", [(64, 64), (96, 136)])
+def test_session_and_replica_agree(models, height, width):
+    torch.manual_seed(height)
+    image = torch.rand(1, 3, height, width)
+    session = models.features(image)
+    with torch.no_grad():
+        replica = dict(zip(OUTPUT_LAYERS, models.replica(image)))
+    for layer in OUTPUT_LAYERS:
+        a, b = session[layer], replica[layer]
+        assert a.shape == b.shape
+        relative = ((a - b).abs().max() / a.abs().max()).item()
+        assert relative <= 1e-4, f"{layer} at {height}x{width}: max relative error {relative:.2e}"
+
+
+def test_replica_weights_come_from_the_onnx_file(models, onnx_path):
+    import onnx
+    from onnx import numpy_helper
+    proto = onnx.load(str(onnx_path))
+    init = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    assert torch.equal(models.replica.conv4_2.weight, torch.from_numpy(init["conv4_2.weight"]))
+    assert not any(p.requires_grad for p in models.replica.parameters())
+
+
+def test_missing_model_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelFileError, match="does not exist"):
+        StyleModels.load(tmp_path / "none.onnx")
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(ModelFileError):
+        StyleModels.load(bad)

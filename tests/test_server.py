@@ -1,0 +1,64 @@
+"""End to end through a real nst-server process on 127.0.0.1 (port 0)."""
+
+import io
+
+import grpc
+import pytest
+from PIL import Image
+
+from nst_client import NSTError, build_request
+
+
+def test_health_and_model_info(client):
+    assert client.health() == "SERVING"
+    assert client.health("nst.v1.StyleTransfer") == "SERVING"
+    info = client.model_info()
+    assert list(info.output_layers) == ["relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu4_2", "relu5_1"]
+    assert "CPUExecutionProvider" in info.execution_providers
+    assert len(info.weights_sha256) == 64 and info.min_side_px == 16
+
+
+def test_stream_of_a_64px_job(client, small_images):
+    content, style = small_images
+    events = list(client.stream(build_request(content, style, max_side_px=64, iterations=6)))
+    kinds = [m.WhichOneof("event") for m in events]
+    assert kinds[0] == "accepted" and kinds[-1] == "result"
+    assert set(kinds[1:-1]) == {"progress"}
+    iterations = [m.progress.iteration for m in events[1:-1]]
+    assert iterations == sorted(set(iterations)) and iterations[-1] == 6      # strictly increasing
+    result = events[-1].result
+    image = Image.open(io.BytesIO(result.image_png))
+    assert image.size == (64, 48) == (result.width_px, result.height_px)
+    assert image.mode == "RGB"
+
+
+def test_client_stylize_writes_png(client, small_images, tmp_path):
+    content, style = small_images
+    result = client.stylize(content, style, max_side_px=32, iterations=3, seed=1)
+    result.save(tmp_path / "out.png")
+    assert Image.open(tmp_path / "out.png").size == (32, 24)
+    assert result.stop_reason == "STOP_REASON_ITERATIONS_DONE" and len(result.progress) == 3
+
+
+@pytest.mark.parametrize("options,field", [
+    ({"max_side_px": 8}, "max_side_px"),
+    ({"max_side_px": 100000}, "max_side_px"),
+    ({"iterations": 10**6}, "iterations"),
+    ({"style_weight": -1.0}, "style_weight"),
+])
+def test_out_of_range_fields_are_invalid_argument(client, small_images, options, field):
+    with pytest.raises(NSTError) as error:
+        client.stylize(*small_images, **options)
+    assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in error.value.details
+
+
+def test_undecodable_image_is_invalid_argument_and_server_lives_on(client, small_images):
+    with pytest.raises(NSTError) as error:
+        client.stylize(b"definitely not an image", small_images[1], max_side_px=32, iterations=2)
+    assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "content_image" in error.value.details
+    with pytest.raises(NSTError) as error:
+        client.stylize(small_images[0], b"", max_side_px=32, iterations=2)
+    assert "style_image" in error.value.details
+    assert client.stylize(*small_images, max_side_px=32, iterations=2).width_px == 32
