@@ -14,9 +14,10 @@ def _images(small_images):
     return content, style
 
 
-def _run(models, small_images, should_stop=None, **settings):
+def _run(models, small_images, should_stop=None, styles=None, init_image=None, **settings):
     content, style = _images(small_images)
-    events = list(engine.stylize(models, content, style, engine.StyleTransferSettings(**settings), should_stop))
+    inputs = engine.JobInputs(content=content, styles=styles or [(style, 1.0)], init_image=init_image)
+    events = list(engine.stylize(models, inputs, engine.StyleTransferSettings(**settings), should_stop))
     return events[:-1], events[-1]
 
 
@@ -37,9 +38,9 @@ def test_delivered_costs_are_those_of_the_delivered_pixels(models, small_images)
     settings = engine.StyleTransferSettings(max_side_px=32)
     from nst_server.images import resize_to_max_side
     targets = engine.compute_targets(models, to_tensor(resize_to_max_side(content, 32)),
-                                     to_tensor(resize_to_max_side(style, 32)), settings)
+                                     [(to_tensor(resize_to_max_side(style, 32)), 1.0)], settings)
     delivered = to_tensor(Image.open(io.BytesIO(result.png)))
-    j_content, j_style, total = engine.evaluate(models.features(delivered), targets, settings)
+    j_content, j_style, _, total = engine.evaluate(models.features(delivered), delivered * 255, targets, settings)
     assert result.costs.style == pytest.approx(j_style.item(), rel=1e-5)
     assert result.costs.content == pytest.approx(j_content.item(), rel=1e-5)
 
@@ -76,7 +77,7 @@ def test_both_optimisers_lower_the_cost(models, small_images, optimizer):
     ("iterations", 0, "at least 1"),
     ("style_weight", float("nan"), "finite"),
     ("noise_ratio", 1.5, r"\[0, 1\]"),
-    ("content_layer", "relu9_9", "content_layer"),
+    ("content_layers", {"relu9_9": 1.0}, "content_layers"),
     ("optimizer", "sgd", "optimizer"),
 ])
 def test_settings_out_of_range_name_the_field(field, value, message):

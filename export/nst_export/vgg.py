@@ -63,24 +63,25 @@ class VGG19Features(nn.Module):
         # (1, 3, 1, 1) RGB mean in [0, 1] units, subtracted before conv1_1 (folded from the weights' contract).
         self.register_buffer("input_mean", torch.zeros(1, 3, 1, 1))
 
-    def _pool(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pooling == "max":
-            return F.max_pool2d(x, kernel_size=2, stride=2)
-        return F.avg_pool2d(x, kernel_size=2, stride=2)
+    def forward(self, image: torch.Tensor, pooling: str | None = None) -> tuple[torch.Tensor, ...]:
+        """``pooling`` overrides the module's for this call (the replica serves max and avg jobs at once)."""
+        pool_fn = F.avg_pool2d if (pooling or self.pooling) == "avg" else F.max_pool2d
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        def pool(t: torch.Tensor) -> torch.Tensor:
+            return pool_fn(t, kernel_size=2, stride=2)
+
         x = image - self.input_mean                       # (B, 3, H, W)
         relu1_1 = F.relu(self.conv1_1(x))                 # (B, 64, H, W)
         x = F.relu(self.conv1_2(relu1_1))
-        relu2_1 = F.relu(self.conv2_1(self._pool(x)))     # (B, 128, H/2, W/2)
+        relu2_1 = F.relu(self.conv2_1(pool(x)))     # (B, 128, H/2, W/2)
         x = F.relu(self.conv2_2(relu2_1))
-        relu3_1 = F.relu(self.conv3_1(self._pool(x)))     # (B, 256, H/4, W/4)
+        relu3_1 = F.relu(self.conv3_1(pool(x)))     # (B, 256, H/4, W/4)
         x = F.relu(self.conv3_2(relu3_1))
         x = F.relu(self.conv3_3(x))
         x = F.relu(self.conv3_4(x))
-        relu4_1 = F.relu(self.conv4_1(self._pool(x)))     # (B, 512, H/8, W/8)
+        relu4_1 = F.relu(self.conv4_1(pool(x)))     # (B, 512, H/8, W/8)
         relu4_2 = F.relu(self.conv4_2(relu4_1))
         x = F.relu(self.conv4_3(relu4_2))
         x = F.relu(self.conv4_4(x))
-        relu5_1 = F.relu(self.conv5_1(self._pool(x)))     # (B, 512, H/16, W/16)
+        relu5_1 = F.relu(self.conv5_1(pool(x)))     # (B, 512, H/16, W/16)
         return relu1_1, relu2_1, relu3_1, relu4_1, relu4_2, relu5_1

@@ -25,17 +25,11 @@ from nst_client._proto.nst.v1 import style_transfer_pb2 as pb
 from nst_client._proto.nst.v1 import style_transfer_pb2_grpc as pb_grpc
 from nst_export.vgg import MIN_SIDE_PX, OUTPUT_LAYERS
 from nst_server import engine
-from nst_server.images import ImageInputError, decode_image
+from nst_server.images import ImageInputError
+from nst_server.messages import RequestError, decode_inputs, settings_from_request, to_proto
 from nst_server.model import StyleModels
 
 log = logging.getLogger(__name__)
-
-_STOP_REASONS = {
-    engine.STOP_ITERATIONS: pb.STOP_REASON_ITERATIONS_DONE,
-    engine.STOP_CANCELLED: pb.STOP_REASON_CANCELLED,
-    engine.STOP_NON_FINITE: pb.STOP_REASON_NON_FINITE_COST,
-}
-_OPTIMIZERS = {pb.OPTIMIZER_UNSPECIFIED: None, pb.OPTIMIZER_LBFGS: "lbfgs", pb.OPTIMIZER_ADAM: "adam"}
 
 
 @dataclass(frozen=True)
@@ -55,67 +49,6 @@ class ServerLimits:
     max_input_pixels: int = 40_000_000
     max_running_jobs: int = 1
     max_queued_jobs: int = 4
-
-
-class RequestError(ValueError):
-    """A request field out of range; ``field`` names it."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-
-
-def settings_from_request(request: pb.StylizeRequest, limits: ServerLimits) -> engine.StyleTransferSettings:
-    """Map a request onto :class:`engine.StyleTransferSettings`; unset fields take the engine's defaults.
-
-    Raises:
-        RequestError: a field is out of range (the message names it and the limit).
-    """
-    defaults = engine.StyleTransferSettings()
-    values: dict = {}
-    if request.max_side_px:
-        if not MIN_SIDE_PX <= request.max_side_px <= limits.max_side_px:
-            raise RequestError("max_side_px", f"must be between {MIN_SIDE_PX} and {limits.max_side_px} px, "
-                                              f"got {request.max_side_px}")
-        values["max_side_px"] = request.max_side_px
-    if request.iterations:
-        if request.iterations > limits.max_iterations:
-            raise RequestError("iterations", f"must be at most {limits.max_iterations}, got {request.iterations}")
-        values["iterations"] = request.iterations
-    for name in ("content_weight", "style_weight", "learning_rate", "noise_ratio"):
-        if request.HasField(name):
-            values[name] = getattr(request, name)
-    if request.HasField("seed"):
-        values["seed"] = request.seed
-    if request.optimizer not in _OPTIMIZERS:
-        raise RequestError("optimizer", f"unknown value {request.optimizer}")
-    if _OPTIMIZERS[request.optimizer]:
-        values["optimizer"] = _OPTIMIZERS[request.optimizer]
-    if request.progress_every:
-        values["progress_every"] = request.progress_every
-    settings = engine.StyleTransferSettings(**{**defaults.__dict__, **values})
-    try:
-        settings.validate()
-    except ValueError as exc:
-        field = str(exc).split(" ", 1)[0]
-        raise RequestError(field, str(exc).split(" ", 1)[1]) from None
-    return settings
-
-
-def _costs(costs: engine.Costs) -> pb.Costs:
-    return pb.Costs(content=costs.content, style=costs.style, total=costs.total)
-
-
-def to_proto(event: engine.Progress | engine.Result) -> pb.StylizeResponse:
-    """Engine event to stream message."""
-    if isinstance(event, engine.Progress):
-        return pb.StylizeResponse(progress=pb.Progress(
-            iteration=event.iteration, costs=_costs(event.costs), elapsed_ms=event.elapsed_ms))
-    height, width = event.image.shape[:2]
-    return pb.StylizeResponse(result=pb.Result(
-        image_png=event.png, width_px=width, height_px=height, costs=_costs(event.costs),
-        iterations=event.iterations, best_iteration=event.best_iteration,
-        stop_reason=_STOP_REASONS[event.stop_reason], elapsed_ms=event.elapsed_ms))
 
 
 _DONE = object()
@@ -205,9 +138,8 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
                 put(_DONE)
                 return
             try:
-                content = decode_image(request.content_image, "content_image", limits.max_input_pixels)
-                style = decode_image(request.style_image, "style_image", limits.max_input_pixels)
-                for event in engine.stylize(self.models, content, style, settings, should_stop=stop.is_set):
+                inputs = decode_inputs(request, limits.max_input_pixels)
+                for event in engine.stylize(self.models, inputs, settings, should_stop=stop.is_set):
                     put(event)
             except BaseException as exc:  # reported to the handler, which maps it to a status
                 put(exc)

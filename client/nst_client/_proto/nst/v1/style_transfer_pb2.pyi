@@ -19,6 +19,40 @@ class StopReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STOP_REASON_ITERATIONS_DONE: _ClassVar[StopReason]
     STOP_REASON_CANCELLED: _ClassVar[StopReason]
     STOP_REASON_NON_FINITE_COST: _ClassVar[StopReason]
+    STOP_REASON_CONVERGED: _ClassVar[StopReason]
+
+class Preset(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PRESET_UNSPECIFIED: _ClassVar[Preset]
+    PRESET_SEED: _ClassVar[Preset]
+
+class Init(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    INIT_UNSPECIFIED: _ClassVar[Init]
+    INIT_NOISY_CONTENT: _ClassVar[Init]
+    INIT_CONTENT: _ClassVar[Init]
+    INIT_RANDOM: _ClassVar[Init]
+    INIT_IMAGE: _ClassVar[Init]
+
+class Pooling(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    POOLING_UNSPECIFIED: _ClassVar[Pooling]
+    POOLING_MAX: _ClassVar[Pooling]
+    POOLING_AVG: _ClassVar[Pooling]
+
+class ColorControl(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    COLOR_CONTROL_UNSPECIFIED: _ClassVar[ColorControl]
+    COLOR_CONTROL_NONE: _ClassVar[ColorControl]
+    COLOR_CONTROL_LUMINANCE: _ClassVar[ColorControl]
+    COLOR_CONTROL_MATCH_STYLE_COLORS: _ClassVar[ColorControl]
+
+class Precision(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PRECISION_UNSPECIFIED: _ClassVar[Precision]
+    PRECISION_FP32: _ClassVar[Precision]
+    PRECISION_BF16: _ClassVar[Precision]
+    PRECISION_FP16: _ClassVar[Precision]
 OPTIMIZER_UNSPECIFIED: Optimizer
 OPTIMIZER_LBFGS: Optimizer
 OPTIMIZER_ADAM: Optimizer
@@ -26,9 +60,44 @@ STOP_REASON_UNSPECIFIED: StopReason
 STOP_REASON_ITERATIONS_DONE: StopReason
 STOP_REASON_CANCELLED: StopReason
 STOP_REASON_NON_FINITE_COST: StopReason
+STOP_REASON_CONVERGED: StopReason
+PRESET_UNSPECIFIED: Preset
+PRESET_SEED: Preset
+INIT_UNSPECIFIED: Init
+INIT_NOISY_CONTENT: Init
+INIT_CONTENT: Init
+INIT_RANDOM: Init
+INIT_IMAGE: Init
+POOLING_UNSPECIFIED: Pooling
+POOLING_MAX: Pooling
+POOLING_AVG: Pooling
+COLOR_CONTROL_UNSPECIFIED: ColorControl
+COLOR_CONTROL_NONE: ColorControl
+COLOR_CONTROL_LUMINANCE: ColorControl
+COLOR_CONTROL_MATCH_STYLE_COLORS: ColorControl
+PRECISION_UNSPECIFIED: Precision
+PRECISION_FP32: Precision
+PRECISION_BF16: Precision
+PRECISION_FP16: Precision
+
+class StyleImage(_message.Message):
+    __slots__ = ("image", "blend_weight")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    BLEND_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    image: bytes
+    blend_weight: float
+    def __init__(self, image: _Optional[bytes] = ..., blend_weight: _Optional[float] = ...) -> None: ...
+
+class LayerWeight(_message.Message):
+    __slots__ = ("layer", "weight")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    layer: str
+    weight: float
+    def __init__(self, layer: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class StylizeRequest(_message.Message):
-    __slots__ = ("content_image", "style_image", "max_side_px", "iterations", "content_weight", "style_weight", "seed", "optimizer", "learning_rate", "noise_ratio", "progress_every")
+    __slots__ = ("content_image", "style_image", "max_side_px", "iterations", "content_weight", "style_weight", "seed", "optimizer", "learning_rate", "noise_ratio", "progress_every", "styles", "style_scale", "preset", "init", "init_image", "content_layers", "style_layers", "pooling", "tv_weight", "color_control", "scales", "start_side_px", "precision", "preview_every", "preview_max_side_px", "convergence_tolerance", "lbfgs_history")
     CONTENT_IMAGE_FIELD_NUMBER: _ClassVar[int]
     STYLE_IMAGE_FIELD_NUMBER: _ClassVar[int]
     MAX_SIDE_PX_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +109,23 @@ class StylizeRequest(_message.Message):
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     NOISE_RATIO_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_EVERY_FIELD_NUMBER: _ClassVar[int]
+    STYLES_FIELD_NUMBER: _ClassVar[int]
+    STYLE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    PRESET_FIELD_NUMBER: _ClassVar[int]
+    INIT_FIELD_NUMBER: _ClassVar[int]
+    INIT_IMAGE_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    STYLE_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    POOLING_FIELD_NUMBER: _ClassVar[int]
+    TV_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    COLOR_CONTROL_FIELD_NUMBER: _ClassVar[int]
+    SCALES_FIELD_NUMBER: _ClassVar[int]
+    START_SIDE_PX_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_EVERY_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_MAX_SIDE_PX_FIELD_NUMBER: _ClassVar[int]
+    CONVERGENCE_TOLERANCE_FIELD_NUMBER: _ClassVar[int]
+    LBFGS_HISTORY_FIELD_NUMBER: _ClassVar[int]
     content_image: bytes
     style_image: bytes
     max_side_px: int
@@ -51,7 +137,24 @@ class StylizeRequest(_message.Message):
     learning_rate: float
     noise_ratio: float
     progress_every: int
-    def __init__(self, content_image: _Optional[bytes] = ..., style_image: _Optional[bytes] = ..., max_side_px: _Optional[int] = ..., iterations: _Optional[int] = ..., content_weight: _Optional[float] = ..., style_weight: _Optional[float] = ..., seed: _Optional[int] = ..., optimizer: _Optional[_Union[Optimizer, str]] = ..., learning_rate: _Optional[float] = ..., noise_ratio: _Optional[float] = ..., progress_every: _Optional[int] = ...) -> None: ...
+    styles: _containers.RepeatedCompositeFieldContainer[StyleImage]
+    style_scale: float
+    preset: Preset
+    init: Init
+    init_image: bytes
+    content_layers: _containers.RepeatedCompositeFieldContainer[LayerWeight]
+    style_layers: _containers.RepeatedCompositeFieldContainer[LayerWeight]
+    pooling: Pooling
+    tv_weight: float
+    color_control: ColorControl
+    scales: int
+    start_side_px: int
+    precision: Precision
+    preview_every: int
+    preview_max_side_px: int
+    convergence_tolerance: float
+    lbfgs_history: int
+    def __init__(self, content_image: _Optional[bytes] = ..., style_image: _Optional[bytes] = ..., max_side_px: _Optional[int] = ..., iterations: _Optional[int] = ..., content_weight: _Optional[float] = ..., style_weight: _Optional[float] = ..., seed: _Optional[int] = ..., optimizer: _Optional[_Union[Optimizer, str]] = ..., learning_rate: _Optional[float] = ..., noise_ratio: _Optional[float] = ..., progress_every: _Optional[int] = ..., styles: _Optional[_Iterable[_Union[StyleImage, _Mapping]]] = ..., style_scale: _Optional[float] = ..., preset: _Optional[_Union[Preset, str]] = ..., init: _Optional[_Union[Init, str]] = ..., init_image: _Optional[bytes] = ..., content_layers: _Optional[_Iterable[_Union[LayerWeight, _Mapping]]] = ..., style_layers: _Optional[_Iterable[_Union[LayerWeight, _Mapping]]] = ..., pooling: _Optional[_Union[Pooling, str]] = ..., tv_weight: _Optional[float] = ..., color_control: _Optional[_Union[ColorControl, str]] = ..., scales: _Optional[int] = ..., start_side_px: _Optional[int] = ..., precision: _Optional[_Union[Precision, str]] = ..., preview_every: _Optional[int] = ..., preview_max_side_px: _Optional[int] = ..., convergence_tolerance: _Optional[float] = ..., lbfgs_history: _Optional[int] = ...) -> None: ...
 
 class StylizeResponse(_message.Message):
     __slots__ = ("accepted", "progress", "result")
@@ -72,24 +175,34 @@ class JobAccepted(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., queue_position: _Optional[int] = ...) -> None: ...
 
 class Costs(_message.Message):
-    __slots__ = ("content", "style", "total")
+    __slots__ = ("content", "style", "total", "total_variation")
     CONTENT_FIELD_NUMBER: _ClassVar[int]
     STYLE_FIELD_NUMBER: _ClassVar[int]
     TOTAL_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_VARIATION_FIELD_NUMBER: _ClassVar[int]
     content: float
     style: float
     total: float
-    def __init__(self, content: _Optional[float] = ..., style: _Optional[float] = ..., total: _Optional[float] = ...) -> None: ...
+    total_variation: float
+    def __init__(self, content: _Optional[float] = ..., style: _Optional[float] = ..., total: _Optional[float] = ..., total_variation: _Optional[float] = ...) -> None: ...
 
 class Progress(_message.Message):
-    __slots__ = ("iteration", "costs", "elapsed_ms")
+    __slots__ = ("iteration", "costs", "elapsed_ms", "preview_png", "scale", "width_px", "height_px")
     ITERATION_FIELD_NUMBER: _ClassVar[int]
     COSTS_FIELD_NUMBER: _ClassVar[int]
     ELAPSED_MS_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_PNG_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_PX_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_PX_FIELD_NUMBER: _ClassVar[int]
     iteration: int
     costs: Costs
     elapsed_ms: float
-    def __init__(self, iteration: _Optional[int] = ..., costs: _Optional[_Union[Costs, _Mapping]] = ..., elapsed_ms: _Optional[float] = ...) -> None: ...
+    preview_png: bytes
+    scale: int
+    width_px: int
+    height_px: int
+    def __init__(self, iteration: _Optional[int] = ..., costs: _Optional[_Union[Costs, _Mapping]] = ..., elapsed_ms: _Optional[float] = ..., preview_png: _Optional[bytes] = ..., scale: _Optional[int] = ..., width_px: _Optional[int] = ..., height_px: _Optional[int] = ...) -> None: ...
 
 class Result(_message.Message):
     __slots__ = ("image_png", "width_px", "height_px", "costs", "iterations", "best_iteration", "stop_reason", "elapsed_ms")
