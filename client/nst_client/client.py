@@ -24,16 +24,42 @@ STOP_REASONS = {value: name for name, value in pb.StopReason.items()}
 
 
 class NSTError(Exception):
-    """A failed call: ``code`` is the ``grpc.StatusCode``, ``details`` the server's message."""
+    """A failed call: ``code`` is the ``grpc.StatusCode``, ``details`` the server's message, and
+    ``field_violations`` the ``google.rpc.BadRequest`` field violations the server attached (every
+    INVALID_ARGUMENT carries one) as ``(field, description)`` pairs, e.g.
+    ``[("content_image", "is 12x12 px; its shorter side must be at least 16 px …")]``; empty otherwise."""
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    def __init__(self, code: grpc.StatusCode, details: str,
+                 field_violations: list[tuple[str, str]] | None = None) -> None:
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
+        self.field_violations = list(field_violations or [])
 
     @classmethod
     def from_rpc_error(cls, error: grpc.RpcError) -> "NSTError":
-        return cls(error.code(), error.details() or "")
+        return cls(error.code(), error.details() or "", _field_violations(error))
+
+
+def _field_violations(error: grpc.RpcError) -> list[tuple[str, str]]:
+    """``google.rpc.BadRequest`` field violations in the error's ``grpc-status-details-bin`` trailer
+    (grpcio-status); empty when there are none or the trailer cannot be read."""
+    try:
+        from google.rpc import error_details_pb2
+        from grpc_status import rpc_status
+    except ImportError:
+        return []
+    try:
+        status = rpc_status.from_call(error)
+    except (AttributeError, TypeError, ValueError):    # not a call object, or code/message mismatch
+        return []
+    violations = []
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad_request = error_details_pb2.BadRequest()
+            detail.Unpack(bad_request)
+            violations += [(v.field, v.description) for v in bad_request.field_violations]
+    return violations
 
 
 @dataclass(frozen=True)

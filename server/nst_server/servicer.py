@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import threading
 import time
 import uuid
@@ -20,6 +21,9 @@ import grpc
 import numpy as np
 import onnxruntime
 import torch
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from nst_client._proto.nst.v1 import style_transfer_pb2 as pb
 from nst_client._proto.nst.v1 import style_transfer_pb2_grpc as pb_grpc
@@ -100,7 +104,7 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
             try:
                 settings = settings_from_request(request, self.limits)
             except RequestError as exc:
-                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.field) from None
             capacity = self.limits.max_running_jobs + self.limits.max_queued_jobs
             if self._admitted >= capacity:
                 raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -116,6 +120,8 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
                 self._admitted -= 1
         except _Abort as exc:
             status = exc.code
+            if exc.code == grpc.StatusCode.INVALID_ARGUMENT:         # with google.rpc.BadRequest details
+                await context.abort_with_status(exc.rpc_status())
             await context.abort(exc.code, exc.message)
         except asyncio.CancelledError:
             status = grpc.StatusCode.CANCELLED
@@ -153,7 +159,7 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
                 if item is _DONE:
                     break
                 if isinstance(item, ImageInputError | ValueError):
-                    raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(item))
+                    raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(item), getattr(item, "field", None))
                 if isinstance(item, BaseException):
                     log.exception("job %s failed", job_id, exc_info=item)
                     raise _Abort(grpc.StatusCode.INTERNAL, f"job {job_id} failed: {type(item).__name__}: {item}")
@@ -165,7 +171,28 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
                 future.add_done_callback(lambda f: f.exception())
 
 
+_REQUEST_FIELDS = frozenset(pb.StylizeRequest.DESCRIPTOR.fields_by_name)
+
+
 class _Abort(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    """End the call with ``code`` and ``message``; ``field`` names the offending request field (when None,
+    the request field the message starts with, e.g. ``"max_side_px must be …"``, else "" for the request as
+    a whole)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, field: str | None = None) -> None:
         super().__init__(message)
-        self.code, self.message = code, message
+        self.code, self.message, self.field = code, message, field
+
+    def rpc_status(self) -> grpc.Status:
+        """The status with one ``google.rpc.BadRequest`` field violation (field, description) in its details
+        (grpcio-status; clients read it with ``grpc_status.rpc_status.from_call``)."""
+        field = self.field
+        if field is None:
+            head = re.split(r"[\s:\[.]", self.message, maxsplit=1)[0]
+            field = head if head in _REQUEST_FIELDS else ""
+        description = self.message.removeprefix(f"{field}: ") if field else self.message
+        violation = error_details_pb2.BadRequest.FieldViolation(field=field, description=description)
+        detail = any_pb2.Any()
+        detail.Pack(error_details_pb2.BadRequest(field_violations=[violation]))
+        return rpc_status.to_status(status_pb2.Status(code=self.code.value[0], message=self.message,
+                                                       details=[detail]))
