@@ -1,27 +1,48 @@
 """Decoding, resizing and encoding of images at the service's edge (Pillow does the work).
 
-Contract: every decoded image becomes 8-bit RGB, upright (EXIF orientation applied), transparent pixels
-composited over a white background (``ALPHA_BACKGROUND``); animated images use their first frame.
+The input contract (README, "Inputs, limits and errors"):
+
+- any format Pillow reads (PNG, JPEG, WebP, GIF, TIFF, BMP …); animated or multi-page files (GIF, APNG,
+  WebP, TIFF) use their **first frame** only;
+- the size in the file's header is checked before the pixels are decoded: more than ``max_pixels``
+  (width x height) is refused (decompression bombs), and so is a shorter side under ``min_side_px`` (16 px,
+  VGG-19's minimum; small images are not upscaled behind the user's back);
+- EXIF orientation is applied, so width and height are those a photo viewer shows;
+- every mode becomes 8-bit sRGB: 1, L, P, RGB, CMYK, YCbCr, LAB, HSV, 16-bit (I;16*), 32-bit integer (I) and
+  float (F) grey levels; an embedded ICC profile (RGB, RGBA, CMYK) is converted to sRGB;
+- transparency (RGBA, LA, PA, P or L/RGB with a tRNS colour, 16-bit grey with tRNS) is composited over
+  :data:`ALPHA_BACKGROUND` (white, as a web page shows a transparent image); :func:`decode_image_and_alpha`
+  also returns the alpha channel so that :func:`encode_png_with_alpha` can put it back on the result;
+- a truncated, corrupt or unreadable file is an :class:`ImageInputError` (the servicer's INVALID_ARGUMENT),
+  never a crash.
 """
 
 from __future__ import annotations
 
 import io
-import warnings
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
-#: Background that transparent pixels are composited over (RGB, 0..255).
+from nst_export.vgg import MIN_SIDE_PX
+
+#: Background that transparent pixels are composited over (RGB, 0..255): white.
 ALPHA_BACKGROUND = (255, 255, 255)
 
 #: Default pixel budget for one encoded input (width x height, checked from the header before decoding).
 DEFAULT_MAX_INPUT_PIXELS = 40_000_000
 
+#: Smallest accepted side of an input image, px: VGG-19's minimum (relu5_1 sits behind four 2x2 poolings).
+MIN_INPUT_SIDE_PX = MIN_SIDE_PX
+
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+_SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+
 
 class ImageInputError(ValueError):
-    """An input image that cannot be used; ``field`` names the request field, the message says why."""
+    """An input image that cannot be used; ``field`` names the request field, ``reason`` says why (with the
+    limit, where a limit was crossed). ``str(error)`` is ``"{field}: {reason}"``."""
 
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
@@ -29,59 +50,207 @@ class ImageInputError(ValueError):
         self.reason = message
 
 
-def decode_image(data: bytes, field: str, max_pixels: int = DEFAULT_MAX_INPUT_PIXELS) -> Image.Image:
-    """Decode encoded bytes (any format Pillow reads) into an upright 8-bit RGB image.
+def open_image(data: bytes, field: str, max_pixels: int = DEFAULT_MAX_INPUT_PIXELS,
+               min_side_px: int = MIN_INPUT_SIDE_PX) -> Image.Image:
+    """Decode the first frame of encoded bytes, upright, in the file's own mode (no conversion yet).
+
+    The header's width and height are checked against ``max_pixels`` and ``min_side_px`` before any pixel is
+    decoded. Pillow's own decompression-bomb guard (``Image.MAX_IMAGE_PIXELS``, 89.5 M; an error above twice
+    that) still applies, so budgets above 179 M pixels have no effect.
 
     Args:
         data: the encoded file (PNG, JPEG, WebP, GIF, TIFF, BMP …).
-        field: the request field name, used in error messages.
-        max_pixels: refuse images whose header announces more pixels than this (decompression bombs).
+        field: the request field name, used in error messages (``content_image``, ``style_image`` …).
+        max_pixels: pixel budget, width x height from the header.
+        min_side_px: smallest accepted shorter side, px (0 turns the check off).
     Returns:
-        ``PIL.Image.Image`` in mode ``RGB``.
+        A loaded ``PIL.Image.Image``, EXIF orientation applied (``size`` is as a photo viewer shows it).
     Raises:
-        ImageInputError: empty, undecodable, or over the pixel budget.
+        ImageInputError: empty, not an image, over the pixel budget, under the minimum side, truncated or
+            corrupt.
     """
     if not data:
         raise ImageInputError(field, "is empty; send the encoded image bytes (PNG or JPEG)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageInputError(field, f"is {width}x{height} = {width * height} pixels, over the limit "
-                                             f"of {max_pixels} pixels")
-            image.seek(0)                                  # first frame of an animation
-            image.load()
-    except ImageInputError:
+        image = Image.open(io.BytesIO(data))                  # reads the header only
+    except Image.DecompressionBombError as exc:             # over twice Image.MAX_IMAGE_PIXELS
+        limit = min(max_pixels, 2 * (Image.MAX_IMAGE_PIXELS or max_pixels))
+        raise ImageInputError(field, f"is over the limit of {limit} pixels, checked before decoding ({exc})"
+                              ) from None
+    except UnidentifiedImageError:
+        raise ImageInputError(field, "is not an image in a format the server reads (PNG, JPEG, WebP, GIF, "
+                                     "TIFF, BMP …)") from None
+    except Exception as exc:  # noqa: BLE001 - a plugin may raise anything on a malformed header
+        raise ImageInputError(field, f"cannot be decoded: truncated or corrupt header ({type(exc).__name__}: "
+                                     f"{exc})") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageInputError(field, f"is {width}x{height} = {width * height} pixels, over the limit of "
+                                     f"{max_pixels} pixels (checked before decoding)")
+    if min(width, height) < min_side_px:
+        raise ImageInputError(field, f"is {width}x{height} px; its shorter side must be at least {min_side_px} "
+                                     f"px (VGG-19 pools 4 times before relu5_1); small images are not upscaled, "
+                                     f"send a larger one")
+    try:
+        image.seek(0)                  # the first frame of an animation, the first page (n_frames is not read:
+        image.load()                   # counting a GIF's frames walks through all of them)
+        return ImageOps.exif_transpose(image)
+    except MemoryError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageInputError(field, f"refused as a decompression bomb: {exc}") from None
-    except Exception as exc:  # Pillow raises UnidentifiedImageError, OSError, SyntaxError, ValueError …
-        raise ImageInputError(field, f"cannot be decoded as an image ({type(exc).__name__}: {exc})") from None
-    return to_rgb(ImageOps.exif_transpose(image))
+    except Exception as exc:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, ValueError, EOFError …
+        raise ImageInputError(field, f"cannot be decoded: truncated or corrupt {image.format or 'image'} data "
+                                     f"({type(exc).__name__}: {exc})") from None
+
+
+def decode_image(data: bytes, field: str, max_pixels: int = DEFAULT_MAX_INPUT_PIXELS,
+                 min_side_px: int = MIN_INPUT_SIDE_PX) -> Image.Image:
+    """Decode encoded bytes into an upright 8-bit sRGB image (see the module's contract).
+
+    Args:
+        data, field, max_pixels, min_side_px: as in :func:`open_image`.
+    Returns:
+        ``PIL.Image.Image`` in mode ``RGB``, transparent pixels composited over :data:`ALPHA_BACKGROUND`.
+    Raises:
+        ImageInputError: as :func:`open_image`, or a mode that cannot be converted.
+    """
+    return _converted(open_image(data, field, max_pixels, min_side_px), field, to_rgb)
+
+
+def decode_image_and_alpha(data: bytes, field: str, max_pixels: int = DEFAULT_MAX_INPUT_PIXELS,
+                           min_side_px: int = MIN_INPUT_SIDE_PX) -> tuple[Image.Image, Image.Image | None]:
+    """:func:`decode_image` plus the image's alpha channel (decoded once).
+
+    Returns:
+        ``(rgb, alpha)``: ``rgb`` as :func:`decode_image`; ``alpha`` a mode ``L`` image of the same size
+        (0 transparent … 255 opaque, upright), or ``None`` when the image has no alpha or is fully opaque.
+    Raises:
+        ImageInputError: as :func:`decode_image`.
+    """
+    image = open_image(data, field, max_pixels, min_side_px)
+    return _converted(image, field, to_rgb), _converted(image, field, alpha_channel)
+
+
+def _converted(image: Image.Image, field: str, convert):
+    try:
+        return convert(image)
+    except Exception as exc:  # noqa: BLE001 - an unusual mode, a broken palette …
+        raise ImageInputError(field, f"cannot be converted to RGB (mode {image.mode}: {type(exc).__name__}: "
+                                     f"{exc})") from None
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    return image.mode in _ALPHA_MODES or "transparency" in image.info
+
+
+def _grey_levels_to_8bit(array: np.ndarray, mode: str) -> np.ndarray:
+    """Grey levels of a 16-bit, 32-bit integer or float image, ``(H, W)``, to ``(H, W)`` uint8.
+
+    Unsigned 16-bit modes (I;16, I;16L, I;16B, I;16N) are 16-bit levels (x 255 / 65535). Otherwise the value
+    range decides: 0..1 floats (mode F) x 255; 0..255 as they are; 0..65535 as 16-bit levels (how 16-bit PNG,
+    TIFF and PGM files arrive in mode I); anything else (negative, larger) is stretched from its minimum to
+    its maximum. NaN and infinities become 0.
+    """
+    values = np.nan_to_num(array.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N") or (low >= 0.0 and 255.0 < high <= 65535.0):
+        scaled = values * (255.0 / 65535.0)
+    elif mode == "F" and low >= 0.0 and high <= 1.0:
+        scaled = values * 255.0
+    elif low >= 0.0 and high <= 255.0:
+        scaled = values
+    else:
+        scaled = (values - low) * (255.0 / max(high - low, 1e-12))
+    return np.clip(np.floor(scaled + 0.5), 0, 255).astype(np.uint8)
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit, 32-bit integer and float grey modes to ``L`` (``LA`` when a tRNS grey level marks
+    transparency); other modes are returned as they are."""
+    if not (image.mode.startswith("I") or image.mode == "F"):
+        return image
+    array = np.asarray(image)                                  # (H, W) uint16 / int32 / float32
+    grey = Image.fromarray(_grey_levels_to_8bit(array, image.mode), "L")
+    if "transparency" in image.info:
+        opaque = np.where(array == image.info["transparency"], 0, 255).astype(np.uint8)
+        return Image.merge("LA", (grey, Image.fromarray(opaque, "L")))
+    return grey
+
+
+def _icc_to_srgb(image: Image.Image) -> Image.Image:
+    """Convert an RGB, RGBA or CMYK image with an embedded ICC profile to sRGB (perceptual intent, alpha
+    kept); without a profile, or when the profile cannot be used (broken, another colour space), the image
+    is returned as it is and Pillow's plain conversion follows."""
+    icc = image.info.get("icc_profile")
+    if not icc or image.mode not in ("RGB", "RGBA", "CMYK"):
+        return image
+    try:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        return ImageCms.profileToProfile(image, profile, _SRGB, outputMode="RGBA" if image.mode == "RGBA" else "RGB")
+    except Exception:  # noqa: BLE001 - ImageCms.PyCMSError, OSError on a broken or mismatched profile
+        return image
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any Pillow mode to 8-bit RGB; alpha (RGBA, LA, PA, P with transparency) is composited over
-    :data:`ALPHA_BACKGROUND`; 16-bit and float modes are scaled to 8 bits."""
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        array = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
-        image = Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    elif image.mode == "F":
-        array = np.asarray(image, dtype=np.float64)
-        peak = 1.0 if array.max() <= 1.0 else 255.0
-        image = Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        image.mode == "P" and "transparency" in image.info)
-    if has_alpha:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+    """Convert any Pillow mode to 8-bit sRGB.
+
+    1, L, P, CMYK, YCbCr, LAB, HSV go through Pillow's conversions (CMYK naively, unless an ICC profile is
+    embedded); 16-bit, 32-bit integer and float grey levels are scaled to 8 bits (see
+    :func:`_grey_levels_to_8bit`); an embedded ICC profile is converted to sRGB; alpha (RGBA, LA, PA, P or
+    L/RGB/I;16 with a tRNS entry) is composited over :data:`ALPHA_BACKGROUND` in 8-bit sRGB levels (as
+    browsers do).
+
+    Returns:
+        ``PIL.Image.Image`` in mode ``RGB``, same size.
+    Raises:
+        ValueError: a mode Pillow cannot convert (e.g. premultiplied ``La``).
+    """
+    image = _to_8bit(image)
+    if _has_alpha(image):
+        image = image.convert("RGBA")                       # keeps info["icc_profile"]
+    elif image.mode not in ("RGB", "CMYK"):                 # CMYK meets its profile before RGB
+        image = image.convert("RGB")
+    image = _icc_to_srgb(image)
+    if image.mode == "RGBA":
+        background = Image.new("RGBA", image.size, ALPHA_BACKGROUND + (255,))
+        return Image.alpha_composite(background, image).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def alpha_channel(image: Image.Image) -> Image.Image | None:
+    """The alpha channel of an image in any mode, as mode ``L`` (0 transparent … 255 opaque), same size;
+    ``None`` when the image has no alpha or every pixel is opaque.
+
+    Raises:
+        ValueError: a mode Pillow cannot convert.
+    """
+    image = _to_8bit(image)
+    if not _has_alpha(image):
+        return None
+    alpha = image.convert("RGBA").getchannel("A")
+    return None if alpha.getextrema() == (255, 255) else alpha
+
+
+def encode_png_with_alpha(array: np.ndarray, alpha: Image.Image | None) -> bytes:
+    """Re-attach a content image's alpha to a generated image: ``(H, W, 3)`` uint8 RGB plus ``alpha`` (mode
+    ``L``, any size: resized to ``(W, H)`` with Lanczos, as :func:`resize_to_max_side` resized the content)
+    to RGBA PNG bytes; plain RGB PNG (:func:`encode_png`) when ``alpha`` is ``None``.
+
+    The RGB under transparent pixels is the stylised :data:`ALPHA_BACKGROUND`; a viewer that honours alpha
+    hides it. Raises ValueError when ``array`` is not ``(H, W, 3)`` uint8.
+    """
+    if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
+        raise ValueError(f"expected an (H, W, 3) uint8 array, got {array.shape} {array.dtype}")
+    if alpha is None:
+        return encode_png(array)
+    height, width = array.shape[:2]
+    alpha = alpha.convert("L")
+    if alpha.size != (width, height):
+        alpha = alpha.resize((width, height), Image.Resampling.LANCZOS)
+    rgba = Image.fromarray(array, "RGB")
+    rgba.putalpha(alpha)
+    buffer = io.BytesIO()
+    rgba.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def resize_to_max_side(image: Image.Image, max_side_px: int) -> Image.Image:
