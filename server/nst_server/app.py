@@ -1,4 +1,5 @@
-"""Assemble and run the asyncio gRPC server: StyleTransfer, standard health, reflection, graceful shutdown."""
+"""Assemble and run the asyncio gRPC server: StyleTransfer, standard health, reflection, optional TLS and
+bearer token, one log line per RPC, Prometheus metrics, graceful shutdown."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import torch
@@ -14,12 +16,18 @@ from grpc_reflection.v1alpha import reflection
 
 from nst_client._proto.nst.v1 import style_transfer_pb2 as pb
 from nst_client._proto.nst.v1 import style_transfer_pb2_grpc as pb_grpc
+from nst_server.interceptors import BearerTokenInterceptor, RpcLogInterceptor
+from nst_server.metrics import start_metrics_server
 from nst_server.model import StyleModels
 from nst_server.servicer import ServerLimits, StyleTransferServicer
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["StyleTransfer"].full_name  # "nst.v1.StyleTransfer"
+
+#: After the grace period, jobs still running are stopped; this long is left for them to end with
+#: UNAVAILABLE (one iteration) before the remaining calls are cut, s.
+TERMINATE_WAIT_S = 5.0
 
 
 @dataclass
@@ -32,7 +40,16 @@ class ServerConfig:
         providers: execution providers to try in order (default TensorRT, CUDA, CPU).
         limits: per-job and admission limits.
         max_receive_message_bytes: gRPC receive limit for requests, bytes.
-        grace_s: on SIGTERM/SIGINT, running jobs get this long to finish.
+        grace_s: on SIGTERM/SIGINT, running and waiting jobs get this long to finish, s; then they end with
+            UNAVAILABLE.
+        tls_cert_path, tls_key_path: PEM certificate (chain) and private key; both set: TLS only, no
+            plaintext port.
+        auth_token: when set, every call must carry ``authorization: Bearer <auth_token>`` metadata, else
+            UNAUTHENTICATED.
+        auth_health: also require the token for ``grpc.health.v1.Health`` (open by default).
+        metrics_host, metrics_port: Prometheus ``/metrics`` over HTTP; ``metrics_port`` None: off, 0: a free
+            port (printed).
+        fault_injection: test hook, see :func:`nst_server.jobs.parse_fault_injection`; empty in production.
     """
 
     model_path: str
@@ -42,6 +59,13 @@ class ServerConfig:
     limits: ServerLimits = field(default_factory=ServerLimits)
     max_receive_message_bytes: int = 64 * 1024 * 1024
     grace_s: float = 10.0
+    tls_cert_path: str | None = None
+    tls_key_path: str | None = None
+    auth_token: str | None = None
+    auth_health: bool = False
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = None
+    fault_injection: dict[int, str] = field(default_factory=dict)
 
 
 def warm_up(models: StyleModels) -> None:
@@ -51,14 +75,39 @@ def warm_up(models: StyleModels) -> None:
     sum(out.sum() for out in models.replica(image)).backward()
 
 
+def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials from ``tls_cert_path``/``tls_key_path``, or None for plaintext.
+
+    Raises:
+        ValueError: only one of the two is set. OSError: a file cannot be read.
+    """
+    if not config.tls_cert_path and not config.tls_key_path:
+        return None
+    if not (config.tls_cert_path and config.tls_key_path):
+        raise ValueError("TLS needs both a certificate (--tls-cert) and its private key (--tls-key)")
+    key, chain = Path(config.tls_key_path).read_bytes(), Path(config.tls_cert_path).read_bytes()
+    return grpc.ssl_server_credentials([(key, chain)])
+
+
 async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> None:
     """Load the model, warm it up, serve until SIGTERM/SIGINT, then shut down gracefully.
 
     Health (``grpc.health.v1``) is NOT_SERVING until the model is loaded and warmed up, and again from the
-    moment a shutdown signal arrives; new jobs are then refused with UNAVAILABLE and running ones get
-    ``grace_s`` seconds.
+    moment a shutdown signal arrives. Shutdown: new jobs are refused with UNAVAILABLE at once; running and
+    waiting jobs get ``grace_s`` seconds, then they are stopped (within one iteration) and end with
+    UNAVAILABLE; then the server stops. A second signal cuts the grace short.
+
+    Raises:
+        ValueError, OSError: bad TLS settings or files. RuntimeError: the address cannot be bound.
+        nst_server.model.ModelFileError: the model file is missing or invalid.
     """
-    server = grpc.aio.server(options=[
+    credentials = server_credentials(config)
+    interceptors: list[grpc.aio.ServerInterceptor] = [RpcLogInterceptor()]
+    if config.auth_token:
+        interceptors.append(BearerTokenInterceptor(config.auth_token, protect_health=config.auth_health))
+        if credentials is None:
+            log.warning("a bearer token without TLS travels in clear text; use --tls-cert/--tls-key off localhost")
+    server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", config.max_receive_message_bytes),
         ("grpc.max_send_message_length", 64 * 1024 * 1024),
     ])
@@ -69,28 +118,51 @@ async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> Non
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server)
-    servicer = StyleTransferServicer(None, config.limits)        # UNAVAILABLE until the model is loaded
+    servicer = StyleTransferServicer(None, config.limits, faults=config.fault_injection)  # UNAVAILABLE until loaded
     pb_grpc.add_StyleTransferServicer_to_server(servicer, server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    address = f"{config.host}:{config.port}"
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    if config.metrics_port is not None:
+        metrics_port = start_metrics_server(config.metrics_host, config.metrics_port)
+        print(f"nst-server metrics on http://{config.metrics_host}:{metrics_port}/metrics", flush=True)
+    if config.fault_injection:
+        log.warning("fault injection is on (NST_FAULT_INJECT): %s", config.fault_injection)
     await server.start()
 
     loop = asyncio.get_running_loop()
-    models = await loop.run_in_executor(None, lambda: StyleModels.load(config.model_path, config.providers))
-    await loop.run_in_executor(None, warm_up, models)
+    stopping = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    try:
+        models = await loop.run_in_executor(None, lambda: StyleModels.load(config.model_path, config.providers))
+        await loop.run_in_executor(None, warm_up, models)
+    except BaseException:
+        await server.stop(None)
+        raise
     servicer.models = models
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving %s on %s:%d (execution providers %s)", SERVICE_NAME, config.host, port, models.providers)
+    log.info("serving %s on %s:%d (%s, execution providers %s, token %s)", SERVICE_NAME, config.host, port,
+             "TLS" if credentials else "plaintext", models.providers, "required" if config.auth_token else "off")
     print(f"nst-server listening on {config.host}:{port}", flush=True)
     if ready is not None:
         ready.set()
 
-    stopping = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stopping.set)
     await stopping.wait()
-    log.info("shutting down: NOT_SERVING, refusing new jobs, %.0f s grace for running ones", config.grace_s)
+    stopping.clear()
+    log.info("shutting down: NOT_SERVING, refusing new jobs, %.1f s grace for %d admitted jobs",
+             config.grace_s, servicer.admitted)
     servicer.accepting = False
     await health_servicer.enter_graceful_shutdown()
-    await server.stop(config.grace_s)
+    drained = asyncio.ensure_future(servicer.admission.wait_empty(config.grace_s))
+    second_signal = asyncio.ensure_future(stopping.wait())
+    await asyncio.wait({drained, second_signal}, return_when=asyncio.FIRST_COMPLETED)
+    second_signal.cancel()
+    if not (drained.done() and drained.result()):
+        drained.cancel()
+        log.warning("grace over: stopping %d jobs, they end with UNAVAILABLE", servicer.admitted)
+        servicer.terminate()
+        await servicer.admission.wait_empty(TERMINATE_WAIT_S)
+    await server.stop(1.0)
     servicer.close()
+    log.info("stopped")

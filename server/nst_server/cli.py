@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 
 from nst_export.onnx_export import DEFAULT_MODEL_PATH
 from nst_server.app import ServerConfig, serve
+from nst_server.jobs import FAULT_INJECT_ENV, parse_fault_injection
 from nst_server.model import ModelFileError
 from nst_server.servicer import ServerLimits
 
@@ -33,7 +35,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-input-pixels", type=int, default=limits.max_input_pixels,
                         help="pixel budget of each input image, checked before decoding (default: %(default)s)")
     parser.add_argument("--max-receive-message-bytes", type=int, default=64 * 1024 * 1024)
-    parser.add_argument("--grace-s", type=float, default=10.0, help="shutdown grace for running jobs, s")
+    parser.add_argument("--grace-s", type=float, default=10.0,
+                        help="on SIGTERM/SIGINT, running and waiting jobs get this long, s; then they end with "
+                             "UNAVAILABLE (default: %(default)s)")
+    parser.add_argument("--tls-cert", default=None, help="PEM certificate (chain) of the server; with --tls-key: TLS")
+    parser.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    parser.add_argument("--auth-token", default=os.environ.get("NST_AUTH_TOKEN") or None,
+                        help="require 'authorization: Bearer TOKEN' metadata on every call, else UNAUTHENTICATED "
+                             "(default: $NST_AUTH_TOKEN; prefer the variable, a command line is visible in ps)")
+    parser.add_argument("--auth-health", action="store_true",
+                        help="also require the token for grpc.health.v1.Health (by default health stays open)")
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="serve Prometheus /metrics over HTTP on this port; 0 picks a free one (default: off)")
+    parser.add_argument("--metrics-host", default="127.0.0.1", help="address of /metrics (default: %(default)s)")
     parser.add_argument("--log-level", default="INFO")
     return parser
 
@@ -47,10 +61,13 @@ def main(argv: list[str] | None = None) -> int:
         limits=ServerLimits(max_side_px=args.max_side_px, max_iterations=args.max_iterations,
                             max_input_pixels=args.max_input_pixels, max_running_jobs=args.max_running_jobs,
                             max_queued_jobs=args.max_queued_jobs),
-        max_receive_message_bytes=args.max_receive_message_bytes, grace_s=args.grace_s)
+        max_receive_message_bytes=args.max_receive_message_bytes, grace_s=args.grace_s,
+        tls_cert_path=args.tls_cert, tls_key_path=args.tls_key, auth_token=args.auth_token,
+        auth_health=args.auth_health, metrics_host=args.metrics_host, metrics_port=args.metrics_port)
     try:
+        config.fault_injection = parse_fault_injection(os.environ.get(FAULT_INJECT_ENV))
         asyncio.run(serve(config))
-    except ModelFileError as exc:
+    except (ModelFileError, ValueError, OSError) as exc:
         print(f"nst-server: {exc}", file=sys.stderr)
         return 2
     return 0

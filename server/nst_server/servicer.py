@@ -2,8 +2,10 @@
 
 Jobs run on a dedicated thread pool of ``max_running_jobs`` threads, never on the asyncio event loop, so
 health checks and GetModelInfo answer while jobs run. A job's events cross to the event loop through an
-``asyncio.Queue``; when the client cancels, disconnects or passes its deadline, the handler's ``finally`` sets
-the job's stop flag, which the engine polls once per iteration.
+``asyncio.Queue``; when the client cancels, disconnects or passes its deadline, the handler sets the job's stop
+flag, which the engine polls once per iteration; the job's slot (:mod:`nst_server.jobs`) is freed when its
+worker thread is done with it. Failures end the job, never the server: out of memory is RESOURCE_EXHAUSTED,
+anything else INTERNAL. The interceptors (:mod:`nst_server.interceptors`) write one log line per call.
 """
 
 from __future__ import annotations
@@ -11,8 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import threading
-import time
+import traceback
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,8 +29,10 @@ from grpc_status import rpc_status
 from nst_client._proto.nst.v1 import style_transfer_pb2 as pb
 from nst_client._proto.nst.v1 import style_transfer_pb2_grpc as pb_grpc
 from nst_export.vgg import MIN_SIDE_PX, OUTPUT_LAYERS
-from nst_server import engine
+from nst_server import engine, metrics
 from nst_server.images import ImageInputError
+from nst_server.interceptors import annotate, deadline_passed
+from nst_server.jobs import STOP_CLIENT, STOP_DEADLINE, STOP_SHUTDOWN, Admission, Job, ServerBusy, is_out_of_memory
 from nst_server.messages import RequestError, decode_inputs, settings_from_request, to_proto
 from nst_server.model import StyleModels
 
@@ -61,14 +64,24 @@ _DONE = object()
 class StyleTransferServicer(pb_grpc.StyleTransferServicer):
     """Implements ``nst.v1.StyleTransfer`` over one :class:`StyleModels`."""
 
-    def __init__(self, models: StyleModels | None, limits: ServerLimits | None = None) -> None:
+    def __init__(self, models: StyleModels | None, limits: ServerLimits | None = None,
+                 faults: dict[int, str] | None = None) -> None:
+        """``models`` None: jobs get UNAVAILABLE until it is set. ``faults``: the test-only fault-injection
+        hook (:func:`nst_server.jobs.parse_fault_injection`)."""
         self.models = models
         self.limits = limits or ServerLimits()
         self._executor = ThreadPoolExecutor(max_workers=self.limits.max_running_jobs, thread_name_prefix="nst-job")
-        self._admitted = 0                      # running + waiting; touched only on the event loop
-        self._running = 0                       # touched from worker threads under _lock
-        self._lock = threading.Lock()
+        self.admission = Admission(self.limits.max_running_jobs, self.limits.max_queued_jobs, faults)
         self.accepting = True
+
+    @property
+    def admitted(self) -> int:
+        """Jobs holding a slot (running or waiting)."""
+        return len(self.admission.jobs)
+
+    def terminate(self) -> None:
+        """Stop every admitted job (shutdown after the grace period); each ends with UNAVAILABLE."""
+        self.admission.stop_all(STOP_SHUTDOWN)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -94,8 +107,9 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
 
     async def Stylize(self, request: pb.StylizeRequest, context):
         job_id = uuid.uuid4().hex[:12]
-        started = time.perf_counter()
-        status = grpc.StatusCode.OK
+        annotate(job=job_id)
+        job: Job | None = None
+        outcome = "failed"
         try:
             if not self.accepting:
                 raise _Abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
@@ -105,70 +119,119 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
                 settings = settings_from_request(request, self.limits)
             except RequestError as exc:
                 raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.field) from None
-            capacity = self.limits.max_running_jobs + self.limits.max_queued_jobs
-            if self._admitted >= capacity:
-                raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                             f"server busy: {self._admitted} jobs admitted, limit {self.limits.max_running_jobs} "
-                             f"running + {self.limits.max_queued_jobs} queued; retry later")
-            position = max(0, self._admitted - self.limits.max_running_jobs + 1)
-            self._admitted += 1
             try:
-                yield pb.StylizeResponse(accepted=pb.JobAccepted(job_id=job_id, queue_position=position))
-                async for message in self._run(job_id, request, settings):
-                    yield message
-            finally:
-                self._admitted -= 1
+                job = self.admission.admit(job_id, request.seed if request.HasField("seed") else None)
+            except ServerBusy as exc:
+                raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
+            yield pb.StylizeResponse(accepted=pb.JobAccepted(job_id=job_id, queue_position=job.queue_position))
+            async for message in self._run(job, request, settings):
+                yield message
+            outcome = "completed"
         except _Abort as exc:
-            status = exc.code
+            outcome = _outcome(exc.code, admitted=job is not None)
             if exc.code == grpc.StatusCode.INVALID_ARGUMENT:         # with google.rpc.BadRequest details
                 await context.abort_with_status(exc.rpc_status())
             await context.abort(exc.code, exc.message)
-        except asyncio.CancelledError:
-            status = grpc.StatusCode.CANCELLED
+        except (asyncio.CancelledError, GeneratorExit):    # the client cancelled, went away, or its deadline passed
+            reason = STOP_DEADLINE if deadline_passed(context) else STOP_CLIENT
+            outcome = "deadline_exceeded" if reason == STOP_DEADLINE else "cancelled"
+            if job is not None:
+                job.request_stop(reason)
             raise
         finally:
-            log.info("rpc=Stylize job=%s status=%s duration_ms=%.0f", job_id, status.name,
-                     (time.perf_counter() - started) * 1000)
+            metrics.JOBS.labels(outcome).inc()
+            if job is not None:
+                job.stop.set()                          # whatever ended the call, the worker stops too
+                annotate(iterations=job.iterations, queue_position=job.queue_position)
+                self.admission.release_when_idle(job)
 
-    async def _run(self, job_id: str, request: pb.StylizeRequest, settings: engine.StyleTransferSettings):
+    async def _run(self, job: Job, request: pb.StylizeRequest, settings: engine.StyleTransferSettings):
+        """Run ``job`` on a worker thread; yield its stream messages.
+
+        Raises:
+            _Abort: INVALID_ARGUMENT (inputs), RESOURCE_EXHAUSTED (out of memory), INTERNAL (any other
+                failure), UNAVAILABLE (stopped by the shutdown). The server lives on in every case.
+        """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        stop = threading.Event()
         limits = self.limits
+        job_id = job.job_id
 
         def put(item) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
         def work() -> None:
-            if stop.is_set():                     # cancelled while waiting for a worker
+            if not job.start():                   # stopped while waiting for a worker
                 put(_DONE)
                 return
             try:
                 inputs = decode_inputs(request, limits.max_input_pixels)
-                for event in engine.stylize(self.models, inputs, settings, should_stop=stop.is_set):
+                for event in engine.stylize(self.models, inputs, settings, should_stop=job.should_stop):
+                    job.count_iterations(event.iteration if isinstance(event, engine.Progress) else event.iterations)
                     put(event)
+                    if job.stop.is_set():         # nobody waits for the rest; skip the final costing
+                        break
             except BaseException as exc:  # reported to the handler, which maps it to a status
-                put(exc)
+                put(_failure(job, exc))
             finally:
+                job.finish()
                 put(_DONE)
 
-        future = loop.run_in_executor(self._executor, work)
-        try:
-            while True:
-                item = await queue.get()
-                if item is _DONE:
-                    break
-                if isinstance(item, ImageInputError | ValueError):
-                    raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(item), getattr(item, "field", None))
-                if isinstance(item, BaseException):
-                    log.exception("job %s failed", job_id, exc_info=item)
-                    raise _Abort(grpc.StatusCode.INTERNAL, f"job {job_id} failed: {type(item).__name__}: {item}")
-                yield to_proto(item)
-        finally:
-            stop.set()
-            if not future.done():
-                # Do not block the event loop; the worker sees the flag within one iteration.
-                future.add_done_callback(lambda f: f.exception())
+        job.future = loop.run_in_executor(self._executor, work)
+        delivered = False
+        while True:
+            item = await queue.get()
+            if item is _DONE:
+                if not delivered and job.stopped_by == STOP_SHUTDOWN:
+                    raise _Abort(grpc.StatusCode.UNAVAILABLE, f"the server is shutting down; job {job_id} "
+                                 f"was stopped after {job.iterations} iterations when the grace period ended")
+                if not delivered:
+                    raise _Abort(grpc.StatusCode.INTERNAL, f"job {job_id} ended without a result")
+                break
+            if isinstance(item, ImageInputError | ValueError):
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(item), getattr(item, "field", None))
+            if isinstance(item, BaseException) and is_out_of_memory(item):
+                raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                             f"job {job_id} ran out of memory after {job.iterations} iterations "
+                             f"({type(item).__name__}: {item}); try a smaller max_side_px or fewer styles")
+            if isinstance(item, BaseException):
+                raise _Abort(grpc.StatusCode.INTERNAL, f"job {job_id} failed after {job.iterations} "
+                             f"iterations: {type(item).__name__}: {item}")
+            if (isinstance(item, engine.Result) and item.stop_reason == engine.STOP_CANCELLED
+                    and job.stopped_by == STOP_SHUTDOWN):
+                continue                      # _DONE follows: UNAVAILABLE
+            if isinstance(item, engine.Result):
+                delivered = True
+            yield to_proto(item)
+        # Whatever ends this loop, Stylize sets the job's stop flag (with the reason, for the cancel counter).
+
+
+def _outcome(code: grpc.StatusCode, admitted: bool) -> str:
+    """``nst_jobs_total`` outcome of a call that ended with ``code`` (before or after admission)."""
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return "shutdown" if admitted else "refused_unavailable"
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return "out_of_memory" if admitted else "refused_busy"
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return "invalid_argument"
+    return "failed"
+
+
+def _failure(job: Job, exc: BaseException) -> BaseException:
+    """Worker thread: log a job's exception (with its traceback) and return it stripped of the traceback,
+    whose frames would otherwise keep the job's tensors alive while the handler reports it."""
+    if isinstance(exc, ImageInputError | ValueError):
+        return exc
+    if is_out_of_memory(exc):
+        log.error("job %s ran out of memory after %d iterations: %s: %s", job.job_id, job.iterations,
+                  type(exc).__name__, exc)
+    else:
+        log.error("job %s failed after %d iterations", job.job_id, job.iterations, exc_info=exc)
+    traceback.clear_frames(exc.__traceback__)
+    exc = exc.with_traceback(None)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return exc
 
 
 _REQUEST_FIELDS = frozenset(pb.StylizeRequest.DESCRIPTOR.fields_by_name)

@@ -1,0 +1,49 @@
+"""Prometheus metrics of the server (prometheus-client), served by ``nst-server --metrics-port PORT``.
+
+All metrics live in prometheus-client's default registry, next to its process collector
+(``process_resident_memory_bytes`` …). Names and units:
+
+- ``nst_jobs_total{outcome}``: Stylize calls by outcome (:data:`OUTCOMES`), refused ones included.
+- ``nst_job_queue_seconds``: time from admission to a worker picking the job up, s.
+- ``nst_iteration_seconds``: duration of one optimiser iteration, s.
+- ``nst_iterations_total``: optimiser iterations done, all jobs together; it stops growing within one
+  iteration of a cancel.
+- ``nst_jobs_running``, ``nst_jobs_waiting``: jobs on a worker now, jobs admitted and waiting for one.
+- ``nst_job_cancels_total{reason}``: jobs stopped before their end: ``client`` (cancel or dropped connection),
+  ``deadline`` (the client's deadline passed), ``shutdown`` (still running when the shutdown grace ended).
+- ``nst_rpcs_total{method,code}``: every RPC (health and reflection included) by final status code.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+#: ``outcome`` label values of ``nst_jobs_total``.
+OUTCOMES = ("completed", "cancelled", "deadline_exceeded", "refused_busy", "refused_unavailable",
+            "invalid_argument", "out_of_memory", "failed", "shutdown")
+
+JOBS = Counter("nst_jobs", "Stylize calls by outcome", ["outcome"])
+QUEUE_SECONDS = Histogram("nst_job_queue_seconds", "Time from admission to a worker picking the job up, s",
+                          buckets=(0.001, 0.01, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600))
+ITERATION_SECONDS = Histogram("nst_iteration_seconds", "Duration of one optimiser iteration, s",
+                              buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+ITERATIONS = Counter("nst_iterations", "Optimiser iterations done, all jobs together")
+RUNNING = Gauge("nst_jobs_running", "Jobs on a worker thread now")
+WAITING = Gauge("nst_jobs_waiting", "Jobs admitted and waiting for a worker thread")
+CANCELS = Counter("nst_job_cancels", "Jobs stopped before their end, by reason", ["reason"])
+RPCS = Counter("nst_rpcs", "RPCs by method and final status code", ["method", "code"])
+
+for _outcome in OUTCOMES:                     # export zeros, so that rates exist before the first event
+    JOBS.labels(_outcome)
+for _reason in ("client", "deadline", "shutdown"):
+    CANCELS.labels(_reason)
+
+
+def start_metrics_server(host: str, port: int) -> int:
+    """Serve ``/metrics`` over HTTP on a daemon thread; return the bound port (``port`` 0 picks a free one).
+
+    Raises:
+        OSError: the address cannot be bound.
+    """
+    server, _thread = start_http_server(port, addr=host)
+    return server.server_port

@@ -1,0 +1,100 @@
+"""Helpers for tests that start their own ``nst-server`` process (port 0, metrics port 0, logs to a file)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from nst_client import NSTClient
+
+
+@dataclass
+class ServerProcess:
+    process: subprocess.Popen
+    target: str                 # host:port
+    metrics_url: str | None     # http://host:port/metrics, with --metrics-port
+    log_path: Path              # the server's stderr (its log)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def metric(self, name: str, **labels: str) -> float:
+        """A sample of the server's Prometheus metrics (0.0 when absent)."""
+        from prometheus_client.parser import text_string_to_metric_families
+        with urllib.request.urlopen(self.metrics_url, timeout=10) as reply:
+            text = reply.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    return sample.value
+        return 0.0
+
+    def rss_kib(self) -> int:
+        """Resident set size of the server process, KiB (``VmRSS`` of /proc/PID/status)."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise RuntimeError("no VmRSS")
+
+    def stop(self, timeout_s: float = 30.0) -> int:
+        """SIGTERM, wait (SIGKILL after ``timeout_s``); the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        return self.process.wait()
+
+
+def start(model: Path, log_path: Path, args: list[str] = (), env: dict[str, str] | None = None,
+          client_options: dict | None = None, timeout_s: float = 120.0) -> ServerProcess:
+    """Start ``nst-server --port 0 --metrics-port 0 ARGS`` and wait until it listens and is SERVING.
+
+    ``client_options`` (``tls_ca``, ``token`` …) are used for the SERVING check.
+
+    Raises:
+        RuntimeError: the server exited before listening.
+    """
+    command = [sys.executable, "-m", "nst_server.cli", "--model", str(model), "--port", "0",
+               "--metrics-port", "0", *args]
+    log_file = open(log_path, "w")
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log_file, text=True,
+                               env={**os.environ, **(env or {})})
+    log_file.close()
+    metrics_url = target = None
+    assert process.stdout is not None
+    for line in process.stdout:
+        if "metrics on" in line:
+            metrics_url = line.strip().rsplit(" ", 1)[-1]
+        if "listening on" in line:
+            target = line.strip().rsplit(" ", 1)[-1]
+            break
+    if target is None:
+        raise RuntimeError(f"nst-server exited with code {process.wait()}: {log_path.read_text()[-3000:]}")
+    server = ServerProcess(process, target, metrics_url, log_path)
+    with NSTClient(target, **(client_options or {})) as client:
+        client.wait_until_serving(timeout_s=timeout_s)
+    return server
+
+
+def wait_for(predicate, timeout_s: float = 30.0, interval_s: float = 0.05):
+    """Poll ``predicate`` until it returns a true value (returned) or ``timeout_s`` passes (AssertionError)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s} s")
+        time.sleep(interval_s)
