@@ -9,18 +9,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 
 from google.protobuf.json_format import MessageToDict
 from tqdm import tqdm
 
-from nst_client.client import OPTIMIZERS, NSTClient, NSTError
+from nst_client.client import CHOICES, NSTClient, NSTError
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 
 
 def _add_server(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server", default=DEFAULT_SERVER, help="HOST:PORT of nst-server (default: %(default)s)")
+    parser.add_argument("--tls", action="store_true",
+                        help="connect with TLS, verifying the server against the system's root certificates")
+    parser.add_argument("--tls-ca", default=None, metavar="PEM",
+                        help="connect with TLS, verifying the server against this CA (or self-signed) certificate")
+    parser.add_argument("--token", default=os.environ.get("NST_AUTH_TOKEN") or None,
+                        help="bearer token for servers started with --auth-token (default: $NST_AUTH_TOKEN)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,14 +40,36 @@ def build_parser() -> argparse.ArgumentParser:
     stylize.add_argument("style", help="style image file")
     stylize.add_argument("-o", "--output", required=True, help="PNG file to write")
     _add_server(stylize)
-    stylize.add_argument("--size", type=int, default=0, help="longest side of the result, px (server default 256)")
+    stylize.add_argument("--style", dest="styles", action="append", default=[], metavar="FILE[:WEIGHT]",
+                         help="one more style image with an optional blend weight (repeatable)")
+    stylize.add_argument("--size", dest="max_side_px", type=int, default=0,
+                         help="longest side of the result, px (server default 256)")
     stylize.add_argument("--iterations", type=int, default=0, help="optimiser iterations (server default 200)")
-    stylize.add_argument("--content-weight", type=float, default=None, help="alpha (server default)")
-    stylize.add_argument("--style-weight", type=float, default=None, help="beta (server default)")
-    stylize.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default=None, help="server default: lbfgs")
+    stylize.add_argument("--preset", choices=CHOICES["preset"], default=None,
+                         help="seed: the seed's course recipe (Adam, alpha 10, beta 40)")
+    stylize.add_argument("--content-weight", type=float, default=None, help="alpha")
+    stylize.add_argument("--style-weight", type=float, default=None, help="beta")
+    stylize.add_argument("--tv-weight", type=float, default=None, help="total variation weight")
+    stylize.add_argument("--content-layers", default=None, metavar="LAYER:W,…", help="e.g. relu4_2:1")
+    stylize.add_argument("--style-layers", default=None, metavar="LAYER:W,…",
+                         help="e.g. relu1_1:0.2,relu2_1:0.2,relu3_1:0.2,relu4_1:0.2,relu5_1:0.2")
+    stylize.add_argument("--style-scale", type=float, default=None, help="style size relative to the output")
+    stylize.add_argument("--pooling", choices=CHOICES["pooling"], default=None)
+    stylize.add_argument("--optimizer", choices=CHOICES["optimizer"], default=None, help="server default: lbfgs")
     stylize.add_argument("--learning-rate", type=float, default=None, help="Adam step, pixel levels (0..255)")
+    stylize.add_argument("--lbfgs-history", type=int, default=0)
+    stylize.add_argument("--init", choices=CHOICES["init"], default=None)
+    stylize.add_argument("--init-image", default=None, help="initial image file (with --init image)")
     stylize.add_argument("--noise-ratio", type=float, default=None, help="noise share of the initial image, 0..1")
+    stylize.add_argument("--color-control", choices=CHOICES["color_control"], default=None,
+                         help="keep the content's colours: luminance or match_style_colors")
+    stylize.add_argument("--scales", type=int, default=None, help="coarse-to-fine scales (1: single scale)")
+    stylize.add_argument("--start-side-px", type=int, default=0, help="longest side at the first scale, px")
+    stylize.add_argument("--precision", choices=CHOICES["precision"], default=None)
+    stylize.add_argument("--convergence-tolerance", type=float, default=None)
     stylize.add_argument("--seed", type=int, default=None, help="seed of the initial noise")
+    stylize.add_argument("--preview-every", type=int, default=0, metavar="N",
+                         help="save a preview every N iterations next to OUTPUT (OUTPUT.previewNNNN.png)")
     stylize.add_argument("--timeout-s", type=float, default=None, help="deadline for the whole job, seconds")
     stylize.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -50,10 +80,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_OPTIONS = ("max_side_px", "iterations", "preset", "content_weight", "style_weight", "tv_weight", "style_scale",
+            "pooling", "optimizer", "learning_rate", "lbfgs_history", "init", "noise_ratio", "color_control",
+            "scales", "start_side_px", "precision", "convergence_tolerance", "seed", "preview_every")
+
+
+def _file_weight(text: str) -> tuple[str, float]:
+    path, sep, weight = text.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(weight)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+def _layer_weights(text: str | None, option: str) -> dict[str, float] | None:
+    if not text:
+        return None
+    layers = {}
+    for item in text.split(","):
+        layer, sep, weight = item.partition(":")
+        try:
+            layers[layer.strip()] = float(weight) if sep else 1.0
+        except ValueError:
+            raise ValueError(f"{option}: {item!r} is not LAYER:WEIGHT") from None
+    return layers
+
+
 def _stylize(args: argparse.Namespace, client: NSTClient) -> int:
     bar = None if args.quiet else tqdm(total=args.iterations or None, unit="it", desc="stylize", file=sys.stderr)
+    output = Path(args.output)
 
     def on_progress(progress) -> None:
+        if progress.preview_png:
+            output.with_suffix(f".preview{progress.iteration:04d}.png").write_bytes(progress.preview_png)
         if bar is None:
             return
         bar.update(progress.iteration - bar.n)
@@ -61,11 +122,12 @@ def _stylize(args: argparse.Namespace, client: NSTClient) -> int:
                         refresh=False)
 
     try:
+        options = {name: getattr(args, name) for name in _OPTIONS}
         result = client.stylize(
             args.content, args.style, on_progress=on_progress, timeout_s=args.timeout_s,
-            max_side_px=args.size, iterations=args.iterations, content_weight=args.content_weight,
-            style_weight=args.style_weight, optimizer=args.optimizer, learning_rate=args.learning_rate,
-            noise_ratio=args.noise_ratio, seed=args.seed)
+            styles=[_file_weight(item) for item in args.styles], init_image=args.init_image,
+            content_layers=_layer_weights(args.content_layers, "--content-layers"),
+            style_layers=_layer_weights(args.style_layers, "--style-layers"), **options)
     finally:
         if bar is not None:
             bar.close()
@@ -84,7 +146,7 @@ def _stylize(args: argparse.Namespace, client: NSTClient) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        with NSTClient(args.server) as client:
+        with NSTClient(args.server, tls=args.tls, tls_ca=args.tls_ca, token=args.token) as client:
             if args.command == "stylize":
                 return _stylize(args, client)
             if args.command == "info":

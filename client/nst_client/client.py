@@ -19,7 +19,6 @@ from nst_client._proto.nst.v1 import style_transfer_pb2_grpc as pb_grpc
 #: Client receive limit for stream messages, bytes (results of large images exceed gRPC's 4 MiB default).
 MAX_RECEIVE_MESSAGE_BYTES = 64 * 1024 * 1024
 
-OPTIMIZERS = {"lbfgs": pb.OPTIMIZER_LBFGS, "adam": pb.OPTIMIZER_ADAM}
 STOP_REASONS = {value: name for name, value in pb.StopReason.items()}
 
 
@@ -93,26 +92,73 @@ def read_image_bytes(image: bytes | str | os.PathLike) -> bytes:
         return handle.read()
 
 
-def build_request(content: bytes | str | os.PathLike, style: bytes | str | os.PathLike, *,
-                  max_side_px: int = 0, iterations: int = 0, content_weight: float | None = None,
-                  style_weight: float | None = None, seed: int | None = None, optimizer: str | None = None,
-                  learning_rate: float | None = None, noise_ratio: float | None = None,
-                  progress_every: int = 0) -> pb.StylizeRequest:
-    """A ``StylizeRequest``; images are encoded bytes or paths, ``None``/0 leave the server's default.
+#: Option name -> (proto enum, value prefix); the allowed values are the enum's, lower-cased, without prefix.
+_ENUMS = {
+    "optimizer": (pb.Optimizer, "OPTIMIZER_"),
+    "preset": (pb.Preset, "PRESET_"),
+    "init": (pb.Init, "INIT_"),
+    "pooling": (pb.Pooling, "POOLING_"),
+    "color_control": (pb.ColorControl, "COLOR_CONTROL_"),
+    "precision": (pb.Precision, "PRECISION_"),
+}
+#: Option name -> its allowed values, e.g. ``CHOICES["optimizer"] == ("lbfgs", "adam")``.
+CHOICES = {name: tuple(key[len(prefix):].lower() for key in enum.keys() if not key.endswith("_UNSPECIFIED"))
+           for name, (enum, prefix) in _ENUMS.items()}
+_OPTIONAL_SCALARS = ("content_weight", "style_weight", "seed", "learning_rate", "noise_ratio", "style_scale",
+                     "tv_weight", "convergence_tolerance", "scales")
+_PLAIN_SCALARS = ("max_side_px", "iterations", "progress_every", "start_side_px", "preview_every",
+                  "preview_max_side_px", "lbfgs_history")
 
+Image = bytes | str | os.PathLike
+
+
+def build_request(content: Image, style: Image | None = None, *,
+                  styles: list[tuple[Image, float]] | None = None,
+                  init_image: Image | None = None,
+                  content_layers: dict[str, float] | None = None,
+                  style_layers: dict[str, float] | None = None,
+                  **options) -> pb.StylizeRequest:
+    """A ``StylizeRequest``. Images are encoded bytes or file paths; options left out (or ``None``/0) take
+    the server's defaults (see the README's parameter table and ``proto/nst/v1/style_transfer.proto``).
+
+    Args:
+        content: the content image.
+        style: a style image (blend weight 1); may be omitted when ``styles`` is given.
+        styles: more style images with their relative blend weights.
+        init_image: the initial image for ``init="image"``.
+        content_layers, style_layers: ``{layer: weight}``, e.g. ``{"relu4_2": 1.0}``.
+        **options: ``max_side_px``, ``iterations``, ``content_weight``, ``style_weight``, ``seed``,
+            ``learning_rate``, ``noise_ratio``, ``style_scale``, ``tv_weight``, ``convergence_tolerance``,
+            ``scales``, ``progress_every``, ``start_side_px``, ``preview_every``, ``preview_max_side_px``,
+            ``lbfgs_history``, and the names ``optimizer`` (lbfgs, adam), ``preset`` (seed), ``init``
+            (noisy_content, content, random, image), ``pooling`` (max, avg), ``color_control`` (none,
+            luminance, match_style_colors), ``precision`` (fp32, bf16, fp16).
     Raises:
-        ValueError: unknown ``optimizer`` name. OSError: an image path cannot be read.
+        ValueError: an unknown option or option value. OSError: an image path cannot be read.
     """
-    request = pb.StylizeRequest(content_image=read_image_bytes(content), style_image=read_image_bytes(style),
-                                max_side_px=max_side_px, iterations=iterations, progress_every=progress_every)
-    for name, value in (("content_weight", content_weight), ("style_weight", style_weight), ("seed", seed),
-                        ("learning_rate", learning_rate), ("noise_ratio", noise_ratio)):
-        if value is not None:
+    request = pb.StylizeRequest(content_image=read_image_bytes(content))
+    if style is not None:
+        request.style_image = read_image_bytes(style)
+    for image, weight in styles or ():
+        request.styles.add(image=read_image_bytes(image), blend_weight=weight)
+    if init_image is not None:
+        request.init_image = read_image_bytes(init_image)
+    for layer, weight in (content_layers or {}).items():
+        request.content_layers.add(layer=layer, weight=weight)
+    for layer, weight in (style_layers or {}).items():
+        request.style_layers.add(layer=layer, weight=weight)
+    for name, value in options.items():
+        if value is None:
+            continue
+        if name in _ENUMS:
+            if value not in CHOICES[name]:
+                raise ValueError(f"{name} must be one of {CHOICES[name]}, got {value!r}")
+            enum, prefix = _ENUMS[name]
+            setattr(request, name, enum.Value(prefix + value.upper()))
+        elif name in _OPTIONAL_SCALARS or name in _PLAIN_SCALARS:
             setattr(request, name, value)
-    if optimizer is not None:
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
-        request.optimizer = OPTIMIZERS[optimizer]
+        else:
+            raise ValueError(f"unknown option {name!r}")
     return request
 
 
@@ -122,15 +168,39 @@ class NSTClient:
     Args:
         target: ``host:port``.
         timeout_s: default deadline for :meth:`stylize` calls, seconds (``None``: no deadline).
+        tls: connect with TLS, verifying the server against the system's root certificates (or ``tls_ca``).
+        tls_ca: PEM bytes or file path of the CA (or the self-signed certificate) that signed the server's
+            certificate; implies ``tls``.
+        tls_server_name: the name to verify the server's certificate against when it differs from the host
+            in ``target`` (e.g. ``localhost`` for a certificate made for that name).
+        token: sent as ``authorization: Bearer <token>`` metadata on every call (servers started with
+            ``--auth-token``). Without TLS it travels in clear text.
+    Raises:
+        OSError: ``tls_ca`` names a file that cannot be read.
     """
 
-    def __init__(self, target: str, timeout_s: float | None = None) -> None:
+    def __init__(self, target: str, timeout_s: float | None = None, *, tls: bool = False,
+                 tls_ca: bytes | str | os.PathLike | None = None, tls_server_name: str | None = None,
+                 token: str | None = None) -> None:
         self.target = target
         self.timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(target, options=[
+        options = [
             ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_RECEIVE_MESSAGE_BYTES),
-        ])
+        ]
+        if tls_server_name:
+            options.append(("grpc.ssl_target_name_override", tls_server_name))
+        if tls or tls_ca is not None:
+            root = None
+            if isinstance(tls_ca, bytes | bytearray):
+                root = bytes(tls_ca)
+            elif tls_ca is not None:
+                with open(tls_ca, "rb") as handle:
+                    root = handle.read()
+            self._channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root), options=options)
+        else:
+            self._channel = grpc.insecure_channel(target, options=options)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._stub = pb_grpc.StyleTransferStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -146,7 +216,8 @@ class NSTClient:
     def health(self, service: str = "", timeout_s: float = 5.0) -> str:
         """The server's health status name (``SERVING``, ``NOT_SERVING`` …). Raises :class:`NSTError`."""
         try:
-            reply = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
+            reply = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s,
+                                       metadata=self._metadata)
         except grpc.RpcError as error:
             raise NSTError.from_rpc_error(error) from None
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
@@ -170,7 +241,7 @@ class NSTClient:
     def model_info(self, timeout_s: float = 5.0) -> pb.ModelInfo:
         """``GetModelInfo``. Raises :class:`NSTError`."""
         try:
-            return self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout_s)
+            return self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout_s, metadata=self._metadata)
         except grpc.RpcError as error:
             raise NSTError.from_rpc_error(error) from None
 
@@ -180,7 +251,8 @@ class NSTClient:
         Raises:
             NSTError: the call failed (status code and the server's message).
         """
-        call = self._stub.Stylize(request, timeout=timeout_s if timeout_s is not None else self.timeout_s)
+        call = self._stub.Stylize(request, timeout=timeout_s if timeout_s is not None else self.timeout_s,
+                                  metadata=self._metadata)
         try:
             yield from call
         except grpc.RpcError as error:

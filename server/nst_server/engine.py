@@ -311,7 +311,7 @@ def evaluate(feats: dict[str, torch.Tensor] | tuple[torch.Tensor, ...], pixels: 
                     for layer, weight in settings.content_layers.items())
     j_style = sum(weight * costs.style_layer_cost(targets.style_grams[layer], feats[layer])
                   for layer, weight in settings.style_layers.items())
-    tv = costs.total_variation(pixels) if settings.tv_weight else torch.zeros_like(j_content)
+    tv = costs.total_variation(pixels)
     total = settings.content_weight * j_content + settings.style_weight * j_style + settings.tv_weight * tv
     return j_content, j_style, tv, total
 
