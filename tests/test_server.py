@@ -62,3 +62,19 @@ def test_undecodable_image_is_invalid_argument_and_server_lives_on(client, small
         client.stylize(small_images[0], b"", max_side_px=32, iterations=2)
     assert "style_image" in error.value.details
     assert client.stylize(*small_images, max_side_px=32, iterations=2).width_px == 32
+
+
+def test_keep_content_alpha_returns_rgba_with_the_content_transparency(client, small_images):
+    import numpy as np
+    rgba = np.zeros((48, 64, 4), dtype=np.uint8)
+    rgba[..., :3] = 180
+    rgba[:, 32:, 3] = 255                                  # left half transparent, right half opaque
+    from conftest import encode
+    content = encode(Image.fromarray(rgba, "RGBA"))
+    result = client.stylize(content, small_images[1], max_side_px=32, iterations=2, keep_content_alpha=True)
+    image = Image.open(io.BytesIO(result.image_png))
+    assert image.mode == "RGBA" and image.size == (32, 24)
+    alpha = np.asarray(image)[..., 3]
+    assert alpha[:, :14].max() < 20 and alpha[:, 18:].min() > 235
+    plain = client.stylize(content, small_images[1], max_side_px=32, iterations=2)
+    assert Image.open(io.BytesIO(plain.image_png)).mode == "RGB"

@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     stylize.add_argument("--scales", type=int, default=None, help="coarse-to-fine scales (1: single scale)")
     stylize.add_argument("--start-side-px", type=int, default=0, help="longest side at the first scale, px")
     stylize.add_argument("--precision", choices=CHOICES["precision"], default=None)
+    stylize.add_argument("--keep-content-alpha", action="store_true",
+                         help="RGBA result carrying the content's transparency")
     stylize.add_argument("--convergence-tolerance", type=float, default=None)
     stylize.add_argument("--seed", type=int, default=None, help="seed of the initial noise")
     stylize.add_argument("--preview-every", type=int, default=0, metavar="N",
@@ -82,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 _OPTIONS = ("max_side_px", "iterations", "preset", "content_weight", "style_weight", "tv_weight", "style_scale",
             "pooling", "optimizer", "learning_rate", "lbfgs_history", "init", "noise_ratio", "color_control",
-            "scales", "start_side_px", "precision", "convergence_tolerance", "seed", "preview_every")
+            "scales", "start_side_px", "precision", "convergence_tolerance", "seed", "preview_every",
+            "keep_content_alpha")
 
 
 def _file_weight(text: str) -> tuple[str, float]:

@@ -107,7 +107,7 @@ CHOICES = {name: tuple(key[len(prefix):].lower() for key in enum.keys() if not k
 _OPTIONAL_SCALARS = ("content_weight", "style_weight", "seed", "learning_rate", "noise_ratio", "style_scale",
                      "tv_weight", "convergence_tolerance", "scales")
 _PLAIN_SCALARS = ("max_side_px", "iterations", "progress_every", "start_side_px", "preview_every",
-                  "preview_max_side_px", "lbfgs_history")
+                  "preview_max_side_px", "lbfgs_history", "keep_content_alpha")
 
 Image = bytes | str | os.PathLike
 
@@ -130,7 +130,7 @@ def build_request(content: Image, style: Image | None = None, *,
         **options: ``max_side_px``, ``iterations``, ``content_weight``, ``style_weight``, ``seed``,
             ``learning_rate``, ``noise_ratio``, ``style_scale``, ``tv_weight``, ``convergence_tolerance``,
             ``scales``, ``progress_every``, ``start_side_px``, ``preview_every``, ``preview_max_side_px``,
-            ``lbfgs_history``, and the names ``optimizer`` (lbfgs, adam), ``preset`` (seed), ``init``
+            ``lbfgs_history``, ``keep_content_alpha`` (bool), and the names ``optimizer`` (lbfgs, adam), ``preset`` (seed), ``init``
             (noisy_content, content, random, image), ``pooling`` (max, avg), ``color_control`` (none,
             luminance, match_style_colors), ``precision`` (fp32, bf16, fp16).
     Raises:
@@ -284,10 +284,12 @@ class NSTClient:
                     on_progress(message.progress)
             elif kind == "result":
                 result = message.result
-                return StylizeResult(
+                final = StylizeResult(
                     job_id=job_id, image_png=result.image_png, width_px=result.width_px,
                     height_px=result.height_px, content_cost=result.costs.content, style_cost=result.costs.style,
                     total_cost=result.costs.total, iterations=result.iterations,
                     best_iteration=result.best_iteration, stop_reason=STOP_REASONS[result.stop_reason],
                     elapsed_ms=result.elapsed_ms, progress=progress)
-        raise NSTError(grpc.StatusCode.UNKNOWN, "the stream ended without a result")
+        if final is None:
+            raise NSTError(grpc.StatusCode.UNKNOWN, "the stream ended without a result")
+        return final

@@ -33,7 +33,7 @@ from torch.nn import functional as F
 
 from nst_export.vgg import MIN_SIDE_PX, OUTPUT_LAYERS
 from nst_server import color, costs
-from nst_server.images import encode_png, resize_to_max_side, to_tensor, to_uint8
+from nst_server.images import encode_png, encode_png_with_alpha, resize_to_max_side, to_tensor, to_uint8
 from nst_server.model import StyleModels
 
 #: The seed's style layers, each with lambda = 0.2 (the course assignment's choice).
@@ -191,11 +191,13 @@ class JobInputs:
     """The decoded images of one job (8-bit RGB, any sizes).
 
     ``styles`` pairs each style image with its blend weight (relative; all zero means equal weights).
+    ``content_alpha`` (mode ``L``), when given, is re-attached to the result, which is then an RGBA PNG.
     """
 
     content: Image.Image
     styles: list[tuple[Image.Image, float]]
     init_image: Image.Image | None = None
+    content_alpha: Image.Image | None = None
 
 
 @dataclass(frozen=True)
@@ -225,7 +227,7 @@ class Result:
     """The delivered image and its costs (computed by the session on the 8-bit pixels delivered)."""
 
     image: np.ndarray           # (H, W, 3) uint8 RGB
-    png: bytes
+    png: bytes                  # the delivered PNG: RGB, or RGBA with the content's alpha
     costs: Costs
     iterations: int             # iterations run, all scales
     best_iteration: int         # iteration whose image is delivered (0: the initial image)
@@ -519,7 +521,7 @@ def stylize(models: StyleModels, inputs: JobInputs, settings: StyleTransferSetti
     delivered = to_tensor(Image.fromarray(image, "RGB")).to(device)
     final = _costs(*evaluate(features(models, delivered, settings.pooling), delivered * 255.0, targets, settings))
     output = palette.finish(image)
-    yield Result(image=output, png=encode_png(output), costs=final, iterations=iteration,
+    yield Result(image=output, png=encode_png_with_alpha(output, inputs.content_alpha), costs=final, iterations=iteration,
                  best_iteration=best_iteration, stop_reason=stop_reason,
                  elapsed_ms=(time.perf_counter() - started) * 1000.0)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from nst_client._proto.nst.v1 import style_transfer_pb2 as pb
 from nst_export.vgg import MIN_SIDE_PX
 from nst_server import engine
-from nst_server.images import decode_image
+from nst_server.images import decode_image, decode_image_and_alpha
 
 OPTIMIZERS = {pb.OPTIMIZER_LBFGS: "lbfgs", pb.OPTIMIZER_ADAM: "adam"}
 PRESETS = {pb.PRESET_UNSPECIFIED: "default", pb.PRESET_SEED: "seed"}
@@ -115,13 +115,14 @@ def decode_inputs(request: pb.StylizeRequest, max_input_pixels: int) -> engine.J
         ImageInputError: an image cannot be used (the message names the field).
     """
     styles = []
+    content, alpha = decode_image_and_alpha(request.content_image, "content_image", max_input_pixels)
     if request.style_image:
         styles.append((decode_image(request.style_image, "style_image", max_input_pixels), 1.0))
     for index, entry in enumerate(request.styles):
         styles.append((decode_image(entry.image, f"styles[{index}].image", max_input_pixels), entry.blend_weight))
     init = decode_image(request.init_image, "init_image", max_input_pixels) if request.init_image else None
-    return engine.JobInputs(content=decode_image(request.content_image, "content_image", max_input_pixels),
-                            styles=styles, init_image=init)
+    return engine.JobInputs(content=content, styles=styles, init_image=init,
+                            content_alpha=alpha if request.keep_content_alpha else None)
 
 
 def _costs(costs: engine.Costs) -> pb.Costs:

@@ -97,7 +97,7 @@ class LayerWeight(_message.Message):
     def __init__(self, layer: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class StylizeRequest(_message.Message):
-    __slots__ = ("content_image", "style_image", "max_side_px", "iterations", "content_weight", "style_weight", "seed", "optimizer", "learning_rate", "noise_ratio", "progress_every", "styles", "style_scale", "preset", "init", "init_image", "content_layers", "style_layers", "pooling", "tv_weight", "color_control", "scales", "start_side_px", "precision", "preview_every", "preview_max_side_px", "convergence_tolerance", "lbfgs_history")
+    __slots__ = ("content_image", "style_image", "max_side_px", "iterations", "content_weight", "style_weight", "seed", "optimizer", "learning_rate", "noise_ratio", "progress_every", "styles", "style_scale", "preset", "init", "init_image", "content_layers", "style_layers", "pooling", "tv_weight", "color_control", "scales", "start_side_px", "precision", "preview_every", "preview_max_side_px", "convergence_tolerance", "lbfgs_history", "keep_content_alpha")
     CONTENT_IMAGE_FIELD_NUMBER: _ClassVar[int]
     STYLE_IMAGE_FIELD_NUMBER: _ClassVar[int]
     MAX_SIDE_PX_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +126,7 @@ class StylizeRequest(_message.Message):
     PREVIEW_MAX_SIDE_PX_FIELD_NUMBER: _ClassVar[int]
     CONVERGENCE_TOLERANCE_FIELD_NUMBER: _ClassVar[int]
     LBFGS_HISTORY_FIELD_NUMBER: _ClassVar[int]
+    KEEP_CONTENT_ALPHA_FIELD_NUMBER: _ClassVar[int]
     content_image: bytes
     style_image: bytes
     max_side_px: int
@@ -154,7 +155,8 @@ class StylizeRequest(_message.Message):
     preview_max_side_px: int
     convergence_tolerance: float
     lbfgs_history: int
-    def __init__(self, content_image: _Optional[bytes] = ..., style_image: _Optional[bytes] = ..., max_side_px: _Optional[int] = ..., iterations: _Optional[int] = ..., content_weight: _Optional[float] = ..., style_weight: _Optional[float] = ..., seed: _Optional[int] = ..., optimizer: _Optional[_Union[Optimizer, str]] = ..., learning_rate: _Optional[float] = ..., noise_ratio: _Optional[float] = ..., progress_every: _Optional[int] = ..., styles: _Optional[_Iterable[_Union[StyleImage, _Mapping]]] = ..., style_scale: _Optional[float] = ..., preset: _Optional[_Union[Preset, str]] = ..., init: _Optional[_Union[Init, str]] = ..., init_image: _Optional[bytes] = ..., content_layers: _Optional[_Iterable[_Union[LayerWeight, _Mapping]]] = ..., style_layers: _Optional[_Iterable[_Union[LayerWeight, _Mapping]]] = ..., pooling: _Optional[_Union[Pooling, str]] = ..., tv_weight: _Optional[float] = ..., color_control: _Optional[_Union[ColorControl, str]] = ..., scales: _Optional[int] = ..., start_side_px: _Optional[int] = ..., precision: _Optional[_Union[Precision, str]] = ..., preview_every: _Optional[int] = ..., preview_max_side_px: _Optional[int] = ..., convergence_tolerance: _Optional[float] = ..., lbfgs_history: _Optional[int] = ...) -> None: ...
+    keep_content_alpha: bool
+    def __init__(self, content_image: _Optional[bytes] = ..., style_image: _Optional[bytes] = ..., max_side_px: _Optional[int] = ..., iterations: _Optional[int] = ..., content_weight: _Optional[float] = ..., style_weight: _Optional[float] = ..., seed: _Optional[int] = ..., optimizer: _Optional[_Union[Optimizer, str]] = ..., learning_rate: _Optional[float] = ..., noise_ratio: _Optional[float] = ..., progress_every: _Optional[int] = ..., styles: _Optional[_Iterable[_Union[StyleImage, _Mapping]]] = ..., style_scale: _Optional[float] = ..., preset: _Optional[_Union[Preset, str]] = ..., init: _Optional[_Union[Init, str]] = ..., init_image: _Optional[bytes] = ..., content_layers: _Optional[_Iterable[_Union[LayerWeight, _Mapping]]] = ..., style_layers: _Optional[_Iterable[_Union[LayerWeight, _Mapping]]] = ..., pooling: _Optional[_Union[Pooling, str]] = ..., tv_weight: _Optional[float] = ..., color_control: _Optional[_Union[ColorControl, str]] = ..., scales: _Optional[int] = ..., start_side_px: _Optional[int] = ..., precision: _Optional[_Union[Precision, str]] = ..., preview_every: _Optional[int] = ..., preview_max_side_px: _Optional[int] = ..., convergence_tolerance: _Optional[float] = ..., lbfgs_history: _Optional[int] = ..., keep_content_alpha: _Optional[bool] = ...) -> None: ...
 
 class StylizeResponse(_message.Message):
     __slots__ = ("accepted", "progress", "result")
