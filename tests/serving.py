@@ -57,14 +57,12 @@ class ServerProcess:
         return self.process.wait()
 
 
-def start(model: Path, log_path: Path, args: list[str] = (), env: dict[str, str] | None = None,
-          client_options: dict | None = None, timeout_s: float = 120.0) -> ServerProcess:
-    """Start ``nst-server --port 0 --metrics-port 0 ARGS`` and wait until it listens and is SERVING.
-
-    ``client_options`` (``tls_ca``, ``token`` …) are used for the SERVING check.
+def launch(model: Path, log_path: Path, args: list[str] = (), env: dict[str, str] | None = None) -> ServerProcess:
+    """Start ``nst-server --port 0 --metrics-port 0 ARGS``; return once it has bound its port (it is then
+    NOT_SERVING until the model is loaded and warmed up).
 
     Raises:
-        RuntimeError: the server exited before listening.
+        RuntimeError: the server exited before binding.
     """
     command = [sys.executable, "-m", "nst_server.cli", "--model", str(model), "--port", "0",
                "--metrics-port", "0", *args]
@@ -77,14 +75,30 @@ def start(model: Path, log_path: Path, args: list[str] = (), env: dict[str, str]
     for line in process.stdout:
         if "metrics on" in line:
             metrics_url = line.strip().rsplit(" ", 1)[-1]
-        if "listening on" in line:
-            target = line.strip().rsplit(" ", 1)[-1]
+        if "bound to" in line:
+            target = line.split("bound to ", 1)[1].split(";", 1)[0]
             break
     if target is None:
         raise RuntimeError(f"nst-server exited with code {process.wait()}: {log_path.read_text()[-3000:]}")
-    server = ServerProcess(process, target, metrics_url, log_path)
-    with NSTClient(target, **(client_options or {})) as client:
+    return ServerProcess(process, target, metrics_url, log_path)
+
+
+def wait_listening(server: ServerProcess, client_options: dict | None = None, timeout_s: float = 120.0) -> None:
+    """Wait for the "listening on" line and for health SERVING (``client_options``: ``tls_ca``, ``token`` …)."""
+    for line in server.process.stdout:
+        if "listening on" in line:
+            break
+    else:
+        raise RuntimeError(f"nst-server exited with code {server.process.wait()}: {server.log()[-3000:]}")
+    with NSTClient(server.target, **(client_options or {})) as client:
         client.wait_until_serving(timeout_s=timeout_s)
+
+
+def start(model: Path, log_path: Path, args: list[str] = (), env: dict[str, str] | None = None,
+          client_options: dict | None = None, timeout_s: float = 120.0) -> ServerProcess:
+    """:func:`launch`, then :func:`wait_listening`."""
+    server = launch(model, log_path, args, env)
+    wait_listening(server, client_options, timeout_s)
     return server
 
 

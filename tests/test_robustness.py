@@ -260,7 +260,7 @@ def test_load_four_clients_twenty_small_jobs(server, small_images, record_proper
     growth = rss_kib[20] / rss_kib[5] - 1
     print(f"\nload: {outcomes.count('completed')} completed, {outcomes.count('RESOURCE_EXHAUSTED')} refused in "
           f"{elapsed_s:.1f} s; VmRSS after job 5 {rss_kib[5] / 1024:.1f} MiB, after job 20 "
-          f"{rss_kib[20] / 1024:.1f} MiB ({growth:+.1%})")
+          f"{rss_kib[20] / 1024:.1f} MiB ({growth:+.2%})")
     record_property("rss_mib_after_5", round(rss_kib[5] / 1024, 1))
     record_property("rss_mib_after_20", round(rss_kib[20] / 1024, 1))
     assert abs(growth) <= 0.10
@@ -298,3 +298,24 @@ def test_sigterm_not_serving_refuses_new_jobs_and_ends_running_ones(onnx_path, t
     finally:
         server.stop()
     assert "stopped" in server.log()
+
+
+def test_not_serving_until_loaded_and_warmed_up(onnx_path, tmp_path, small_images):
+    """Health is NOT_SERVING, and jobs and GetModelInfo are UNAVAILABLE, until the model is loaded and the
+    warm-up pass has run (NST_FAULT_INJECT=warmup:SECONDS holds the warm-up back, so the window is wide)."""
+    server = serving.launch(onnx_path, tmp_path / "server.log", env={"NST_FAULT_INJECT": "warmup:4"})
+    try:
+        with NSTClient(server.target) as client:
+            assert client.health() == "NOT_SERVING"
+            assert client.health("nst.v1.StyleTransfer") == "NOT_SERVING"
+            with pytest.raises(NSTError) as error:
+                client.stylize(*small_images, max_side_px=32, iterations=2)
+            assert error.value.code == grpc.StatusCode.UNAVAILABLE and "loading" in error.value.details
+            with pytest.raises(NSTError) as error:
+                client.model_info()
+            assert error.value.code == grpc.StatusCode.UNAVAILABLE
+            serving.wait_listening(server)
+            assert client.health() == "SERVING"
+            assert client.stylize(*small_images, max_side_px=32, iterations=2).iterations == 2
+    finally:
+        assert server.stop() == 0

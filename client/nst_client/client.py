@@ -130,7 +130,8 @@ def build_request(content: Image, style: Image | None = None, *,
         **options: ``max_side_px``, ``iterations``, ``content_weight``, ``style_weight``, ``seed``,
             ``learning_rate``, ``noise_ratio``, ``style_scale``, ``tv_weight``, ``convergence_tolerance``,
             ``scales``, ``progress_every``, ``start_side_px``, ``preview_every``, ``preview_max_side_px``,
-            ``lbfgs_history``, ``keep_content_alpha`` (bool), and the names ``optimizer`` (lbfgs, adam), ``preset`` (seed), ``init``
+            ``lbfgs_history``, ``keep_content_alpha`` (bool), and the names ``optimizer`` (lbfgs, adam),
+            ``preset`` (seed), ``init``
             (noisy_content, content, random, image), ``pooling`` (max, avg), ``color_control`` (none,
             luminance, match_style_colors), ``precision`` (fp32, bf16, fp16).
     Raises:
@@ -273,7 +274,9 @@ class NSTClient:
             NSTError: the server refused or failed the job. ValueError, OSError: from :func:`build_request`.
         """
         request = build_request(content, style, **options)
-        job_id, progress = "", []
+        job_id, progress, final = "", [], None
+        # Read to the end of the stream, past the Result: leaving early would cancel the call, and the server
+        # would count a delivered job as cancelled.
         for message in self.stream(request, timeout_s=timeout_s):
             kind = message.WhichOneof("event")
             if kind == "accepted":

@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from nst_client._proto.nst.v1 import style_transfer_pb2 as pb
 from nst_client._proto.nst.v1 import style_transfer_pb2_grpc as pb_grpc
 from nst_server.interceptors import BearerTokenInterceptor, RpcLogInterceptor
+from nst_server.jobs import FaultInjection
 from nst_server.metrics import start_metrics_server
 from nst_server.model import StyleModels
 from nst_server.servicer import ServerLimits, StyleTransferServicer
@@ -65,7 +66,7 @@ class ServerConfig:
     auth_health: bool = False
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = None
-    fault_injection: dict[int, str] = field(default_factory=dict)
+    fault_injection: FaultInjection = field(default_factory=FaultInjection)
 
 
 def warm_up(models: StyleModels) -> None:
@@ -118,7 +119,7 @@ async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> Non
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server)
-    servicer = StyleTransferServicer(None, config.limits, faults=config.fault_injection)  # UNAVAILABLE until loaded
+    servicer = StyleTransferServicer(None, config.limits, faults=config.fault_injection.by_seed)  # UNAVAILABLE until loaded
     pb_grpc.add_StyleTransferServicer_to_server(servicer, server)
     address = f"{config.host}:{config.port}"
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
@@ -128,6 +129,8 @@ async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> Non
     if config.fault_injection:
         log.warning("fault injection is on (NST_FAULT_INJECT): %s", config.fault_injection)
     await server.start()
+    print(f"nst-server bound to {config.host}:{port}; NOT_SERVING until the model is loaded and warmed up",
+          flush=True)
 
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
@@ -135,6 +138,7 @@ async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> Non
         loop.add_signal_handler(signum, stopping.set)
     try:
         models = await loop.run_in_executor(None, lambda: StyleModels.load(config.model_path, config.providers))
+        await asyncio.sleep(config.fault_injection.slow_warm_up_s)
         await loop.run_in_executor(None, warm_up, models)
     except BaseException:
         await server.stop(None)

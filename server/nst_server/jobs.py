@@ -29,25 +29,46 @@ class ServerBusy(Exception):
     """N jobs run and Q wait already; the message says so and names the limits."""
 
 
-def parse_fault_injection(text: str | None) -> dict[int, str]:
-    """Parse ``$NST_FAULT_INJECT``: ``SEED:KIND[,SEED:KIND…]``, KIND ``oom`` or ``error``.
+@dataclass(frozen=True)
+class FaultInjection:
+    """Faults to inject (tests only). ``by_seed``: request seed -> ``oom`` or ``error``; ``slow_warm_up_s``:
+    extra seconds before the warm-up pass, so that tests can see the server NOT_SERVING while it loads."""
 
-    A fault-injection hook for tests of failure isolation: a job whose request sets ``seed`` = SEED fails
-    inside the engine's optimisation loop, when its second iteration starts, with ``torch.OutOfMemoryError``
-    (``oom``) or ``RuntimeError`` (``error``). Unset or empty: no faults (the production setting).
+    by_seed: dict[int, str] = field(default_factory=dict)
+    slow_warm_up_s: float = 0.0
+
+    def __bool__(self) -> bool:
+        return bool(self.by_seed) or self.slow_warm_up_s > 0
+
+
+def parse_fault_injection(text: str | None) -> FaultInjection:
+    """Parse ``$NST_FAULT_INJECT``: comma-separated ``SEED:oom``, ``SEED:error`` and ``warmup:SECONDS``.
+
+    A fault-injection hook for tests of failure isolation and start-up: a job whose request sets ``seed`` =
+    SEED fails inside the engine's optimisation loop, when its second iteration starts, with
+    ``torch.OutOfMemoryError`` (``oom``) or ``RuntimeError`` (``error``); ``warmup:SECONDS`` delays the
+    warm-up pass. Unset or empty: no faults (the production setting).
 
     Raises:
         ValueError: malformed text or an unknown kind.
     """
-    faults: dict[int, str] = {}
+    by_seed: dict[int, str] = {}
+    slow_warm_up_s = 0.0
     for entry in (text or "").split(","):
         if not entry.strip():
             continue
-        seed, _, kind = entry.strip().partition(":")
-        if kind not in FAULT_KINDS or not seed.strip().lstrip("-").isdigit():
-            raise ValueError(f"{FAULT_INJECT_ENV}: expected SEED:KIND with KIND in {FAULT_KINDS}, got {entry!r}")
-        faults[int(seed)] = kind
-    return faults
+        key, _, value = entry.strip().partition(":")
+        try:
+            if key == "warmup":
+                slow_warm_up_s = float(value)
+                continue
+            if value in FAULT_KINDS:
+                by_seed[int(key)] = value
+                continue
+        except ValueError:
+            pass
+        raise ValueError(f"{FAULT_INJECT_ENV}: expected SEED:oom, SEED:error or warmup:SECONDS, got {entry!r}")
+    return FaultInjection(by_seed, slow_warm_up_s)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -73,6 +94,7 @@ class Job:
             worker picked it up).
         fault: injected fault kind (``oom``, ``error``) or None; see :func:`parse_fault_injection`.
         future: the worker's future (event loop side), once submitted.
+        result_sent: the Result message has been handed to gRPC (a cancel after that still counts as completed).
     """
 
     job_id: str
@@ -84,6 +106,7 @@ class Job:
     state: str = "waiting"
     fault: str | None = None
     future: asyncio.Future | None = None
+    result_sent: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _last_poll: float | None = field(default=None, repr=False)
     _polls: int = field(default=0, repr=False)
@@ -193,7 +216,7 @@ class Admission:
     def release_when_idle(self, job: Job) -> None:
         """Free the job's slot once no worker thread runs it any more: now, or when its future is done (a
         stopped job leaves the worker within one iteration)."""
-        if job.state == "running" and job.future is not None and not job.future.done():
+        if job.state == "running" and job.future is not None and not job.future.done():   # else "finished" etc.
             job.future.add_done_callback(lambda _future: self.release(job))
         else:
             self.release(job)

@@ -135,7 +135,10 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
         except (asyncio.CancelledError, GeneratorExit):    # the client cancelled, went away, or its deadline passed
             reason = STOP_DEADLINE if deadline_passed(context) else STOP_CLIENT
             outcome = "deadline_exceeded" if reason == STOP_DEADLINE else "cancelled"
-            if job is not None:
+            if job is not None and job.result_sent:    # the client left after the Result: the job is done
+                outcome = "completed"
+                annotate(result="sent")
+            elif job is not None:
                 job.request_stop(reason)
             raise
         finally:
@@ -201,7 +204,7 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
                     and job.stopped_by == STOP_SHUTDOWN):
                 continue                      # _DONE follows: UNAVAILABLE
             if isinstance(item, engine.Result):
-                delivered = True
+                delivered = job.result_sent = True
             yield to_proto(item)
         # Whatever ends this loop, Stylize sets the job's stop flag (with the reason, for the cancel counter).
 
