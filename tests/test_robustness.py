@@ -8,6 +8,8 @@ from __future__ import annotations
 import re
 import signal
 import statistics
+import subprocess
+import sys
 import threading
 import time
 
@@ -128,6 +130,40 @@ def test_cancel_after_second_progress_stops_the_servers_iteration_counter(server
     assert int(line.group(1)) <= seen + 2          # stopped within one iteration of the cancel (+1 in flight)
     result = client.stylize(content, style, max_side_px=32, iterations=3)
     assert result.stop_reason == "STOP_REASON_ITERATIONS_DONE" and result.iterations == 3
+
+
+_DROPPING_CLIENT = """
+import sys
+from nst_client import NSTClient, build_request
+content, style = open(sys.argv[2], "rb").read(), open(sys.argv[3], "rb").read()
+with NSTClient(sys.argv[1]) as client:
+    for message in client.stream(build_request(content, style, max_side_px=48, iterations=2000)):
+        print(message.WhichOneof("event"), flush=True)
+"""
+
+
+def test_a_dropped_connection_stops_the_job(server, small_images, tmp_path):
+    """A client process killed (SIGKILL) mid-job: the server stops the job and its iteration counter."""
+    paths = [tmp_path / "content.png", tmp_path / "style.png"]
+    for path, data in zip(paths, small_images):
+        path.write_bytes(data)
+    serving.wait_for(lambda: _idle(server), timeout_s=30)
+    process = subprocess.Popen([sys.executable, "-c", _DROPPING_CLIENT, server.target, *map(str, paths)],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        progress = 0
+        for line in process.stdout:
+            progress += line.strip() == "progress"
+            if progress == 2:
+                break
+        process.kill()
+    finally:
+        process.wait(timeout=30)
+    serving.wait_for(lambda: _idle(server), timeout_s=30)
+    counted = server.metric("nst_iterations_total")
+    time.sleep(2.0)
+    assert server.metric("nst_iterations_total") == counted
+    assert re.search(r"rpc=/nst.v1.StyleTransfer/Stylize job=\w+ status=CANCELLED", server.log())
 
 
 def test_deadline_stops_the_job_with_deadline_exceeded(server, client, small_images):
