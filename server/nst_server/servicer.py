@@ -11,6 +11,7 @@ anything else INTERNAL. The interceptors (:mod:`nst_server.interceptors`) write 
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import logging
 import re
 import traceback
@@ -60,6 +61,11 @@ class ServerLimits:
 
 _DONE = object()
 
+try:
+    _NST_VERSION = importlib.metadata.version("nst-inference")
+except importlib.metadata.PackageNotFoundError:          # running from a source tree without an install
+    _NST_VERSION = "unknown"
+
 
 class StyleTransferServicer(pb_grpc.StyleTransferServicer):
     """Implements ``nst.v1.StyleTransfer`` over one :class:`StyleModels`."""
@@ -100,7 +106,7 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
             replica_device=str(self.models.device),
             pooling=meta.get("nst.pooling", ""),
             versions={"onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
-                      "grpcio": grpc.__version__},
+                      "grpcio": grpc.__version__, "nst": _NST_VERSION},
             min_side_px=MIN_SIDE_PX,
             max_side_px=self.limits.max_side_px,
         )
