@@ -3,6 +3,7 @@
     nst stylize CONTENT STYLE -o OUT.png --server HOST:PORT --size 256 --iterations 200
     nst info --server HOST:PORT
     nst health --server HOST:PORT
+    nst bench --server HOST:PORT --size 256 --iterations 20 --concurrency 1,2,4 --output-json B.json --plot B.png
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from google.protobuf.json_format import MessageToDict
 from tqdm import tqdm
 
+from nst_client import bench as bench_module
 from nst_client.client import CHOICES, NSTClient, NSTError
 
 DEFAULT_SERVER = "127.0.0.1:50051"
@@ -79,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_server(info)
     health = commands.add_parser("health", help="print the server's health status")
     _add_server(health)
+    bench = commands.add_parser("bench", help="throughput and latency over a sweep of concurrency levels")
+    _add_server(bench)
+    bench_module.add_arguments(bench)
     return parser
 
 
@@ -152,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         with NSTClient(args.server, tls=args.tls, tls_ca=args.tls_ca, token=args.token) as client:
             if args.command == "stylize":
                 return _stylize(args, client)
+            if args.command == "bench":
+                return bench_module.run(args, client)
             if args.command == "info":
                 print(json.dumps(MessageToDict(client.model_info()), indent=2))
                 return 0
@@ -160,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     except NSTError as exc:
         print(f"nst: {exc}", file=sys.stderr)
         return 1
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RuntimeError) as exc:
         print(f"nst: {exc}", file=sys.stderr)
         return 2
 
