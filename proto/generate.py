@@ -30,10 +30,12 @@ def generate(out_dir: Path = DEFAULT_OUT) -> list[Path]:
         raise RuntimeError(f"protoc failed with exit code {code}")
     written = []
     for path in sorted(out_dir.rglob("*_pb2*.py*")):
+        if path.suffix not in (".py", ".pyi") or "__pycache__" in path.parts:
+            continue
         text = path.read_text()
         path.write_text(text.replace("from nst.v1 import", f"from {PACKAGE}.nst.v1 import"))
         written.append(path)
-    for folder in [out_dir, *(p for p in out_dir.rglob("*") if p.is_dir())]:
+    for folder in [out_dir, *(p for p in out_dir.rglob("*") if p.is_dir() and p.name != "__pycache__")]:
         (folder / "__init__.py").touch()
     return written
 

@@ -109,6 +109,11 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
                       "grpcio": grpc.__version__, "nst": _NST_VERSION},
             min_side_px=MIN_SIDE_PX,
             max_side_px=self.limits.max_side_px,
+            precision="fp32",
+            supported_precisions=list(engine.PRECISIONS),
+            max_iterations=self.limits.max_iterations,
+            max_running_jobs=self.limits.max_running_jobs,
+            max_queued_jobs=self.limits.max_queued_jobs,
         )
 
     async def Stylize(self, request: pb.StylizeRequest, context):
