@@ -122,6 +122,9 @@ class StyleModels:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if intra_op_threads:
             options.intra_op_num_threads = intra_op_threads
+        # The session runs a few forward passes per job between long replica passes: idle workers that spin
+        # would take the cores the replica needs.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(proto.SerializeToString(), sess_options=options,
                                        providers=choose_providers(providers))
         active = session.get_providers()
