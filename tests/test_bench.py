@@ -51,3 +51,37 @@ def test_synthetic_pair_is_two_pngs():
     import io
     assert Image.open(io.BytesIO(content)).size == (64, 48)
     assert Image.open(io.BytesIO(style)).size == (64, 64)
+
+
+def test_iteration_flops_by_hand():
+    from nst_server.benchmark import iteration_flops
+    flops = iteration_flops(32, 32)
+    # conv1_1 at 32x32: 2 * 1024 * 3 * 64 * 9; conv5_1 at 2x2: 2 * 4 * 512 * 512 * 9
+    assert flops["forward"] > 2 * 1024 * 3 * 64 * 9 + 2 * 4 * 512 * 512 * 9
+    by_hand = sum(2 * side * side * c_in * c_out * 9 for side, c_in, c_out in [
+        (32, 3, 64), (32, 64, 64), (16, 64, 128), (16, 128, 128), (8, 128, 256), (8, 256, 256), (8, 256, 256),
+        (8, 256, 256), (4, 256, 512), (4, 512, 512), (4, 512, 512), (4, 512, 512), (2, 512, 512)])
+    assert flops["forward"] == flops["backward"] == by_hand
+    grams = 4 * (64**2 * 1024 + 128**2 * 256 + 256**2 * 64 + 512**2 * 16 + 512**2 * 4)
+    assert flops["gram"] == grams and flops["total"] == 2 * by_hand + grams
+
+
+def test_tutorial_loop_costs_the_same_function_as_the_engine(models, small_images):
+    """The tutorial loop's J of its first image (the content) is the engine's J of that image."""
+    import io
+
+    import torch
+    from PIL import Image
+
+    from nst_server import engine
+    from nst_server.benchmark import run_tutorial
+    from nst_server.images import resize_to_max_side, to_tensor
+    content, style = (Image.open(io.BytesIO(data)).convert("RGB") for data in small_images)
+    settings = engine.StyleTransferSettings(max_side_px=32, iterations=3)
+    trace = run_tutorial(models, content, style, settings, 3)
+    assert len(trace.times_s) == len(trace.totals) == 3
+    c = to_tensor(resize_to_max_side(content, 32))
+    targets = engine.compute_targets(models, c, [(to_tensor(resize_to_max_side(style, 32)), 1.0)], settings)
+    with torch.no_grad():
+        expected = engine.evaluate(models.replica(c), c * 255.0, targets, settings)[-1].item()
+    assert trace.totals[0] == pytest.approx(expected, rel=1e-4)

@@ -231,6 +231,8 @@ def write_plot(levels: list[LevelReport], path: str | Path, title: str = "") -> 
     twin.set_ylabel("iterations/s", color="tab:orange")
     left.set_title("throughput")
     left.set_xticks(x)
+    left.set_ylim(bottom=0)
+    twin.set_ylim(bottom=0)
     for key, style in (("p50", "o-"), ("p90", "^-"), ("p99", "v-")):
         right.plot(x, [level.time_to_result_s[key] for level in levels], style, label=f"result {key}")
         right.plot(x, [level.time_to_first_progress_s[key] for level in levels], style.replace("-", ":"),
@@ -239,6 +241,7 @@ def write_plot(levels: list[LevelReport], path: str | Path, title: str = "") -> 
     right.set_ylabel("latency, s")
     right.set_title("latency")
     right.set_xticks(x)
+    right.set_ylim(bottom=0)
     right.legend(fontsize=8)
     if title:
         figure.suptitle(title)
