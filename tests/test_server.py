@@ -80,3 +80,27 @@ def test_keep_content_alpha_returns_rgba_with_the_content_transparency(client, s
     assert alpha[:, :14].max() < 20 and alpha[:, 18:].min() > 235
     plain = client.stylize(content, small_images[1], max_side_px=32, iterations=2)
     assert Image.open(io.BytesIO(plain.image_png)).mode == "RGB"
+
+
+@pytest.fixture(scope="module")
+def chunking_server(onnx_path):
+    from nst_server.demo import start_server, stop_server
+    process, target = start_server(onnx_path, ["--result-chunk-bytes", "1000"])
+    try:
+        yield target
+    finally:
+        stop_server(process)
+
+
+def test_large_results_arrive_in_chunks_and_reassemble(chunking_server, small_images):
+    from nst_client import NSTClient
+    with NSTClient(chunking_server, timeout_s=300) as client:
+        messages = list(client.stream(build_request(*small_images, max_side_px=64, iterations=2)))
+        chunks = [m.image_chunk for m in messages if m.WhichOneof("event") == "image_chunk"]
+        result = messages[-1].result
+        assert len(chunks) >= 2 and all(len(c.data) <= 1000 for c in chunks)
+        assert [c.offset for c in chunks] == [k * 1000 for k in range(len(chunks))]
+        assert result.image_png == b"" and chunks[0].total_bytes == sum(len(c.data) for c in chunks)
+        whole = client.stylize(*small_images, max_side_px=64, iterations=2)
+        assert Image.open(io.BytesIO(whole.image_png)).size == (64, 48)
+        assert len(whole.image_png) == chunks[0].total_bytes

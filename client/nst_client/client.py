@@ -274,7 +274,7 @@ class NSTClient:
             NSTError: the server refused or failed the job. ValueError, OSError: from :func:`build_request`.
         """
         request = build_request(content, style, **options)
-        job_id, progress, final = "", [], None
+        job_id, progress, final, chunks = "", [], None, []
         # Read to the end of the stream, past the Result: leaving early would cancel the call, and the server
         # would count a delivered job as cancelled.
         for message in self.stream(request, timeout_s=timeout_s):
@@ -285,8 +285,12 @@ class NSTClient:
                 progress.append(message.progress)
                 if on_progress is not None:
                     on_progress(message.progress)
+            elif kind == "image_chunk":
+                chunks.append(message.image_chunk.data)
             elif kind == "result":
                 result = message.result
+                if chunks:
+                    result.image_png = b"".join(chunks)
                 final = StylizeResult(
                     job_id=job_id, image_png=result.image_png, width_px=result.width_px,
                     height_px=result.height_px, content_cost=result.costs.content, style_cost=result.costs.style,

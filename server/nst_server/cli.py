@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-input-pixels", type=int, default=limits.max_input_pixels,
                         help="pixel budget of each input image, checked before decoding (default: %(default)s)")
     parser.add_argument("--max-receive-message-bytes", type=int, default=64 * 1024 * 1024)
+    parser.add_argument("--result-chunk-bytes", type=int, default=limits.result_chunk_bytes,
+                        help="result PNGs larger than this are streamed as ImageChunk messages of this size, "
+                             "bytes (default: %(default)s; keep it under the clients' 4 MiB receive limit)")
     parser.add_argument("--grace-s", type=float, default=10.0,
                         help="on SIGTERM/SIGINT, running and waiting jobs get this long, s; then they end with "
                              "UNAVAILABLE (default: %(default)s)")
@@ -60,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         providers=args.providers.split(",") if args.providers else None,
         limits=ServerLimits(max_side_px=args.max_side_px, max_iterations=args.max_iterations,
                             max_input_pixels=args.max_input_pixels, max_running_jobs=args.max_running_jobs,
-                            max_queued_jobs=args.max_queued_jobs),
+                            max_queued_jobs=args.max_queued_jobs, result_chunk_bytes=args.result_chunk_bytes),
         max_receive_message_bytes=args.max_receive_message_bytes, grace_s=args.grace_s,
         tls_cert_path=args.tls_cert, tls_key_path=args.tls_key, auth_token=args.auth_token,
         auth_health=args.auth_health, metrics_host=args.metrics_host, metrics_port=args.metrics_port)

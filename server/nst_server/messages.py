@@ -130,15 +130,28 @@ def _costs(costs: engine.Costs) -> pb.Costs:
                     total_variation=costs.total_variation)
 
 
-def to_proto(event: engine.Progress | engine.Result) -> pb.StylizeResponse:
-    """Engine event to stream message."""
+#: Largest result PNG sent in one message, bytes; larger ones go as ImageChunk messages (under gRPC's 4 MiB).
+DEFAULT_RESULT_CHUNK_BYTES = 1 << 20
+
+
+def to_proto(event: engine.Progress | engine.Result,
+             chunk_bytes: int = DEFAULT_RESULT_CHUNK_BYTES) -> list[pb.StylizeResponse]:
+    """Engine event to stream messages: one for a Progress; for a Result, the PNG's ImageChunk pieces (when it
+    is larger than ``chunk_bytes``) and then the Result."""
     if isinstance(event, engine.Progress):
         width, height = event.size
-        return pb.StylizeResponse(progress=pb.Progress(
+        return [pb.StylizeResponse(progress=pb.Progress(
             iteration=event.iteration, costs=_costs(event.costs), elapsed_ms=event.elapsed_ms,
-            preview_png=event.preview_png, scale=event.scale, width_px=width, height_px=height))
+            preview_png=event.preview_png, scale=event.scale, width_px=width, height_px=height))]
     height, width = event.image.shape[:2]
-    return pb.StylizeResponse(result=pb.Result(
-        image_png=event.png, width_px=width, height_px=height, costs=_costs(event.costs),
+    png, messages = event.png, []
+    if len(png) > chunk_bytes:
+        messages = [pb.StylizeResponse(image_chunk=pb.ImageChunk(
+            data=png[offset:offset + chunk_bytes], offset=offset, total_bytes=len(png)))
+            for offset in range(0, len(png), chunk_bytes)]
+        png = b""
+    messages.append(pb.StylizeResponse(result=pb.Result(
+        image_png=png, width_px=width, height_px=height, costs=_costs(event.costs),
         iterations=event.iterations, best_iteration=event.best_iteration,
-        stop_reason=STOP_REASONS[event.stop_reason], elapsed_ms=event.elapsed_ms))
+        stop_reason=STOP_REASONS[event.stop_reason], elapsed_ms=event.elapsed_ms)))
+    return messages

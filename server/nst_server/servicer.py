@@ -34,7 +34,8 @@ from nst_server import engine, metrics
 from nst_server.images import ImageInputError
 from nst_server.interceptors import annotate, deadline_passed
 from nst_server.jobs import STOP_CLIENT, STOP_DEADLINE, STOP_SHUTDOWN, Admission, Job, ServerBusy, is_out_of_memory
-from nst_server.messages import RequestError, decode_inputs, settings_from_request, to_proto
+from nst_server.messages import (DEFAULT_RESULT_CHUNK_BYTES, RequestError, decode_inputs, settings_from_request,
+                                 to_proto)
 from nst_server.model import StyleModels
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class ServerLimits:
         max_input_pixels: pixel budget of each encoded input image, checked before decoding.
         max_running_jobs: N, jobs optimised at once (one worker thread each).
         max_queued_jobs: Q, jobs admitted to wait for a worker; beyond N + Q, RESOURCE_EXHAUSTED at once.
+        result_chunk_bytes: a result PNG larger than this goes out as ImageChunk messages of this size.
     """
 
     max_side_px: int = 1024
@@ -57,6 +59,7 @@ class ServerLimits:
     max_input_pixels: int = 40_000_000
     max_running_jobs: int = 1
     max_queued_jobs: int = 4
+    result_chunk_bytes: int = DEFAULT_RESULT_CHUNK_BYTES
 
 
 _DONE = object()
@@ -216,7 +219,8 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
                 continue                      # _DONE follows: UNAVAILABLE
             if isinstance(item, engine.Result):
                 delivered = job.result_sent = True
-            yield to_proto(item)
+            for message in to_proto(item, self.limits.result_chunk_bytes):
+                yield message
         # Whatever ends this loop, Stylize sets the job's stop flag (with the reason, for the cancel counter).
 
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bnst/v1/style_transfer.proto\x12\x06nst.v1\"1\n\nStyleImage\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x14\n\x0c\x62lend_weight\x18\x02 \x01(\x01\",\n\x0bLayerWeight\x12\r\n\x05layer\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x01\"\xe0\x07\n\x0eStylizeRequest\x12\x15\n\rcontent_image\x18\x01 \x01(\x0c\x12\x13\n\x0bstyle_image\x18\x02 \x01(\x0c\x12\x13\n\x0bmax_side_px\x18\x03 \x01(\r\x12\x12\n\niterations\x18\x04 \x01(\r\x12\x1b\n\x0e\x63ontent_weight\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x19\n\x0cstyle_weight\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x02\x88\x01\x01\x12$\n\toptimizer\x18\x08 \x01(\x0e\x32\x11.nst.v1.Optimizer\x12\x1a\n\rlearning_rate\x18\t \x01(\x01H\x03\x88\x01\x01\x12\x18\n\x0bnoise_ratio\x18\n \x01(\x01H\x04\x88\x01\x01\x12\x16\n\x0eprogress_every\x18\x0b \x01(\r\x12\"\n\x06styles\x18\x0c \x03(\x0b\x32\x12.nst.v1.StyleImage\x12\x18\n\x0bstyle_scale\x18\r \x01(\x01H\x05\x88\x01\x01\x12\x1e\n\x06preset\x18\x0e \x01(\x0e\x32\x0e.nst.v1.Preset\x12\x1a\n\x04init\x18\x0f \x01(\x0e\x32\x0c.nst.v1.Init\x12\x12\n\ninit_image\x18\x10 \x01(\x0c\x12+\n\x0e\x63ontent_layers\x18\x11 \x03(\x0b\x32\x13.nst.v1.LayerWeight\x12)\n\x0cstyle_layers\x18\x12 \x03(\x0b\x32\x13.nst.v1.LayerWeight\x12 \n\x07pooling\x18\x13 \x01(\x0e\x32\x0f.nst.v1.Pooling\x12\x16\n\ttv_weight\x18\x14 \x01(\x01H\x06\x88\x01\x01\x12+\n\rcolor_control\x18\x15 \x01(\x0e\x32\x14.nst.v1.ColorControl\x12\x13\n\x06scales\x18\x16 \x01(\rH\x07\x88\x01\x01\x12\x15\n\rstart_side_px\x18\x17 \x01(\r\x12$\n\tprecision\x18\x18 \x01(\x0e\x32\x11.nst.v1.Precision\x12\x15\n\rpreview_every\x18\x19 \x01(\r\x12\x1b\n\x13preview_max_side_px\x18\x1a \x01(\r\x12\"\n\x15\x63onvergence_tolerance\x18\x1b \x01(\x01H\x08\x88\x01\x01\x12\x15\n\rlbfgs_history\x18\x1c \x01(\r\x12\x1a\n\x12keep_content_alpha\x18\x1d \x01(\x08\x42\x11\n\x0f_content_weightB\x0f\n\r_style_weightB\x07\n\x05_seedB\x10\n\x0e_learning_rateB\x0e\n\x0c_noise_ratioB\x0e\n\x0c_style_scaleB\x0c\n\n_tv_weightB\t\n\x07_scalesB\x18\n\x16_convergence_tolerance\"\x8b\x01\n\x0fStylizeResponse\x12\'\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\x13.nst.v1.JobAcceptedH\x00\x12$\n\x08progress\x18\x02 \x01(\x0b\x32\x10.nst.v1.ProgressH\x00\x12 \n\x06result\x18\x03 \x01(\x0b\x32\x0e.nst.v1.ResultH\x00\x42\x07\n\x05\x65vent\"5\n\x0bJobAccepted\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x16\n\x0equeue_position\x18\x02 \x01(\r\"O\n\x05\x43osts\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\x01\x12\r\n\x05style\x18\x02 \x01(\x01\x12\r\n\x05total\x18\x03 \x01(\x01\x12\x17\n\x0ftotal_variation\x18\x04 \x01(\x01\"\x98\x01\n\x08Progress\x12\x11\n\titeration\x18\x01 \x01(\r\x12\x1c\n\x05\x63osts\x18\x02 \x01(\x0b\x32\r.nst.v1.Costs\x12\x12\n\nelapsed_ms\x18\x03 \x01(\x01\x12\x13\n\x0bpreview_png\x18\x04 \x01(\x0c\x12\r\n\x05scale\x18\x05 \x01(\r\x12\x10\n\x08width_px\x18\x06 \x01(\r\x12\x11\n\theight_px\x18\x07 \x01(\r\"\xc7\x01\n\x06Result\x12\x11\n\timage_png\x18\x01 \x01(\x0c\x12\x10\n\x08width_px\x18\x02 \x01(\r\x12\x11\n\theight_px\x18\x03 \x01(\r\x12\x1c\n\x05\x63osts\x18\x04 \x01(\x0b\x32\r.nst.v1.Costs\x12\x12\n\niterations\x18\x05 \x01(\r\x12\x16\n\x0e\x62\x65st_iteration\x18\x06 \x01(\r\x12\'\n\x0bstop_reason\x18\x07 \x01(\x0e\x32\x12.nst.v1.StopReason\x12\x12\n\nelapsed_ms\x18\x08 \x01(\x01\"\x15\n\x13GetModelInfoRequest\"\xe4\x03\n\tModelInfo\x12\x15\n\routput_layers\x18\x01 \x03(\t\x12\x1b\n\x13input_contract_json\x18\x02 \x01(\t\x12\x16\n\x0eweights_source\x18\x03 \x01(\t\x12\x16\n\x0eweights_sha256\x18\x04 \x01(\t\x12#\n\x1bweights_input_contract_json\x18\x05 \x01(\t\x12\x1b\n\x13\x65xecution_providers\x18\x06 \x03(\t\x12\x16\n\x0ereplica_device\x18\x07 \x01(\t\x12\x0f\n\x07pooling\x18\x08 \x01(\t\x12\x31\n\x08versions\x18\t \x03(\x0b\x32\x1f.nst.v1.ModelInfo.VersionsEntry\x12\x13\n\x0bmin_side_px\x18\n \x01(\r\x12\x13\n\x0bmax_side_px\x18\x0b \x01(\r\x12\x11\n\tprecision\x18\x0c \x01(\t\x12\x1c\n\x14supported_precisions\x18\r \x03(\t\x12\x16\n\x0emax_iterations\x18\x0e \x01(\r\x12\x18\n\x10max_running_jobs\x18\x0f \x01(\r\x12\x17\n\x0fmax_queued_jobs\x18\x10 \x01(\r\x1a/\n\rVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*O\n\tOptimizer\x12\x19\n\x15OPTIMIZER_UNSPECIFIED\x10\x00\x12\x13\n\x0fOPTIMIZER_LBFGS\x10\x01\x12\x12\n\x0eOPTIMIZER_ADAM\x10\x02*\xa1\x01\n\nStopReason\x12\x1b\n\x17STOP_REASON_UNSPECIFIED\x10\x00\x12\x1f\n\x1bSTOP_REASON_ITERATIONS_DONE\x10\x01\x12\x19\n\x15STOP_REASON_CANCELLED\x10\x02\x12\x1f\n\x1bSTOP_REASON_NON_FINITE_COST\x10\x03\x12\x19\n\x15STOP_REASON_CONVERGED\x10\x04*1\n\x06Preset\x12\x16\n\x12PRESET_UNSPECIFIED\x10\x00\x12\x0f\n\x0bPRESET_SEED\x10\x01*g\n\x04Init\x12\x14\n\x10INIT_UNSPECIFIED\x10\x00\x12\x16\n\x12INIT_NOISY_CONTENT\x10\x01\x12\x10\n\x0cINIT_CONTENT\x10\x02\x12\x0f\n\x0bINIT_RANDOM\x10\x03\x12\x0e\n\nINIT_IMAGE\x10\x04*D\n\x07Pooling\x12\x17\n\x13POOLING_UNSPECIFIED\x10\x00\x12\x0f\n\x0bPOOLING_MAX\x10\x01\x12\x0f\n\x0bPOOLING_AVG\x10\x02*\x88\x01\n\x0c\x43olorControl\x12\x1d\n\x19\x43OLOR_CONTROL_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43OLOR_CONTROL_NONE\x10\x01\x12\x1b\n\x17\x43OLOR_CONTROL_LUMINANCE\x10\x02\x12$\n COLOR_CONTROL_MATCH_STYLE_COLORS\x10\x03*b\n\tPrecision\x12\x19\n\x15PRECISION_UNSPECIFIED\x10\x00\x12\x12\n\x0ePRECISION_FP32\x10\x01\x12\x12\n\x0ePRECISION_BF16\x10\x02\x12\x12\n\x0ePRECISION_FP16\x10\x03\x32\x8d\x01\n\rStyleTransfer\x12<\n\x07Stylize\x12\x16.nst.v1.StylizeRequest\x1a\x17.nst.v1.StylizeResponse0\x01\x12>\n\x0cGetModelInfo\x12\x1b.nst.v1.GetModelInfoRequest\x1a\x11.nst.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bnst/v1/style_transfer.proto\x12\x06nst.v1\"1\n\nStyleImage\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x14\n\x0c\x62lend_weight\x18\x02 \x01(\x01\",\n\x0bLayerWeight\x12\r\n\x05layer\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x01\"\xe0\x07\n\x0eStylizeRequest\x12\x15\n\rcontent_image\x18\x01 \x01(\x0c\x12\x13\n\x0bstyle_image\x18\x02 \x01(\x0c\x12\x13\n\x0bmax_side_px\x18\x03 \x01(\r\x12\x12\n\niterations\x18\x04 \x01(\r\x12\x1b\n\x0e\x63ontent_weight\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x19\n\x0cstyle_weight\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x02\x88\x01\x01\x12$\n\toptimizer\x18\x08 \x01(\x0e\x32\x11.nst.v1.Optimizer\x12\x1a\n\rlearning_rate\x18\t \x01(\x01H\x03\x88\x01\x01\x12\x18\n\x0bnoise_ratio\x18\n \x01(\x01H\x04\x88\x01\x01\x12\x16\n\x0eprogress_every\x18\x0b \x01(\r\x12\"\n\x06styles\x18\x0c \x03(\x0b\x32\x12.nst.v1.StyleImage\x12\x18\n\x0bstyle_scale\x18\r \x01(\x01H\x05\x88\x01\x01\x12\x1e\n\x06preset\x18\x0e \x01(\x0e\x32\x0e.nst.v1.Preset\x12\x1a\n\x04init\x18\x0f \x01(\x0e\x32\x0c.nst.v1.Init\x12\x12\n\ninit_image\x18\x10 \x01(\x0c\x12+\n\x0e\x63ontent_layers\x18\x11 \x03(\x0b\x32\x13.nst.v1.LayerWeight\x12)\n\x0cstyle_layers\x18\x12 \x03(\x0b\x32\x13.nst.v1.LayerWeight\x12 \n\x07pooling\x18\x13 \x01(\x0e\x32\x0f.nst.v1.Pooling\x12\x16\n\ttv_weight\x18\x14 \x01(\x01H\x06\x88\x01\x01\x12+\n\rcolor_control\x18\x15 \x01(\x0e\x32\x14.nst.v1.ColorControl\x12\x13\n\x06scales\x18\x16 \x01(\rH\x07\x88\x01\x01\x12\x15\n\rstart_side_px\x18\x17 \x01(\r\x12$\n\tprecision\x18\x18 \x01(\x0e\x32\x11.nst.v1.Precision\x12\x15\n\rpreview_every\x18\x19 \x01(\r\x12\x1b\n\x13preview_max_side_px\x18\x1a \x01(\r\x12\"\n\x15\x63onvergence_tolerance\x18\x1b \x01(\x01H\x08\x88\x01\x01\x12\x15\n\rlbfgs_history\x18\x1c \x01(\r\x12\x1a\n\x12keep_content_alpha\x18\x1d \x01(\x08\x42\x11\n\x0f_content_weightB\x0f\n\r_style_weightB\x07\n\x05_seedB\x10\n\x0e_learning_rateB\x0e\n\x0c_noise_ratioB\x0e\n\x0c_style_scaleB\x0c\n\n_tv_weightB\t\n\x07_scalesB\x18\n\x16_convergence_tolerance\"\xb6\x01\n\x0fStylizeResponse\x12\'\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\x13.nst.v1.JobAcceptedH\x00\x12$\n\x08progress\x18\x02 \x01(\x0b\x32\x10.nst.v1.ProgressH\x00\x12 \n\x06result\x18\x03 \x01(\x0b\x32\x0e.nst.v1.ResultH\x00\x12)\n\x0bimage_chunk\x18\x04 \x01(\x0b\x32\x12.nst.v1.ImageChunkH\x00\x42\x07\n\x05\x65vent\"?\n\nImageChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\"5\n\x0bJobAccepted\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x16\n\x0equeue_position\x18\x02 \x01(\r\"O\n\x05\x43osts\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\x01\x12\r\n\x05style\x18\x02 \x01(\x01\x12\r\n\x05total\x18\x03 \x01(\x01\x12\x17\n\x0ftotal_variation\x18\x04 \x01(\x01\"\x98\x01\n\x08Progress\x12\x11\n\titeration\x18\x01 \x01(\r\x12\x1c\n\x05\x63osts\x18\x02 \x01(\x0b\x32\r.nst.v1.Costs\x12\x12\n\nelapsed_ms\x18\x03 \x01(\x01\x12\x13\n\x0bpreview_png\x18\x04 \x01(\x0c\x12\r\n\x05scale\x18\x05 \x01(\r\x12\x10\n\x08width_px\x18\x06 \x01(\r\x12\x11\n\theight_px\x18\x07 \x01(\r\"\xc7\x01\n\x06Result\x12\x11\n\timage_png\x18\x01 \x01(\x0c\x12\x10\n\x08width_px\x18\x02 \x01(\r\x12\x11\n\theight_px\x18\x03 \x01(\r\x12\x1c\n\x05\x63osts\x18\x04 \x01(\x0b\x32\r.nst.v1.Costs\x12\x12\n\niterations\x18\x05 \x01(\r\x12\x16\n\x0e\x62\x65st_iteration\x18\x06 \x01(\r\x12\'\n\x0bstop_reason\x18\x07 \x01(\x0e\x32\x12.nst.v1.StopReason\x12\x12\n\nelapsed_ms\x18\x08 \x01(\x01\"\x15\n\x13GetModelInfoRequest\"\xe4\x03\n\tModelInfo\x12\x15\n\routput_layers\x18\x01 \x03(\t\x12\x1b\n\x13input_contract_json\x18\x02 \x01(\t\x12\x16\n\x0eweights_source\x18\x03 \x01(\t\x12\x16\n\x0eweights_sha256\x18\x04 \x01(\t\x12#\n\x1bweights_input_contract_json\x18\x05 \x01(\t\x12\x1b\n\x13\x65xecution_providers\x18\x06 \x03(\t\x12\x16\n\x0ereplica_device\x18\x07 \x01(\t\x12\x0f\n\x07pooling\x18\x08 \x01(\t\x12\x31\n\x08versions\x18\t \x03(\x0b\x32\x1f.nst.v1.ModelInfo.VersionsEntry\x12\x13\n\x0bmin_side_px\x18\n \x01(\r\x12\x13\n\x0bmax_side_px\x18\x0b \x01(\r\x12\x11\n\tprecision\x18\x0c \x01(\t\x12\x1c\n\x14supported_precisions\x18\r \x03(\t\x12\x16\n\x0emax_iterations\x18\x0e \x01(\r\x12\x18\n\x10max_running_jobs\x18\x0f \x01(\r\x12\x17\n\x0fmax_queued_jobs\x18\x10 \x01(\r\x1a/\n\rVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*O\n\tOptimizer\x12\x19\n\x15OPTIMIZER_UNSPECIFIED\x10\x00\x12\x13\n\x0fOPTIMIZER_LBFGS\x10\x01\x12\x12\n\x0eOPTIMIZER_ADAM\x10\x02*\xa1\x01\n\nStopReason\x12\x1b\n\x17STOP_REASON_UNSPECIFIED\x10\x00\x12\x1f\n\x1bSTOP_REASON_ITERATIONS_DONE\x10\x01\x12\x19\n\x15STOP_REASON_CANCELLED\x10\x02\x12\x1f\n\x1bSTOP_REASON_NON_FINITE_COST\x10\x03\x12\x19\n\x15STOP_REASON_CONVERGED\x10\x04*1\n\x06Preset\x12\x16\n\x12PRESET_UNSPECIFIED\x10\x00\x12\x0f\n\x0bPRESET_SEED\x10\x01*g\n\x04Init\x12\x14\n\x10INIT_UNSPECIFIED\x10\x00\x12\x16\n\x12INIT_NOISY_CONTENT\x10\x01\x12\x10\n\x0cINIT_CONTENT\x10\x02\x12\x0f\n\x0bINIT_RANDOM\x10\x03\x12\x0e\n\nINIT_IMAGE\x10\x04*D\n\x07Pooling\x12\x17\n\x13POOLING_UNSPECIFIED\x10\x00\x12\x0f\n\x0bPOOLING_MAX\x10\x01\x12\x0f\n\x0bPOOLING_AVG\x10\x02*\x88\x01\n\x0c\x43olorControl\x12\x1d\n\x19\x43OLOR_CONTROL_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43OLOR_CONTROL_NONE\x10\x01\x12\x1b\n\x17\x43OLOR_CONTROL_LUMINANCE\x10\x02\x12$\n COLOR_CONTROL_MATCH_STYLE_COLORS\x10\x03*b\n\tPrecision\x12\x19\n\x15PRECISION_UNSPECIFIED\x10\x00\x12\x12\n\x0ePRECISION_FP32\x10\x01\x12\x12\n\x0ePRECISION_BF16\x10\x02\x12\x12\n\x0ePRECISION_FP16\x10\x03\x32\x8d\x01\n\rStyleTransfer\x12<\n\x07Stylize\x12\x16.nst.v1.StylizeRequest\x1a\x17.nst.v1.StylizeResponse0\x01\x12>\n\x0cGetModelInfo\x12\x1b.nst.v1.GetModelInfoRequest\x1a\x11.nst.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,20 +33,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MODELINFO_VERSIONSENTRY']._loaded_options = None
   _globals['_MODELINFO_VERSIONSENTRY']._serialized_options = b'8\001'
-  _globals['_OPTIMIZER']._serialized_start=2276
-  _globals['_OPTIMIZER']._serialized_end=2355
-  _globals['_STOPREASON']._serialized_start=2358
-  _globals['_STOPREASON']._serialized_end=2519
-  _globals['_PRESET']._serialized_start=2521
-  _globals['_PRESET']._serialized_end=2570
-  _globals['_INIT']._serialized_start=2572
-  _globals['_INIT']._serialized_end=2675
-  _globals['_POOLING']._serialized_start=2677
-  _globals['_POOLING']._serialized_end=2745
-  _globals['_COLORCONTROL']._serialized_start=2748
-  _globals['_COLORCONTROL']._serialized_end=2884
-  _globals['_PRECISION']._serialized_start=2886
-  _globals['_PRECISION']._serialized_end=2984
+  _globals['_OPTIMIZER']._serialized_start=2384
+  _globals['_OPTIMIZER']._serialized_end=2463
+  _globals['_STOPREASON']._serialized_start=2466
+  _globals['_STOPREASON']._serialized_end=2627
+  _globals['_PRESET']._serialized_start=2629
+  _globals['_PRESET']._serialized_end=2678
+  _globals['_INIT']._serialized_start=2680
+  _globals['_INIT']._serialized_end=2783
+  _globals['_POOLING']._serialized_start=2785
+  _globals['_POOLING']._serialized_end=2853
+  _globals['_COLORCONTROL']._serialized_start=2856
+  _globals['_COLORCONTROL']._serialized_end=2992
+  _globals['_PRECISION']._serialized_start=2994
+  _globals['_PRECISION']._serialized_end=3092
   _globals['_STYLEIMAGE']._serialized_start=39
   _globals['_STYLEIMAGE']._serialized_end=88
   _globals['_LAYERWEIGHT']._serialized_start=90
@@ -54,21 +54,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STYLIZEREQUEST']._serialized_start=137
   _globals['_STYLIZEREQUEST']._serialized_end=1129
   _globals['_STYLIZERESPONSE']._serialized_start=1132
-  _globals['_STYLIZERESPONSE']._serialized_end=1271
-  _globals['_JOBACCEPTED']._serialized_start=1273
-  _globals['_JOBACCEPTED']._serialized_end=1326
-  _globals['_COSTS']._serialized_start=1328
-  _globals['_COSTS']._serialized_end=1407
-  _globals['_PROGRESS']._serialized_start=1410
-  _globals['_PROGRESS']._serialized_end=1562
-  _globals['_RESULT']._serialized_start=1565
-  _globals['_RESULT']._serialized_end=1764
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1766
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1787
-  _globals['_MODELINFO']._serialized_start=1790
-  _globals['_MODELINFO']._serialized_end=2274
-  _globals['_MODELINFO_VERSIONSENTRY']._serialized_start=2227
-  _globals['_MODELINFO_VERSIONSENTRY']._serialized_end=2274
-  _globals['_STYLETRANSFER']._serialized_start=2987
-  _globals['_STYLETRANSFER']._serialized_end=3128
+  _globals['_STYLIZERESPONSE']._serialized_end=1314
+  _globals['_IMAGECHUNK']._serialized_start=1316
+  _globals['_IMAGECHUNK']._serialized_end=1379
+  _globals['_JOBACCEPTED']._serialized_start=1381
+  _globals['_JOBACCEPTED']._serialized_end=1434
+  _globals['_COSTS']._serialized_start=1436
+  _globals['_COSTS']._serialized_end=1515
+  _globals['_PROGRESS']._serialized_start=1518
+  _globals['_PROGRESS']._serialized_end=1670
+  _globals['_RESULT']._serialized_start=1673
+  _globals['_RESULT']._serialized_end=1872
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1874
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1895
+  _globals['_MODELINFO']._serialized_start=1898
+  _globals['_MODELINFO']._serialized_end=2382
+  _globals['_MODELINFO_VERSIONSENTRY']._serialized_start=2335
+  _globals['_MODELINFO_VERSIONSENTRY']._serialized_end=2382
+  _globals['_STYLETRANSFER']._serialized_start=3095
+  _globals['_STYLETRANSFER']._serialized_end=3236
 # @@protoc_insertion_point(module_scope)

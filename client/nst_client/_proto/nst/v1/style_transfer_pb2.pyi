@@ -159,14 +159,26 @@ class StylizeRequest(_message.Message):
     def __init__(self, content_image: _Optional[bytes] = ..., style_image: _Optional[bytes] = ..., max_side_px: _Optional[int] = ..., iterations: _Optional[int] = ..., content_weight: _Optional[float] = ..., style_weight: _Optional[float] = ..., seed: _Optional[int] = ..., optimizer: _Optional[_Union[Optimizer, str]] = ..., learning_rate: _Optional[float] = ..., noise_ratio: _Optional[float] = ..., progress_every: _Optional[int] = ..., styles: _Optional[_Iterable[_Union[StyleImage, _Mapping]]] = ..., style_scale: _Optional[float] = ..., preset: _Optional[_Union[Preset, str]] = ..., init: _Optional[_Union[Init, str]] = ..., init_image: _Optional[bytes] = ..., content_layers: _Optional[_Iterable[_Union[LayerWeight, _Mapping]]] = ..., style_layers: _Optional[_Iterable[_Union[LayerWeight, _Mapping]]] = ..., pooling: _Optional[_Union[Pooling, str]] = ..., tv_weight: _Optional[float] = ..., color_control: _Optional[_Union[ColorControl, str]] = ..., scales: _Optional[int] = ..., start_side_px: _Optional[int] = ..., precision: _Optional[_Union[Precision, str]] = ..., preview_every: _Optional[int] = ..., preview_max_side_px: _Optional[int] = ..., convergence_tolerance: _Optional[float] = ..., lbfgs_history: _Optional[int] = ..., keep_content_alpha: _Optional[bool] = ...) -> None: ...
 
 class StylizeResponse(_message.Message):
-    __slots__ = ("accepted", "progress", "result")
+    __slots__ = ("accepted", "progress", "result", "image_chunk")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_CHUNK_FIELD_NUMBER: _ClassVar[int]
     accepted: JobAccepted
     progress: Progress
     result: Result
-    def __init__(self, accepted: _Optional[_Union[JobAccepted, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., result: _Optional[_Union[Result, _Mapping]] = ...) -> None: ...
+    image_chunk: ImageChunk
+    def __init__(self, accepted: _Optional[_Union[JobAccepted, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., result: _Optional[_Union[Result, _Mapping]] = ..., image_chunk: _Optional[_Union[ImageChunk, _Mapping]] = ...) -> None: ...
+
+class ImageChunk(_message.Message):
+    __slots__ = ("data", "offset", "total_bytes")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    offset: int
+    total_bytes: int
+    def __init__(self, data: _Optional[bytes] = ..., offset: _Optional[int] = ..., total_bytes: _Optional[int] = ...) -> None: ...
 
 class JobAccepted(_message.Message):
     __slots__ = ("job_id", "queue_position")
