@@ -187,15 +187,26 @@ class ContentLoss(nn.Module):
         return x
 
 
+def tutorial_gram_matrix(x: torch.Tensor) -> torch.Tensor:
+    """The tutorial's ``gram_matrix`` without its division: ``features = x.view(a * b, c * d)``,
+    ``torch.mm(features, features.t())``; ``(1, C, H, W)`` -> ``(1, C, C)``."""
+    a, b, c, d = x.size()
+    features = x.view(a * b, c * d)
+    return torch.mm(features, features.t()).unsqueeze(0)
+
+
 class StyleLoss(nn.Module):
-    """The tutorial's transparent style-loss module, computing the seed's ``lambda_l J_style^[l]``."""
+    """The tutorial's transparent style-loss module, computing the seed's ``lambda_l J_style^[l]`` by plain
+    autograd through the tutorial's Gram matrix (none of the engine's levers)."""
 
     def __init__(self, target_gram: torch.Tensor, weight: float) -> None:
         super().__init__()
         self.target, self.weight, self.loss = target_gram.detach(), weight, None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.loss = self.weight * costs.style_layer_cost(self.target, x).sum()
+        n_c, n_h, n_w = x.shape[1:]
+        diff = tutorial_gram_matrix(x) - self.target
+        self.loss = self.weight * diff.pow(2).sum() / (4.0 * n_c**2 * (n_h * n_w) ** 2)
         return x
 
 
@@ -211,7 +222,8 @@ def _layers_only(model: nn.Sequential, image: torch.Tensor) -> torch.Tensor:
 
 def tutorial_model(replica: nn.Module, content: torch.Tensor, style: torch.Tensor,
                    settings: engine.StyleTransferSettings) -> tuple[nn.Sequential, list[StyleLoss], list[ContentLoss]]:
-    """The tutorial's ``get_style_model_and_losses`` over the replica's convolution modules (same weights).
+    """The tutorial's ``get_style_model_and_losses`` over copies of the replica's convolutions (same weights,
+    plain NCHW layout whatever the engine's levers did to the replica).
 
     Args:
         content, style: ``(1, 3, H, W)`` / ``(1, 3, H_s, W_s)`` float32 RGB in [0, 1].
@@ -226,7 +238,12 @@ def tutorial_model(replica: nn.Module, content: torch.Tensor, style: torch.Tenso
         if block != last_block:
             model.add_module(f"pool{last_block}", nn.MaxPool2d(kernel_size=2, stride=2))
             last_block = block
-        model.add_module(name, getattr(replica, name))
+        source = getattr(replica, name)
+        conv = nn.Conv2d(source.in_channels, source.out_channels, kernel_size=3, padding=1).to(source.weight.device)
+        with torch.no_grad():
+            conv.weight.copy_(source.weight.contiguous())
+            conv.bias.copy_(source.bias)
+        model.add_module(name, conv.to(memory_format=torch.contiguous_format))
         relu = "relu" + name[4:]
         model.add_module(relu, nn.ReLU(inplace=False))
         if relu in settings.content_layers:
@@ -236,8 +253,9 @@ def tutorial_model(replica: nn.Module, content: torch.Tensor, style: torch.Tenso
             content_losses.append(loss)
         if relu in settings.style_layers:
             generated = _layers_only(model, content)
-            target = costs.style_gram_target(_layers_only(model, style).detach(),
-                                             generated.shape[2] * generated.shape[3])
+            features = _layers_only(model, style).detach()
+            positions = features.shape[2] * features.shape[3]      # G_S * P_G / P_S, as costs.style_gram_target
+            target = tutorial_gram_matrix(features) * (generated.shape[2] * generated.shape[3] / positions)
             loss = StyleLoss(target, settings.style_layers[relu])
             model.add_module(f"style_loss_{relu}", loss)
             style_losses.append(loss)
@@ -341,6 +359,50 @@ def run_server(target_address: str, content: bytes, style: bytes, settings: engi
                 trace.final_costs = {"content": costs_.content, "style": costs_.style, "total": costs_.total}
         trace.job_s = time.perf_counter() - started
     return trace
+
+
+def lever_ablation(models: StyleModels, inputs: engine.JobInputs, settings: engine.StyleTransferSettings,
+                   repeats: int, warmup: int) -> dict:
+    """Each speed lever of the engine switched off in turn against all of them on, in one process.
+
+    Per-iteration time of ``settings.iterations``-iteration engine jobs (the configurations interleaved,
+    ``repeats`` rounds, each configuration's best median kept), and the time to the first progress of a
+    3-iteration job with the style Gram cache warm against no cache (the style image's forward pass saved).
+
+    Returns:
+        ``{"per_iteration_s": {config: s}, "gain_over_off": {lever: off / on}, "first_progress_s": {...}}``.
+    """
+    levers = {"channels_last": (engine, "CHANNELS_LAST", False),
+              "fast_style_gradient": (costs, "FAST_STYLE_GRADIENT", False)}
+
+    @contextlib.contextmanager
+    def switched(module, name, value):
+        saved = getattr(module, name)
+        setattr(module, name, value)
+        try:
+            yield
+        finally:
+            setattr(module, name, saved)
+
+    configs = {"all_on": None, **{f"{lever}_off": spec for lever, spec in levers.items()}}
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    for _ in range(max(1, repeats)):
+        for name, spec in configs.items():
+            with switched(*spec) if spec else contextlib.nullcontext():
+                times[name].append(run_engine(models, inputs, settings, name=name).per_iteration_s(warmup))
+    per_iteration = {name: min(values) for name, values in times.items()}
+    short = settings.replace(iterations=3)
+    first: dict[str, list[float]] = {"style_cache_warm": [], "style_cache_off": []}
+    run_engine(models, inputs, short)                                        # fills the cache
+    for _ in range(max(1, repeats)):
+        first["style_cache_warm"].append(run_engine(models, inputs, short).times_s[0])
+        with switched(engine, "STYLE_CACHE_ENTRIES", 0):
+            first["style_cache_off"].append(run_engine(models, inputs, short).times_s[0])
+    first_progress = {name: min(values) for name, values in first.items()}
+    return {"per_iteration_s": per_iteration, "runs_per_iteration_s": times,
+            "gain_over_off": {lever: per_iteration[f"{lever}_off"] / per_iteration["all_on"] for lever in levers},
+            "first_progress_s": first_progress,
+            "style_cache_first_progress_gain": first_progress["style_cache_off"] / first_progress["style_cache_warm"]}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -496,6 +558,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=2,
                         help="speed runs of (a), (b), (c), interleaved; each one's best median is kept, which "
                              "filters out other processes' load (default: %(default)s)")
+    parser.add_argument("--lever-repeats", type=int, default=2,
+                        help="rounds of the lever ablation (each engine lever off in turn; 0 skips; "
+                             "default: %(default)s)")
     parser.add_argument("--ttq-iterations", type=int, default=60,
                         help="N: time to quality aims at the cost (a) reaches after N iterations; 0 skips it "
                              "(the issue's figure is N=300; default: %(default)s)")
@@ -588,6 +653,14 @@ def main(argv: list[str] | None = None) -> int:
         if "server" in per_iteration:
             report["ratios"]["server_over_engine_per_iteration"] = per_iteration["server"] / per_iteration["engine"]
         save()
+
+        if args.lever_repeats:
+            _log("levers: each one off in turn against all on (engine)")
+            report["levers"] = lever_ablation(models, inputs, settings, args.lever_repeats, warm)
+            _log(f"levers: per iteration {report['levers']['per_iteration_s']}, gain (off/on) "
+                 f"{report['levers']['gain_over_off']}; style cache: first progress "
+                 f"{report['levers']['style_cache_first_progress_gain']:.2f}x sooner")
+            save()
 
         # Time to quality.
         if args.ttq_iterations:

@@ -18,17 +18,62 @@ from __future__ import annotations
 import torch
 
 
+#: Speed lever (kept: see the README's "Benchmarks"): :func:`style_layer_cost` differentiates through its own
+#: backward, one matrix product ``(D + D^T) A``, where autograd through ``A A^T`` computes two. Same values.
+FAST_STYLE_GRADIENT = True
+
+
+def _channels_last(features: torch.Tensor) -> bool:
+    """True for a 4-d tensor laid out NHWC (``torch.channels_last``) and not also plain contiguous."""
+    return features.is_contiguous(memory_format=torch.channels_last) and not features.is_contiguous()
+
+
+def _unrolled(features: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The ``(B, n_C, n_H n_W)`` unrolled volume ``A`` as float32, or for channels_last activations its
+    transpose ``A^T`` ``(B, n_H n_W, n_C)``, which is then a view (no copy); the flag says which."""
+    batch, channels = features.shape[:2]
+    if _channels_last(features):
+        return features.permute(0, 2, 3, 1).reshape(batch, -1, channels).float(), True
+    return features.reshape(batch, channels, -1).float(), False
+
+
 def gram_matrix(features: torch.Tensor) -> torch.Tensor:
     """Unnormalised Gram matrix ``G = A A^T`` of each item.
 
     Args:
-        features: ``(B, n_C, n_H, n_W)`` activations (any float dtype).
+        features: ``(B, n_C, n_H, n_W)`` activations (any float dtype, NCHW or channels_last).
     Returns:
         ``(B, n_C, n_C)`` float32.
     """
-    batch, channels = features.shape[:2]
-    unrolled = features.reshape(batch, channels, -1).float()        # (B, n_C, n_H n_W)
-    return torch.bmm(unrolled, unrolled.transpose(1, 2))
+    unrolled, transposed = _unrolled(features)
+    if transposed:                                                   # (B, n_H n_W, n_C)
+        return torch.bmm(unrolled.transpose(1, 2), unrolled)
+    return torch.bmm(unrolled, unrolled.transpose(1, 2))            # (B, n_C, n_H n_W)
+
+
+class _StyleLayerCost(torch.autograd.Function):
+    """``sum (A A^T - G_S)^2 / norm`` per item, with the gradient ``2 (D + D^T) A / norm`` (``D = A A^T - G_S``)
+    in one matrix product; the target Gram matrix gets no gradient (it is a constant of the job)."""
+
+    @staticmethod
+    def forward(ctx, generated: torch.Tensor, style_gram: torch.Tensor, norm: float) -> torch.Tensor:
+        diff = gram_matrix(generated) - style_gram                   # (B, n_C, n_C)
+        ctx.save_for_backward(generated, diff)
+        ctx.norm = norm
+        return diff.pow(2).flatten(1).sum(1) / norm
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        generated, diff = ctx.saved_tensors
+        scale = (grad * (2.0 / ctx.norm)).view(-1, 1, 1)
+        sym = (diff + diff.transpose(1, 2)) * scale                  # (B, n_C, n_C), symmetric
+        unrolled, transposed = _unrolled(generated)
+        batch, channels, height, width = generated.shape
+        if transposed:                                               # A^T sym: (B, n_H n_W, n_C), NHWC order
+            grad_in = torch.bmm(unrolled, sym).reshape(batch, height, width, channels).permute(0, 3, 1, 2)
+        else:                                                        # sym A: (B, n_C, n_H n_W)
+            grad_in = torch.bmm(sym, unrolled).reshape(batch, channels, height, width)
+        return grad_in.to(generated.dtype), None, None
 
 
 def content_cost(content: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
@@ -61,8 +106,11 @@ def style_layer_cost(style_gram: torch.Tensor, generated: torch.Tensor) -> torch
         ``(B,)`` float32.
     """
     n_c, n_h, n_w = generated.shape[1:]
+    norm = 4.0 * n_c**2 * (n_h * n_w) ** 2
+    if FAST_STYLE_GRADIENT and not style_gram.requires_grad:
+        return _StyleLayerCost.apply(generated, style_gram, norm)
     diff = gram_matrix(generated) - style_gram
-    return diff.pow(2).flatten(1).sum(1) / (4.0 * n_c**2 * (n_h * n_w) ** 2)
+    return diff.pow(2).flatten(1).sum(1) / norm
 
 
 def style_gram_target(style_features: torch.Tensor, generated_positions: int) -> torch.Tensor:

@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import math
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -57,6 +60,18 @@ STOP_CONVERGED = "converged"
 
 #: Window of the convergence test, iterations.
 CONVERGENCE_WINDOW = 10
+
+# Speed levers, each kept because ``nst-benchmark`` measured a gain (README, "Benchmarks"). Module attributes, so
+# that the benchmark can switch them off to measure them; they change no result beyond float rounding.
+#: The replica's weights and the generated image in channels_last (NHWC), oneDNN's native layout on CPU (no
+#: reorder around each convolution) and the Tensor Cores' on CUDA. The weights are converted on first use.
+CHANNELS_LAST = True
+#: Style Gram matrices of this many recent style images are kept per loaded model (0: none), keyed by the
+#: style image's pixels as the network sees them (after resizing and colour control) and the pooling.
+STYLE_CACHE_ENTRIES = 8
+
+_LAYOUT_LOCK = threading.Lock()
+_STYLE_CACHE_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -265,6 +280,45 @@ def features(models: StyleModels, image: torch.Tensor, pooling: str) -> dict[str
         return dict(zip(OUTPUT_LAYERS, models.replica(image, pooling=pooling)))
 
 
+def replica_input(models: StyleModels, image: torch.Tensor) -> torch.Tensor:
+    """``image`` in the layout the replica runs in: channels_last when :data:`CHANNELS_LAST` (the replica's
+    weights are converted to match, once, under a lock; jobs running meanwhile see equal values)."""
+    if getattr(models.replica, "_nst_channels_last", False) != CHANNELS_LAST:
+        with _LAYOUT_LOCK:
+            if getattr(models.replica, "_nst_channels_last", False) != CHANNELS_LAST:
+                models.replica.to(memory_format=torch.channels_last if CHANNELS_LAST else torch.contiguous_format)
+                models.replica._nst_channels_last = CHANNELS_LAST
+    return image.contiguous(memory_format=torch.channels_last) if CHANNELS_LAST else image
+
+
+def style_grams(models: StyleModels, style: torch.Tensor, pooling: str, layers) -> dict[str, torch.Tensor]:
+    """Unscaled Gram matrices ``{layer: (1, C, C) float32}`` of ``style`` ((1, 3, H, W) RGB [0, 1]).
+
+    Served from a per-model LRU cache of :data:`STYLE_CACHE_ENTRIES` style images when possible (a service
+    sees the same styles again and again; each miss costs one forward pass of the style image). The key is
+    the blake2b digest of the tensor's bytes, its shape and the pooling; the cached tensors are never
+    modified in place by the engine.
+    """
+    if not STYLE_CACHE_ENTRIES:
+        style_features = features(models, style, pooling)
+        return {layer: costs.gram_matrix(style_features[layer]) for layer in layers}
+    array = style.detach().to("cpu", torch.float32).contiguous().numpy()
+    key = (hashlib.blake2b(array.tobytes(), digest_size=20).hexdigest(), tuple(style.shape), pooling)
+    with _STYLE_CACHE_LOCK:
+        cache = models.__dict__.setdefault("_nst_style_cache", OrderedDict())
+        grams = cache.get(key)
+        if grams is not None and all(layer in grams for layer in layers):
+            cache.move_to_end(key)
+            return grams
+    style_features = features(models, style, pooling)
+    grams = {layer: costs.gram_matrix(value) for layer, value in style_features.items()}   # every layer
+    with _STYLE_CACHE_LOCK:
+        cache[key] = grams
+        while len(cache) > STYLE_CACHE_ENTRIES:
+            cache.popitem(last=False)
+    return grams
+
+
 def blend_weights(weights: list[float]) -> list[float]:
     """Normalise blend weights to sum 1; all zero means equal weights. Raises ValueError on negative ones."""
     if any(not math.isfinite(w) or w < 0 for w in weights):
@@ -291,9 +345,11 @@ def compute_targets(models: StyleModels, content: torch.Tensor, styles: list[tup
     for (style, _), weight in zip(styles, weights):
         if weight == 0:
             continue
-        style_features = features(models, style, settings.pooling)
+        style_gram = style_grams(models, style, settings.pooling, settings.style_layers)
         for layer in settings.style_layers:
-            gram = weight * costs.style_gram_target(style_features[layer], layer_positions(height, width, layer))
+            # As costs.style_gram_target: G_S * P_G / P_S, with the positions of this layer.
+            style_positions = layer_positions(style.shape[2], style.shape[3], layer)
+            gram = weight * (style_gram[layer] * (layer_positions(height, width, layer) / style_positions))
             grams[layer] = grams[layer] + gram if layer in grams else gram
     return Targets(content={layer: content_features[layer] for layer in settings.content_layers},
                    style_grams=grams)
@@ -457,7 +513,7 @@ def stylize(models: StyleModels, inputs: JobInputs, settings: StyleTransferSetti
         def closure() -> torch.Tensor:
             optimizer.zero_grad(set_to_none=True)
             with _autocast(models, settings.precision):
-                feats = models.replica(pixels / 255.0, pooling=settings.pooling)
+                feats = models.replica(replica_input(models, pixels / 255.0), pooling=settings.pooling)
             j = evaluate(feats, pixels, targets, settings)
             costed.append(tuple(t.detach() for t in j))
             if torch.isfinite(j[-1]).all():
@@ -511,8 +567,8 @@ def stylize(models: StyleModels, inputs: JobInputs, settings: StyleTransferSetti
     elif stop_reason in (STOP_ITERATIONS, STOP_CONVERGED):
         # The last step's image has not been costed yet: cost it and keep it if it is the best.
         with torch.no_grad(), _autocast(models, settings.precision):
-            last_total = evaluate(models.replica(pixels / 255.0, pooling=settings.pooling), pixels,
-                                  targets, settings)[-1]
+            last_total = evaluate(models.replica(replica_input(models, pixels / 255.0), pooling=settings.pooling),
+                                  pixels, targets, settings)[-1]
         if torch.isfinite(last_total).all() and float(last_total[0]) < best_total:
             best_pixels.copy_(pixels.detach())
             best_iteration = iteration

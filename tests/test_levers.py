@@ -1,0 +1,74 @@
+"""Speed levers change no result: channels_last, the one-product style gradient, the style Gram cache."""
+
+import io
+
+import pytest
+import torch
+from PIL import Image
+
+from nst_server import costs, engine
+
+
+def _reference_style_cost(style_gram, generated):
+    """The seed's J_style^[l] through plain autograd (the formula of costs.style_layer_cost)."""
+    n_c, n_h, n_w = generated.shape[1:]
+    unrolled = generated.reshape(generated.shape[0], n_c, -1).float()
+    diff = torch.bmm(unrolled, unrolled.transpose(1, 2)) - style_gram
+    return diff.pow(2).flatten(1).sum(1) / (4.0 * n_c**2 * (n_h * n_w) ** 2)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_style_gradient_matches_autograd(layout, dtype):
+    torch.manual_seed(0)
+    base = torch.rand(2, 16, 6, 5) * 3
+    target = costs.gram_matrix(torch.rand(1, 16, 6, 5) * 3)
+    generated = base.to(dtype).contiguous(memory_format=layout).requires_grad_(True)
+    fast = costs.style_layer_cost(target, generated)
+    (grad_fast,) = torch.autograd.grad((fast * torch.tensor([1.0, 2.0])).sum(), generated)
+    plain = base.to(dtype).requires_grad_(True)
+    slow = _reference_style_cost(target, plain)
+    (grad_slow,) = torch.autograd.grad((slow * torch.tensor([1.0, 2.0])).sum(), plain)
+    assert torch.allclose(fast, slow, rtol=1e-5)
+    assert grad_fast.dtype == dtype and grad_fast.shape == generated.shape
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    assert ((grad_fast.float() - grad_slow.float()).abs().max() / grad_slow.float().abs().max()) < tolerance
+
+
+def test_gram_matrix_is_the_same_in_both_layouts():
+    x = torch.rand(1, 8, 5, 7)
+    assert torch.allclose(costs.gram_matrix(x), costs.gram_matrix(x.contiguous(memory_format=torch.channels_last)))
+
+
+def _job(models, small_images, **changes):
+    content, style = (Image.open(io.BytesIO(data)).convert("RGB") for data in small_images)
+    inputs = engine.JobInputs(content=content, styles=[(style, 1.0)])
+    events = list(engine.stylize(models, inputs, engine.StyleTransferSettings(max_side_px=32, iterations=3, **changes)))
+    return events[0], events[-1]
+
+
+def test_channels_last_changes_no_cost(models, small_images, monkeypatch):
+    monkeypatch.setattr(engine, "CHANNELS_LAST", False)
+    first_nchw, result_nchw = _job(models, small_images)
+    monkeypatch.setattr(engine, "CHANNELS_LAST", True)
+    first_cl, result_cl = _job(models, small_images)
+    assert models.replica.conv1_1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert first_cl.costs.total == pytest.approx(first_nchw.costs.total, rel=1e-5)
+    assert result_cl.costs.total == pytest.approx(result_nchw.costs.total, rel=1e-3)
+
+
+def test_style_cache_serves_the_second_job(models, small_images, monkeypatch):
+    monkeypatch.setattr(engine, "STYLE_CACHE_ENTRIES", 0)
+    _, uncached = _job(models, small_images, seed=3)
+    monkeypatch.setattr(engine, "STYLE_CACHE_ENTRIES", 2)
+    models.__dict__.pop("_nst_style_cache", None)
+    calls = []
+    real = engine.features
+    monkeypatch.setattr(engine, "features", lambda *a, **k: calls.append(a[1].shape) or real(*a, **k))
+    _, first = _job(models, small_images, seed=3)
+    _, second = _job(models, small_images, seed=3)
+    assert len(calls) == 2 * 2 + 1          # content and style, content and the delivered image; then no style
+    assert first.png == second.png == uncached.png
+    _job(models, small_images, seed=3, style_scale=0.9)
+    _job(models, small_images, seed=3, pooling="avg")
+    assert len(models._nst_style_cache) == 2                    # three keys seen, the oldest evicted
