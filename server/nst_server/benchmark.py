@@ -410,9 +410,10 @@ def lever_ablation(models: StyleModels, inputs: engine.JobInputs, settings: engi
 # ---------------------------------------------------------------------------------------------------------
 
 def replica_pass_s(models: StyleModels, batch: int, height: int, width: int, repeats: int = 5,
-                   channels_last: bool = False, precision: str = "fp32", warmup: int = 2) -> float:
+                   precision: str = "fp32", warmup: int = 2) -> float:
     """Median seconds of one replica forward + backward (to the input) with the default costs, batch ``batch``
-    of ``(3, height, width)`` images, after ``warmup`` passes (oneDNN creates its primitives per shape).
+    of ``(3, height, width)`` images, after ``warmup`` passes (oneDNN creates its primitives per shape), with
+    the engine's levers as they are set (:func:`engine.replica_input`).
     ``precision``: autocast dtype name of :data:`engine.PRECISIONS` (costs and Gram matrices stay fp32)."""
     device = models.device
     settings = engine.StyleTransferSettings()
@@ -426,9 +427,7 @@ def replica_pass_s(models: StyleModels, batch: int, height: int, width: int, rep
     for index in range(warmup + repeats):
         x = pixels.clone().requires_grad_(True)
         start = time.perf_counter()
-        image = x / 255.0
-        if channels_last:
-            image = image.contiguous(memory_format=torch.channels_last)
+        image = engine.replica_input(models, x / 255.0)
         with torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext():
             feats = models.replica(image)
         total = engine.evaluate(feats, x, targets, settings)[-1]
