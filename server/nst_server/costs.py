@@ -127,7 +127,13 @@ def style_gram_target(style_features: torch.Tensor, generated_positions: int) ->
         ``(1, n_C, n_C)`` float32.
     """
     positions = style_features.shape[2] * style_features.shape[3]
-    return gram_matrix(style_features) * (generated_positions / positions)
+    return rescale_gram(gram_matrix(style_features), positions, generated_positions)
+
+
+def rescale_gram(style_gram: torch.Tensor, style_positions: int, generated_positions: int) -> torch.Tensor:
+    """``G_S * P_G / P_S``: an unnormalised Gram matrix of ``P_S`` positions expressed for ``P_G`` positions
+    (see :func:`style_gram_target`). ``(…, n_C, n_C)`` in, same shape out."""
+    return style_gram * (generated_positions / style_positions)
 
 
 def total_variation(image: torch.Tensor) -> torch.Tensor:

@@ -347,9 +347,8 @@ def compute_targets(models: StyleModels, content: torch.Tensor, styles: list[tup
             continue
         style_gram = style_grams(models, style, settings.pooling, settings.style_layers)
         for layer in settings.style_layers:
-            # As costs.style_gram_target: G_S * P_G / P_S, with the positions of this layer.
-            style_positions = layer_positions(style.shape[2], style.shape[3], layer)
-            gram = weight * (style_gram[layer] * (layer_positions(height, width, layer) / style_positions))
+            gram = weight * costs.rescale_gram(style_gram[layer], layer_positions(*style.shape[2:], layer),
+                                               layer_positions(height, width, layer))
             grams[layer] = grams[layer] + gram if layer in grams else gram
     return Targets(content={layer: content_features[layer] for layer in settings.content_layers},
                    style_grams=grams)
