@@ -24,8 +24,8 @@ Figures (JSON in the output folder, times in seconds):
 * FLOPs of one iteration (:func:`iteration_flops`) and the achieved FLOP/s of each over the FLOP/s of a large
   fp32 matmul measured in the same run (:func:`matmul_flops_per_s`);
 * bf16 autocast against fp32 (engine): speed and the delivered image's costs;
-* one batched replica pass of B equal-size images against B passes of one (what batching concurrent jobs
-  would gain);
+* batching: one replica pass of B equal-size images against B passes of one (the bound), and B whole jobs run
+  at once through a :class:`~nst_server.batching.ReplicaBatcher` against the same jobs one after another;
 * peak resident memory of one job at ``--rss-size`` px in a fresh process (``ru_maxrss``).
 
 Sources: the tutorial, https://pytorch.org/tutorials/advanced/neural_style_tutorial.html; the FLOP counting
@@ -45,6 +45,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -56,6 +57,7 @@ from torch.nn import functional as F
 
 from nst_export.vgg import CONV_LAYERS, OUTPUT_LAYERS
 from nst_server import costs, engine
+from nst_server.batching import ReplicaBatcher
 from nst_server.images import decode_image, resize_to_max_side, to_tensor
 from nst_server.model import StyleModels
 
@@ -438,6 +440,41 @@ def replica_pass_s(models: StyleModels, batch: int, height: int, width: int, rep
     return statistics.median(times)
 
 
+def batched_jobs(models: StyleModels, content: Image.Image, style: Image.Image, jobs: int, side: int,
+                 iterations: int, repeats: int = 2) -> dict:
+    """Wall time of ``jobs`` jobs (seeds 0..jobs-1, ``iterations`` each, ``side`` px) run one after another,
+    and run at once in threads sharing a :class:`~nst_server.batching.ReplicaBatcher` of ``max_batch=jobs``
+    (wait 20 ms, the server's default), best of ``repeats`` interleaved rounds; the delivered costs of both
+    ways, for the check that batching changes only rounding."""
+    inputs = engine.JobInputs(content=content, styles=[(style, 1.0)])
+    settings = [engine.StyleTransferSettings(max_side_px=side, iterations=iterations, seed=seed)
+                for seed in range(jobs)]
+    sequential, together, stats = [], [], []
+    costs_sequential: list[float] = []
+    costs_together: list[float] = [0.0] * jobs
+    for _ in range(repeats):
+        start = time.perf_counter()
+        costs_sequential = [list(engine.stylize(models, inputs, s))[-1].costs.total for s in settings]
+        sequential.append(time.perf_counter() - start)
+        batcher = ReplicaBatcher(engine.batch_pass(models), max_batch=jobs, max_wait_s=0.02)
+
+        def job(index: int) -> None:
+            costs_together[index] = list(engine.stylize(models, inputs, settings[index], batcher=batcher))[-1].costs.total
+
+        threads = [threading.Thread(target=job, args=(i,)) for i in range(jobs)]
+        start = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        together.append(time.perf_counter() - start)
+        stats.append(batcher.stats.mean_batch)
+    return {"jobs": jobs, "iterations": iterations, "side_px": side, "sequential_s": sequential,
+            "batched_s": together, "mean_batch": statistics.mean(stats),
+            "throughput_gain": min(sequential) / min(together),
+            "costs_sequential": costs_sequential, "costs_batched": costs_together}
+
+
 def _high_water_kib() -> tuple[int, int]:
     """``(VmHWM, ru_maxrss)`` of this process in KiB. VmHWM (``/proc/self/status``) belongs to this address space
     and starts afresh at ``execve``; Linux carries ``ru_maxrss`` over from the parent through fork and exec, so
@@ -574,6 +611,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "device has native bf16, else one replica pass each; 0 skips)")
     parser.add_argument("--batch", type=int, default=4, help="B of the batching figure (0 skips)")
     parser.add_argument("--batch-size-px", type=int, default=128, help="image side of the batching figure")
+    parser.add_argument("--batch-iterations", type=int, default=20,
+                        help="iterations of each of the --batch jobs run one after another and then at once "
+                             "through a ReplicaBatcher (0 skips; default: %(default)s)")
     parser.add_argument("--rss-size", type=int, default=512, help="size of the peak-memory job, px (0 skips)")
     parser.add_argument("--rss-iterations", type=int, default=3)
     parser.add_argument("--matmul-n", type=int, default=4096, help="side of the reference matmul")
@@ -746,7 +786,14 @@ def main(argv: list[str] | None = None) -> int:
         batched = replica_pass_s(models, args.batch, h, side)
         report["batching"] = {"batch": args.batch, "size_px": [side, h], "one_pass_s": one,
                               "batched_pass_s": batched, "throughput_gain": args.batch * one / batched}
-        _log(f"batched throughput {args.batch * one / batched:.2f}x one at a time")
+        _log(f"batched pass: throughput {args.batch * one / batched:.2f}x one at a time")
+        if args.batch_iterations:
+            _log(f"batching: {args.batch} jobs of {args.batch_iterations} iterations at {side} px, one after "
+                 f"another against at once through a ReplicaBatcher")
+            report["batching"]["jobs"] = batched_jobs(models, content_image, style_image, args.batch, side,
+                                                      args.batch_iterations, repeats=args.repeats)
+            _log(f"batched jobs: throughput {report['batching']['jobs']['throughput_gain']:.2f}x one after "
+                 f"another (mean batch {report['batching']['jobs']['mean_batch']:.2f})")
         save()
 
     if args.rss_size:

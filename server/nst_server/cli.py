@@ -32,6 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="N: jobs optimised at once (default: %(default)s)")
     parser.add_argument("--max-queued-jobs", type=int, default=limits.max_queued_jobs,
                         help="Q: jobs waiting; beyond N+Q new jobs get RESOURCE_EXHAUSTED (default: %(default)s)")
+    parser.add_argument("--max-batch-size", type=int, default=limits.max_batch_size,
+                        help="B: running jobs of equal size, pooling and precision share one replica pass, up to B "
+                             "at a time; needs --max-running-jobs >= 2 (default: %(default)s, every job alone)")
+    parser.add_argument("--batch-wait-ms", type=float, default=limits.batch_wait_ms,
+                        help="the longest a job waits each iteration for the others of its batch, ms "
+                             "(default: %(default)s)")
     parser.add_argument("--max-input-pixels", type=int, default=limits.max_input_pixels,
                         help="pixel budget of each input image, checked before decoding (default: %(default)s)")
     parser.add_argument("--max-receive-message-bytes", type=int, default=64 * 1024 * 1024)
@@ -58,16 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = ServerConfig(
-        model_path=args.model, host=args.host, port=args.port,
-        providers=args.providers.split(",") if args.providers else None,
-        limits=ServerLimits(max_side_px=args.max_side_px, max_iterations=args.max_iterations,
-                            max_input_pixels=args.max_input_pixels, max_running_jobs=args.max_running_jobs,
-                            max_queued_jobs=args.max_queued_jobs, result_chunk_bytes=args.result_chunk_bytes),
-        max_receive_message_bytes=args.max_receive_message_bytes, grace_s=args.grace_s,
-        tls_cert_path=args.tls_cert, tls_key_path=args.tls_key, auth_token=args.auth_token,
-        auth_health=args.auth_health, metrics_host=args.metrics_host, metrics_port=args.metrics_port)
     try:
+        config = ServerConfig(
+            model_path=args.model, host=args.host, port=args.port,
+            providers=args.providers.split(",") if args.providers else None,
+            limits=ServerLimits(max_side_px=args.max_side_px, max_iterations=args.max_iterations,
+                                max_input_pixels=args.max_input_pixels, max_running_jobs=args.max_running_jobs,
+                                max_queued_jobs=args.max_queued_jobs, result_chunk_bytes=args.result_chunk_bytes,
+                                max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms),
+            max_receive_message_bytes=args.max_receive_message_bytes, grace_s=args.grace_s,
+            tls_cert_path=args.tls_cert, tls_key_path=args.tls_key, auth_token=args.auth_token,
+            auth_health=args.auth_health, metrics_host=args.metrics_host, metrics_port=args.metrics_port)
         config.fault_injection = parse_fault_injection(os.environ.get(FAULT_INJECT_ENV))
         asyncio.run(serve(config))
     except (ModelFileError, ValueError, OSError) as exc:

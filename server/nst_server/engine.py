@@ -36,6 +36,7 @@ from torch.nn import functional as F
 
 from nst_export.vgg import MIN_SIDE_PX, OUTPUT_LAYERS
 from nst_server import color, costs
+from nst_server.batching import ReplicaBatcher
 from nst_server.images import encode_png, encode_png_with_alpha, resize_to_max_side, to_tensor, to_uint8
 from nst_server.model import StyleModels
 
@@ -434,8 +435,19 @@ def _resize_pixels(pixels: torch.Tensor, height: int, width: int) -> torch.Tenso
     return F.interpolate(pixels, size=(height, width), mode="bicubic", align_corners=False).clamp_(0, 255)
 
 
+def batch_pass(models: StyleModels) -> Callable[[torch.Tensor, tuple], tuple[torch.Tensor, ...]]:
+    """The replica pass a :class:`~nst_server.batching.ReplicaBatcher` runs for jobs of key
+    ``(shape, pooling, precision)``: ``images`` ``(B, 3, H, W)`` RGB [0, 1] -> the replica's features."""
+    def run_pass(images: torch.Tensor, key: tuple) -> tuple[torch.Tensor, ...]:
+        _, pooling, precision = key
+        with _autocast(models, precision):
+            return models.replica(replica_input(models, images), pooling=pooling)
+    return run_pass
+
+
 def stylize(models: StyleModels, inputs: JobInputs, settings: StyleTransferSettings | None = None,
-            should_stop: Callable[[], bool] | None = None) -> Iterator[Progress | Result]:
+            should_stop: Callable[[], bool] | None = None,
+            batcher: ReplicaBatcher | None = None) -> Iterator[Progress | Result]:
     """Run one style-transfer job.
 
     Args:
@@ -443,6 +455,8 @@ def stylize(models: StyleModels, inputs: JobInputs, settings: StyleTransferSetti
         inputs: decoded content, styles (with blend weights) and optional initial image, any sizes.
         settings: the job's controls (defaults: :class:`StyleTransferSettings`).
         should_stop: polled once per iteration; when it returns True the job ends with ``STOP_CANCELLED``.
+        batcher: when given (built over :func:`batch_pass` of the same ``models``), each iteration's replica
+            pass is shared with other jobs of equal size, pooling and precision running at the same time.
     Yields:
         :class:`Progress` per reported iteration, then exactly one :class:`Result`.
     Raises:
@@ -509,54 +523,64 @@ def stylize(models: StyleModels, inputs: JobInputs, settings: StyleTransferSetti
             optimizer = torch.optim.Adam([pixels], lr=settings.learning_rate)
         costed: list[tuple[torch.Tensor, ...]] = []
 
+        batch_key = (tuple(pixels.shape), settings.pooling, settings.precision)
+
+        def cost(feats: tuple[torch.Tensor, ...], image: torch.Tensor, targets: Targets = targets):
+            return evaluate(feats, image, targets, settings)
+
         def closure() -> torch.Tensor:
             optimizer.zero_grad(set_to_none=True)
-            with _autocast(models, settings.precision):
-                feats = models.replica(replica_input(models, pixels / 255.0), pooling=settings.pooling)
-            j = evaluate(feats, pixels, targets, settings)
+            if batcher is not None:
+                j = batcher.evaluate(batch_key, pixels, cost)
+            else:
+                with _autocast(models, settings.precision):
+                    feats = models.replica(replica_input(models, pixels / 255.0), pooling=settings.pooling)
+                j = cost(feats, pixels)
+                if torch.isfinite(j[-1]).all():
+                    j[-1].sum().backward()
             costed.append(tuple(t.detach() for t in j))
-            if torch.isfinite(j[-1]).all():
-                j[-1].sum().backward()
             return j[-1].sum()
 
         history.clear()
-        for _ in range(budget):
-            if should_stop is not None and should_stop():
-                stop_reason = STOP_CANCELLED
-                break
-            iteration += 1
-            before = pixels.detach().clone()
-            costed.clear()
-            if settings.optimizer == "lbfgs":
-                optimizer.step(closure)
-            else:
-                closure()
-                if torch.isfinite(costed[0][-1]).all():
-                    optimizer.step()
-            j_content, j_style, tv, total = costed[0]           # costs of ``before``
-            if not torch.isfinite(total).all():
-                stop_reason, iteration = STOP_NON_FINITE, iteration - 1
-                break
-            if final_scale and float(total[0]) < best_total:
-                best_total, best_iteration = float(total[0]), iteration - 1
-                best_pixels.copy_(before)
-            with torch.no_grad():
-                pixels.clamp_(0.0, 255.0)
-            history.append(float(total[0]))
-            last = iteration == settings.iterations
-            if iteration % settings.progress_every == 0 or last:
-                preview = b""
-                if settings.preview_every and (iteration % settings.preview_every == 0 or last):
-                    small = _resize_pixels(pixels.detach(), *_fit(h, w, settings.preview_max_side_px))
-                    preview = encode_png(palette.finish(to_uint8(small)))
-                yield Progress(iteration=iteration, costs=_costs(j_content, j_style, tv, total),
-                               elapsed_ms=(time.perf_counter() - started) * 1000.0, scale=scale_index,
-                               size=(w, h), preview_png=preview)
-            if (final_scale and settings.convergence_tolerance and len(history) > CONVERGENCE_WINDOW):
-                old, new = history[-CONVERGENCE_WINDOW - 1], history[-1]
-                if (old - new) <= settings.convergence_tolerance * abs(old):
-                    stop_reason = STOP_CONVERGED
+        joined = batcher.joined(batch_key) if batcher is not None else contextlib.nullcontext()
+        with joined:
+            for _ in range(budget):
+                if should_stop is not None and should_stop():
+                    stop_reason = STOP_CANCELLED
                     break
+                iteration += 1
+                before = pixels.detach().clone()
+                costed.clear()
+                if settings.optimizer == "lbfgs":
+                    optimizer.step(closure)
+                else:
+                    closure()
+                    if torch.isfinite(costed[0][-1]).all():
+                        optimizer.step()
+                j_content, j_style, tv, total = costed[0]           # costs of ``before``
+                if not torch.isfinite(total).all():
+                    stop_reason, iteration = STOP_NON_FINITE, iteration - 1
+                    break
+                if final_scale and float(total[0]) < best_total:
+                    best_total, best_iteration = float(total[0]), iteration - 1
+                    best_pixels.copy_(before)
+                with torch.no_grad():
+                    pixels.clamp_(0.0, 255.0)
+                history.append(float(total[0]))
+                last = iteration == settings.iterations
+                if iteration % settings.progress_every == 0 or last:
+                    preview = b""
+                    if settings.preview_every and (iteration % settings.preview_every == 0 or last):
+                        small = _resize_pixels(pixels.detach(), *_fit(h, w, settings.preview_max_side_px))
+                        preview = encode_png(palette.finish(to_uint8(small)))
+                    yield Progress(iteration=iteration, costs=_costs(j_content, j_style, tv, total),
+                                   elapsed_ms=(time.perf_counter() - started) * 1000.0, scale=scale_index,
+                                   size=(w, h), preview_png=preview)
+                if (final_scale and settings.convergence_tolerance and len(history) > CONVERGENCE_WINDOW):
+                    old, new = history[-CONVERGENCE_WINDOW - 1], history[-1]
+                    if (old - new) <= settings.convergence_tolerance * abs(old):
+                        stop_reason = STOP_CONVERGED
+                        break
         if stop_reason != STOP_ITERATIONS:
             break
 

@@ -11,6 +11,8 @@ All metrics live in prometheus-client's default registry, next to its process co
 - ``nst_jobs_running``, ``nst_jobs_waiting``: jobs on a worker now, jobs admitted and waiting for one.
 - ``nst_job_cancels_total{reason}``: jobs stopped before their end: ``client`` (cancel or dropped connection),
   ``deadline`` (the client's deadline passed), ``shutdown`` (still running when the shutdown grace ended).
+- ``nst_replica_batch_jobs``: jobs served by each replica pass of the batcher (``--max-batch-size`` > 1);
+  its ``_count`` is the passes, its ``_sum`` the job iterations they served.
 - ``nst_rpcs_total{method,code}``: every RPC (health and reflection included) by final status code.
 """
 
@@ -31,6 +33,8 @@ ITERATIONS = Counter("nst_iterations", "Optimiser iterations done, all jobs toge
 RUNNING = Gauge("nst_jobs_running", "Jobs on a worker thread now")
 WAITING = Gauge("nst_jobs_waiting", "Jobs admitted and waiting for a worker thread")
 CANCELS = Counter("nst_job_cancels", "Jobs stopped before their end, by reason", ["reason"])
+BATCH_JOBS = Histogram("nst_replica_batch_jobs", "Jobs served by each batched replica pass",
+                       buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32))
 RPCS = Counter("nst_rpcs", "RPCs by method and final status code", ["method", "code"])
 
 for _outcome in OUTCOMES:                     # export zeros, so that rates exist before the first event

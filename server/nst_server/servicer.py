@@ -14,6 +14,7 @@ import asyncio
 import importlib.metadata
 import logging
 import re
+import threading
 import traceback
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +32,7 @@ from nst_client._proto.nst.v1 import style_transfer_pb2 as pb
 from nst_client._proto.nst.v1 import style_transfer_pb2_grpc as pb_grpc
 from nst_export.vgg import MIN_SIDE_PX, OUTPUT_LAYERS
 from nst_server import engine, metrics
+from nst_server.batching import ReplicaBatcher
 from nst_server.images import ImageInputError
 from nst_server.interceptors import annotate, deadline_passed
 from nst_server.jobs import STOP_CLIENT, STOP_DEADLINE, STOP_SHUTDOWN, Admission, Job, ServerBusy, is_out_of_memory
@@ -52,6 +54,9 @@ class ServerLimits:
         max_running_jobs: N, jobs optimised at once (one worker thread each).
         max_queued_jobs: Q, jobs admitted to wait for a worker; beyond N + Q, RESOURCE_EXHAUSTED at once.
         result_chunk_bytes: a result PNG larger than this goes out as ImageChunk messages of this size.
+        max_batch_size: B; running jobs of equal size, pooling and precision share one replica pass, up to B
+            at a time (:mod:`nst_server.batching`); 1 runs every job alone. Needs ``max_running_jobs >= 2``.
+        batch_wait_ms: the longest a job waits for the others of its batch each iteration, ms.
     """
 
     max_side_px: int = 1024
@@ -60,6 +65,13 @@ class ServerLimits:
     max_running_jobs: int = 1
     max_queued_jobs: int = 4
     result_chunk_bytes: int = DEFAULT_RESULT_CHUNK_BYTES
+    max_batch_size: int = 1
+    batch_wait_ms: float = 20.0
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1 or not self.batch_wait_ms >= 0:
+            raise ValueError(f"need --max-batch-size >= 1 and --batch-wait-ms >= 0, got {self.max_batch_size}, "
+                             f"{self.batch_wait_ms}")
 
 
 _DONE = object()
@@ -82,6 +94,17 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
         self._executor = ThreadPoolExecutor(max_workers=self.limits.max_running_jobs, thread_name_prefix="nst-job")
         self.admission = Admission(self.limits.max_running_jobs, self.limits.max_queued_jobs, faults)
         self.accepting = True
+        self._batcher: ReplicaBatcher | None = None
+        self._batcher_lock = threading.Lock()
+
+    @property
+    def batcher(self) -> ReplicaBatcher | None:
+        """The jobs' shared :class:`ReplicaBatcher` when ``max_batch_size > 1`` (built once the models are loaded)."""
+        with self._batcher_lock:                    # worker threads ask for it
+            if self._batcher is None and self.limits.max_batch_size > 1 and self.models is not None:
+                self._batcher = ReplicaBatcher(engine.batch_pass(self.models), self.limits.max_batch_size,
+                                               self.limits.batch_wait_ms / 1000.0)
+            return self._batcher
 
     @property
     def admitted(self) -> int:
@@ -117,6 +140,7 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
             max_iterations=self.limits.max_iterations,
             max_running_jobs=self.limits.max_running_jobs,
             max_queued_jobs=self.limits.max_queued_jobs,
+            max_batch_size=self.limits.max_batch_size,
         )
 
     async def Stylize(self, request: pb.StylizeRequest, context):
@@ -183,7 +207,8 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
                 return
             try:
                 inputs = decode_inputs(request, limits.max_input_pixels)
-                for event in engine.stylize(self.models, inputs, settings, should_stop=job.should_stop):
+                for event in engine.stylize(self.models, inputs, settings, should_stop=job.should_stop,
+                                             batcher=self.batcher):
                     job.count_iterations(event.iteration if isinstance(event, engine.Progress) else event.iterations)
                     put(event)
                     if job.stop.is_set():         # nobody waits for the rest; skip the final costing

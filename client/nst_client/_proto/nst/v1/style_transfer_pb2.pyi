@@ -243,7 +243,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("output_layers", "input_contract_json", "weights_source", "weights_sha256", "weights_input_contract_json", "execution_providers", "replica_device", "pooling", "versions", "min_side_px", "max_side_px", "precision", "supported_precisions", "max_iterations", "max_running_jobs", "max_queued_jobs")
+    __slots__ = ("output_layers", "input_contract_json", "weights_source", "weights_sha256", "weights_input_contract_json", "execution_providers", "replica_device", "pooling", "versions", "min_side_px", "max_side_px", "precision", "supported_precisions", "max_iterations", "max_running_jobs", "max_queued_jobs", "max_batch_size")
     class VersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -267,6 +267,7 @@ class ModelInfo(_message.Message):
     MAX_ITERATIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_RUNNING_JOBS_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUED_JOBS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     output_layers: _containers.RepeatedScalarFieldContainer[str]
     input_contract_json: str
     weights_source: str
@@ -283,4 +284,5 @@ class ModelInfo(_message.Message):
     max_iterations: int
     max_running_jobs: int
     max_queued_jobs: int
-    def __init__(self, output_layers: _Optional[_Iterable[str]] = ..., input_contract_json: _Optional[str] = ..., weights_source: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., weights_input_contract_json: _Optional[str] = ..., execution_providers: _Optional[_Iterable[str]] = ..., replica_device: _Optional[str] = ..., pooling: _Optional[str] = ..., versions: _Optional[_Mapping[str, str]] = ..., min_side_px: _Optional[int] = ..., max_side_px: _Optional[int] = ..., precision: _Optional[str] = ..., supported_precisions: _Optional[_Iterable[str]] = ..., max_iterations: _Optional[int] = ..., max_running_jobs: _Optional[int] = ..., max_queued_jobs: _Optional[int] = ...) -> None: ...
+    max_batch_size: int
+    def __init__(self, output_layers: _Optional[_Iterable[str]] = ..., input_contract_json: _Optional[str] = ..., weights_source: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., weights_input_contract_json: _Optional[str] = ..., execution_providers: _Optional[_Iterable[str]] = ..., replica_device: _Optional[str] = ..., pooling: _Optional[str] = ..., versions: _Optional[_Mapping[str, str]] = ..., min_side_px: _Optional[int] = ..., max_side_px: _Optional[int] = ..., precision: _Optional[str] = ..., supported_precisions: _Optional[_Iterable[str]] = ..., max_iterations: _Optional[int] = ..., max_running_jobs: _Optional[int] = ..., max_queued_jobs: _Optional[int] = ..., max_batch_size: _Optional[int] = ...) -> None: ...
