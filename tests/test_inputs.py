@@ -382,6 +382,10 @@ def test_synthetic_refusals_through_the_server(client, small_images):
     # with the field's name): a 64x48 content at max_side_px=16 would be 16x12.
     expect_invalid(client, stylize_request(content, style, side=100_000), "max_side_px", "1024")
     expect_invalid(client, stylize_request(content, style, side=16), "max_side_px", "16 px")
+    # The style image would be resized to 512 x 3 = 1536 px, over the server's 1024 px limit.
+    huge_style = stylize_request(content, style, side=512)
+    huge_style.style_scale = 3.0
+    expect_invalid(client, huge_style, "style_scale", "1536 px", "1024 px")
     # The server lives on.
     run_job(client, stylize_request(content, style, 32))
 

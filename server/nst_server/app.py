@@ -19,7 +19,7 @@ from nst_client._proto.nst.v1 import style_transfer_pb2_grpc as pb_grpc
 from nst_server.interceptors import BearerTokenInterceptor, RpcLogInterceptor
 from nst_server.jobs import FaultInjection
 from nst_server.metrics import start_metrics_server
-from nst_server.model import StyleModels
+from nst_server.model import StyleModels, tensorrt_options
 from nst_server.servicer import ServerLimits, StyleTransferServicer
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,12 @@ async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> Non
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
     try:
-        models = await loop.run_in_executor(None, lambda: StyleModels.load(config.model_path, config.providers))
+        # TensorRT (where present): one profile for every input a job can send (content, style and delivered
+        # images are at most max_side_px; the session runs one image at a time), engines cached on disk.
+        trt = tensorrt_options(max_side_px=config.limits.max_side_px,
+                               opt_side_px=min(512, config.limits.max_side_px))
+        models = await loop.run_in_executor(
+            None, lambda: StyleModels.load(config.model_path, config.providers, trt_options=trt))
         await asyncio.sleep(config.fault_injection.slow_warm_up_s)
         await loop.run_in_executor(None, warm_up, models)
     except BaseException:

@@ -441,11 +441,11 @@ def replica_pass_s(models: StyleModels, batch: int, height: int, width: int, rep
 
 
 def batched_jobs(models: StyleModels, content: Image.Image, style: Image.Image, jobs: int, side: int,
-                 iterations: int, repeats: int = 2) -> dict:
+                 iterations: int, repeats: int = 2, wait_ms: float = 20.0) -> dict:
     """Wall time of ``jobs`` jobs (seeds 0..jobs-1, ``iterations`` each, ``side`` px) run one after another,
     and run at once in threads sharing a :class:`~nst_server.batching.ReplicaBatcher` of ``max_batch=jobs``
-    (wait 20 ms, the server's default), best of ``repeats`` interleaved rounds; the delivered costs of both
-    ways, for the check that batching changes only rounding."""
+    (``wait_ms``: its wait, the server's ``--batch-wait-ms``), best of ``repeats`` interleaved rounds; the
+    delivered costs of both ways, for the check that batching changes only rounding."""
     inputs = engine.JobInputs(content=content, styles=[(style, 1.0)])
     settings = [engine.StyleTransferSettings(max_side_px=side, iterations=iterations, seed=seed)
                 for seed in range(jobs)]
@@ -456,10 +456,11 @@ def batched_jobs(models: StyleModels, content: Image.Image, style: Image.Image, 
         start = time.perf_counter()
         costs_sequential = [list(engine.stylize(models, inputs, s))[-1].costs.total for s in settings]
         sequential.append(time.perf_counter() - start)
-        batcher = ReplicaBatcher(engine.batch_pass(models), max_batch=jobs, max_wait_s=0.02)
+        batcher = ReplicaBatcher(engine.batch_pass(models), max_batch=jobs, max_wait_s=wait_ms / 1000.0)
 
         def job(index: int) -> None:
-            costs_together[index] = list(engine.stylize(models, inputs, settings[index], batcher=batcher))[-1].costs.total
+            events = list(engine.stylize(models, inputs, settings[index], batcher=batcher))
+            costs_together[index] = events[-1].costs.total
 
         threads = [threading.Thread(target=job, args=(i,)) for i in range(jobs)]
         start = time.perf_counter()
@@ -469,7 +470,7 @@ def batched_jobs(models: StyleModels, content: Image.Image, style: Image.Image, 
             thread.join()
         together.append(time.perf_counter() - start)
         stats.append(batcher.stats.mean_batch)
-    return {"jobs": jobs, "iterations": iterations, "side_px": side, "sequential_s": sequential,
+    return {"jobs": jobs, "iterations": iterations, "side_px": side, "wait_ms": wait_ms, "sequential_s": sequential,
             "batched_s": together, "mean_batch": statistics.mean(stats),
             "throughput_gain": min(sequential) / min(together),
             "costs_sequential": costs_sequential, "costs_batched": costs_together}
@@ -614,6 +615,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-iterations", type=int, default=20,
                         help="iterations of each of the --batch jobs run one after another and then at once "
                              "through a ReplicaBatcher (0 skips; default: %(default)s)")
+    parser.add_argument("--batch-wait-ms", type=float, default=20.0,
+                        help="the batcher's wait of the batched jobs, ms (as nst-server --batch-wait-ms; "
+                             "default: %(default)s)")
     parser.add_argument("--rss-size", type=int, default=512, help="size of the peak-memory job, px (0 skips)")
     parser.add_argument("--rss-iterations", type=int, default=3)
     parser.add_argument("--matmul-n", type=int, default=4096, help="side of the reference matmul")
@@ -791,7 +795,8 @@ def main(argv: list[str] | None = None) -> int:
             _log(f"batching: {args.batch} jobs of {args.batch_iterations} iterations at {side} px, one after "
                  f"another against at once through a ReplicaBatcher")
             report["batching"]["jobs"] = batched_jobs(models, content_image, style_image, args.batch, side,
-                                                      args.batch_iterations, repeats=args.repeats)
+                                                      args.batch_iterations, repeats=args.repeats,
+                                                      wait_ms=args.batch_wait_ms)
             _log(f"batched jobs: throughput {report['batching']['jobs']['throughput_gain']:.2f}x one after "
                  f"another (mean batch {report['batching']['jobs']['mean_batch']:.2f})")
         save()

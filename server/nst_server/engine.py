@@ -600,8 +600,8 @@ def stylize(models: StyleModels, inputs: JobInputs, settings: StyleTransferSetti
     delivered = to_tensor(Image.fromarray(image, "RGB")).to(device)
     final = _costs(*evaluate(features(models, delivered, settings.pooling), delivered * 255.0, targets, settings))
     output = palette.finish(image)
-    yield Result(image=output, png=encode_png_with_alpha(output, inputs.content_alpha), costs=final, iterations=iteration,
-                 best_iteration=best_iteration, stop_reason=stop_reason,
+    yield Result(image=output, png=encode_png_with_alpha(output, inputs.content_alpha), costs=final,
+                 iterations=iteration, best_iteration=best_iteration, stop_reason=stop_reason,
                  elapsed_ms=(time.perf_counter() - started) * 1000.0)
 
 

@@ -7,10 +7,15 @@ Steps, each bounded by what is left of ``--budget-s`` (default 480 s, the issue'
 3. ``parity.json``: the onnxruntime session against the PyTorch replica on the replica's device (max relative
    error per layer at two sizes, the criterion of ``tests/test_parity.py``: <= 1e-4), and
    ``pytest tests/test_parity.py`` when the repository's tests are beside the package (``parity_pytest.txt``);
-4. ``benchmark/benchmark.json``: ``nst-benchmark`` at ``--size`` (512) px: tutorial loop vs engine vs server,
+4. ``session_<provider>.json``: the onnxruntime session's forward pass at ``--size`` px through IO binding and
+   without, for the CUDA execution provider and then TensorRT (with the server's shape profile and an engine
+   cache in ``OUT_DIR/trt_cache``; the first call includes the engine build), each in a child process with
+   a time limit;
+5. ``benchmark/benchmark.json``: ``nst-benchmark`` at ``--size`` (512) px: tutorial loop vs engine vs server,
    time to quality at the issue's N = 300, FLOP/s against the matmul, bf16 vs fp32, batching, peak memory;
-5. ``bench.json``, ``bench.csv``, ``bench.png``: ``nst bench`` against a server at concurrency 1, 2, 4;
-6. ``summary.json``: what ran, how long, what failed.
+6. ``bench.json``, ``bench.csv``, ``bench.png``: ``nst bench`` against a server (4 running jobs, batches of up to
+   4) at concurrency 1, 2, 4;
+7. ``summary.json``: what ran, how long, what failed.
 
 Without CUDA (or with ``--smoke``) it runs the same steps on the CPU at 64 px with a few iterations, in about
 two minutes on two cores, so the script itself is tested where no GPU is.
@@ -68,11 +73,43 @@ def parity(model_path: Path, sizes: tuple[tuple[int, int], ...] = ((64, 64), (51
     return figures
 
 
+def session_timings(model_path: Path, providers: list[str], side: int, repeats: int = 5,
+                    trt_cache: Path | None = None) -> dict:
+    """Seconds of the session's forward pass of one ``side x side`` image (on the replica's device), first call
+    and median of ``repeats`` after it, with IO binding on and off; the providers the session really got."""
+    import statistics
+
+    from nst_server import model as model_module
+    from nst_server.model import StyleModels, tensorrt_options
+
+    started = time.perf_counter()
+    models = StyleModels.load(model_path, providers,
+                              trt_options=tensorrt_options(max_side_px=max(side, 1024), opt_side_px=side,
+                                                           cache_dir=trt_cache))
+    figures: dict = {"requested": providers, "providers": models.providers, "load_s": time.perf_counter() - started,
+                     "side_px": side}
+    image = torch.rand(1, 3, side, side, device=models.device)
+    for binding in (True, False):
+        model_module.IO_BINDING = binding
+        times = []
+        for _ in range(repeats + 1):
+            begun = time.perf_counter()
+            models.features(image)
+            if models.device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - begun)
+        figures["io_binding" if binding else "plain_run"] = {"first_s": times[0],
+                                                             "median_s": statistics.median(times[1:])}
+    figures["io_binding_gain"] = figures["plain_run"]["median_s"] / figures["io_binding"]["median_s"]
+    return figures
+
+
 def _run(command: list[str], log: Path, timeout_s: float) -> int:
     """Run ``command`` with stdout and stderr to ``log``; 124 when it ran past ``timeout_s``."""
     with log.open("w") as handle:
         try:
-            return subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, timeout=max(1.0, timeout_s)).returncode
+            return subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT,
+                                  timeout=max(1.0, timeout_s)).returncode
         except subprocess.TimeoutExpired:
             handle.write(f"\n[nst-gpu-check] timed out after {timeout_s:.0f} s\n")
             return 124
@@ -85,11 +122,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="ONNX file (exported when missing)")
     parser.add_argument("--smoke", action="store_true", help="CPU-sized run (64 px) even where CUDA is present")
     parser.add_argument("--budget-s", type=float, default=480.0, help="wall-clock budget, s (default: %(default)s)")
+    parser.add_argument("--session-child", nargs=3, metavar=("PROVIDERS", "SIDE", "JSON"), default=None,
+                        help=argparse.SUPPRESS)    # internal: one session_timings() run, written to JSON
     parser.add_argument("--providers", default=None,
-                        help="execution providers, comma-separated (default with CUDA: CUDAExecutionProvider,"
-                             "CPUExecutionProvider; TensorRT builds an engine per input shape without a shape "
-                             "profile or engine cache, which could take the whole budget)")
+                        help="execution providers of the benchmark and the bench server, comma-separated "
+                             "(default with CUDA: CUDAExecutionProvider,CPUExecutionProvider: TensorRT's engine "
+                             "build is timed once, in the session step, not in every process)")
     args = parser.parse_args(argv)
+    if args.session_child:
+        providers, side, target = args.session_child
+        figures = session_timings(Path(args.model), providers.split(","), int(side),
+                                  trt_cache=Path(target).parent / "trt_cache")
+        Path(target).write_text(json.dumps(figures, indent=2))
+        return 0
     started = time.monotonic()
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -145,6 +190,23 @@ def main(argv: list[str] | None = None) -> int:
             return figures["passed"] and code == 0
         return figures["passed"]
 
+    def session_step() -> bool:
+        """CUDA EP, then TensorRT EP (engine build included, 150 s at most); CPU EP in the smoke run."""
+        side = 64 if smoke else 512
+        runs = [("cpu", "CPUExecutionProvider", 60.0)] if not cuda else [
+            ("cuda", "CUDAExecutionProvider,CPUExecutionProvider", 90.0),
+            ("tensorrt", "TensorrtExecutionProvider,CUDAExecutionProvider,CPUExecutionProvider", 150.0)]
+        ok = True
+        for name, providers, limit in runs:
+            if left() < limit + 150:
+                summary.setdefault("skipped", []).append(f"session_{name}: out of time budget")
+                continue
+            target = out / f"session_{name}.json"
+            code = _run([sys.executable, "-m", "nst_server.gpu_check", str(out), "--model", str(model_path),
+                         "--session-child", providers, str(side), str(target)], out / f"session_{name}.log", limit)
+            ok = ok and code == 0 and target.is_file()
+        return ok
+
     def benchmark() -> int:
         options = SMOKE_BENCHMARK if smoke else GPU_BENCHMARK
         if args.providers:
@@ -155,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     def bench() -> int:
         from nst_client.cli import main as client_main
         from nst_server.demo import start_server, stop_server
-        extra = ["--max-running-jobs", "4"] + (["--providers", args.providers] if args.providers else [])
+        extra = ["--max-running-jobs", "4", "--max-batch-size", "4"] + (
+            ["--providers", args.providers] if args.providers else [])
         process, target = start_server(model_path, extra)
         try:
             return client_main(["bench", "--server", target, *(SMOKE_BENCH if smoke else GPU_BENCH),
@@ -169,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     step("machine", machine)
     step("model", model)
     step("parity", parity_step)
+    step("session", session_step)
     step("benchmark", benchmark)
     if left() > 20:
         step("bench", bench)

@@ -19,12 +19,52 @@ import onnxruntime as ort
 import torch
 from onnx import numpy_helper
 
-from nst_export.vgg import OUTPUT_LAYERS, VGG19Features
+from nst_export.vgg import LAYER_STRIDE, MIN_SIDE_PX, OUTPUT_LAYERS, VGG19Features
 
 log = logging.getLogger(__name__)
 
 #: Execution providers in order of preference; those that fail to load are dropped by onnxruntime.
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+#: Lever: run the session through onnxruntime's IO binding (``InferenceSession.io_binding``): the input is
+#: bound to the torch tensor's memory and the outputs to torch tensors allocated on the replica's device, so
+#: on CUDA nothing goes through the host (without it: device -> numpy -> device for every forward pass).
+IO_BINDING = True
+
+#: Channels of each output layer (VGG-19 configuration E).
+OUTPUT_CHANNELS: dict[str, int] = {"relu1_1": 64, "relu2_1": 128, "relu3_1": 256, "relu4_1": 512, "relu4_2": 512,
+                                   "relu5_1": 512}
+
+#: Directory of TensorRT's engine cache ($NST_TRT_CACHE; default ~/.cache/nst/tensorrt).
+TRT_CACHE_ENV = "NST_TRT_CACHE"
+
+
+def tensorrt_options(max_side_px: int = 1024, opt_side_px: int = 512, max_batch: int = 1,
+                     cache_dir: str | os.PathLike | None = None) -> dict[str, str]:
+    """TensorRT execution provider options: one optimisation profile covering every input the server accepts,
+    and a persistent engine cache.
+
+    Without a profile TensorRT builds a new engine for each input shape it meets (tens of seconds each); with
+    ``trt_profile_{min,opt,max}_shapes`` one engine serves ``(1..max_batch, 3, 16..max_side, 16..max_side)``
+    and is tuned for ``(1, 3, opt_side, opt_side)``. ``trt_engine_cache_enable`` keeps the built engine (and
+    the timing cache) under ``cache_dir`` across restarts. Precision stays fp32 (``trt_fp16_enable`` off), as
+    the replica's gradients are fp32 and the costs must agree with them.
+
+    Source: onnxruntime's TensorRT execution provider documentation (provider options, "Explicit shape range
+    for dynamic shape input").
+    """
+    cache = Path(cache_dir or os.environ.get(TRT_CACHE_ENV) or Path.home() / ".cache" / "nst" / "tensorrt")
+    return {
+        "trt_profile_min_shapes": f"image:1x3x{MIN_SIDE_PX}x{MIN_SIDE_PX}",
+        "trt_profile_opt_shapes": f"image:1x3x{opt_side_px}x{opt_side_px}",
+        "trt_profile_max_shapes": f"image:{max_batch}x3x{max_side_px}x{max_side_px}",
+        "trt_engine_cache_enable": "True",
+        "trt_engine_cache_path": str(cache),
+        "trt_timing_cache_enable": "True",
+        "trt_timing_cache_path": str(cache),
+        "trt_fp16_enable": "False",
+        "trt_max_workspace_size": str(4 << 30),
+    }
 
 
 class ModelFileError(RuntimeError):
@@ -93,7 +133,8 @@ class StyleModels:
 
     @classmethod
     def load(cls, path: str | os.PathLike, providers: list[str] | None = None,
-             device: str | None = None, intra_op_threads: int = 0) -> "StyleModels":
+             device: str | None = None, intra_op_threads: int = 0,
+             trt_options: dict[str, str] | None = None) -> "StyleModels":
         """Load ``path`` into an onnxruntime session and a replica.
 
         Args:
@@ -102,6 +143,8 @@ class StyleModels:
                 onnxruntime build has). onnxruntime falls back to the next one when a provider fails to load.
             device: torch device for the replica; default ``cuda`` when available, else ``cpu``.
             intra_op_threads: onnxruntime intra-op threads (0: its default, one per physical core).
+            trt_options: TensorRT provider options (default :func:`tensorrt_options`), used when TensorRT is
+                among the providers.
         Raises:
             ModelFileError: missing or malformed file.
         """
@@ -128,8 +171,13 @@ class StyleModels:
         # No CPU memory arena: the arena keeps the largest forward pass's activations for the life of the process
         # (0.23 GiB at 512 px); without it one 512 px job peaks at 1.43 GiB instead of 1.66 (nst-benchmark).
         options.enable_cpu_mem_arena = False
-        session = ort.InferenceSession(proto.SerializeToString(), sess_options=options,
-                                       providers=choose_providers(providers))
+        chosen = choose_providers(providers)
+        if "TensorrtExecutionProvider" in chosen:
+            trt = trt_options if trt_options is not None else tensorrt_options()
+            Path(trt.get("trt_engine_cache_path", ".")).mkdir(parents=True, exist_ok=True)
+            chosen = [("TensorrtExecutionProvider", trt) if name == "TensorrtExecutionProvider" else name
+                      for name in chosen]
+        session = ort.InferenceSession(proto.SerializeToString(), sess_options=options, providers=chosen)
         active = session.get_providers()
         log.info("onnxruntime %s session on %s; replica on %s", ort.__version__, active, torch_device)
         return cls(path=path, session=session, replica=replica, providers=active, metadata=metadata,
@@ -143,15 +191,44 @@ class StyleModels:
     def input_contract(self) -> dict:
         return json.loads(self.metadata.get("nst.input_contract", "{}"))
 
+    @property
+    def session_device(self) -> torch.device:
+        """Where the session wants its inputs and outputs: the replica's CUDA device when the session runs on a
+        GPU provider, else the host."""
+        on_gpu = {"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(self.providers)
+        return self.device if (on_gpu and self.device.type == "cuda") else torch.device("cpu")
+
     def features(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         """Forward pass through the onnxruntime session.
 
         Args:
-            image: ``(B, 3, H, W)`` float32 RGB in [0, 1] (any device; copied to host).
+            image: ``(B, 3, H, W)`` float32 RGB in [0, 1], ``H, W >= 16``, any device and memory format.
         Returns:
-            ``{layer: (B, C_l, H_l, W_l) float32}`` on the replica's device, for every layer in
-            :data:`OUTPUT_LAYERS`.
+            ``{layer: (B, C_l, H // s_l, W // s_l) float32}`` on the replica's device, for every layer in
+            :data:`OUTPUT_LAYERS` (``C_l``: :data:`OUTPUT_CHANNELS`, ``s_l``: ``LAYER_STRIDE``).
+        Raises:
+            onnxruntime's errors (``RuntimeException`` …) as they come, e.g. out of device memory.
         """
+        if IO_BINDING:
+            return self._features_io_binding(image)
         array = np.ascontiguousarray(image.detach().to("cpu", torch.float32).numpy())
         outputs = self.session.run(self.output_names, {"image": array})
         return {name: torch.from_numpy(value).to(self.device) for name, value in zip(self.output_names, outputs)}
+
+    def _features_io_binding(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        device = self.session_device
+        ort_device = "cuda" if device.type == "cuda" else "cpu"
+        index = (device.index or 0) if device.type == "cuda" else 0
+        image = image.detach().to(device, torch.float32).contiguous()
+        batch, _, height, width = image.shape
+        outputs = {name: torch.empty(batch, OUTPUT_CHANNELS[name], height // LAYER_STRIDE[name],
+                                     width // LAYER_STRIDE[name], dtype=torch.float32, device=device)
+                   for name in self.output_names}
+        binding = self.session.io_binding()
+        binding.bind_input("image", ort_device, index, np.float32, tuple(image.shape), image.data_ptr())
+        for name, tensor in outputs.items():
+            binding.bind_output(name, ort_device, index, np.float32, tuple(tensor.shape), tensor.data_ptr())
+        if device.type == "cuda":
+            torch.cuda.current_stream(device).synchronize()   # the input is written before the session reads it
+        self.session.run_with_iobinding(binding)              # returns once the provider's stream is done
+        return {name: tensor.to(self.device) for name, tensor in outputs.items()}
