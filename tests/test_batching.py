@@ -170,9 +170,19 @@ def test_an_error_in_a_batched_pass_reaches_every_job_of_the_batch(models):
     assert errors == ["no room for a batch of 2"] * 2
 
 
-def test_batcher_arguments_are_checked():
+def test_batcher_and_limits_arguments_are_checked():
+    from nst_server.servicer import ServerLimits
     with pytest.raises(ValueError, match="max_batch"):
         ReplicaBatcher(lambda images, key: (), max_batch=0)
+    for wait in (float("inf"), float("nan"), -1.0):
+        with pytest.raises(ValueError, match="max_wait_s"):
+            ReplicaBatcher(lambda images, key: (), max_batch=2, max_wait_s=wait)
+    with pytest.raises(ValueError, match="--max-batch-size must be between 1 and --max-running-jobs \\(1\\)"):
+        ServerLimits(max_batch_size=4)
+    for wait in (float("inf"), 1e13, float("nan"), -1.0):
+        with pytest.raises(ValueError, match="--batch-wait-ms"):
+            ServerLimits(max_running_jobs=2, max_batch_size=2, batch_wait_ms=wait)
+    assert ServerLimits(max_running_jobs=4, max_batch_size=4, batch_wait_ms=3_600_000).max_batch_size == 4
 
 
 def test_server_batches_concurrent_jobs(onnx_path, small_images, tmp_path):

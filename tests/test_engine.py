@@ -77,6 +77,10 @@ def test_both_optimisers_lower_the_cost(models, small_images, optimizer):
     ("iterations", 0, "at least 1"),
     ("style_weight", float("nan"), "finite"),
     ("noise_ratio", 1.5, r"\[0, 1\]"),
+    ("style_scale", 0.0, r"style_scale must be a finite number > 0, got 0.0"),
+    ("style_scale", -1.0, r"style_scale must be a finite number > 0, got -1.0"),
+    ("style_scale", 1e307, r"larger than 16384 px"),          # the product would overflow to inf
+    ("learning_rate", 0.0, r"learning_rate must be a finite number > 0"),
     ("content_layers", {"relu9_9": 1.0}, "content_layers"),
     ("optimizer", "sgd", "optimizer"),
 ])

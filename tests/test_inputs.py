@@ -386,6 +386,8 @@ def test_synthetic_refusals_through_the_server(client, small_images):
     huge_style = stylize_request(content, style, side=512)
     huge_style.style_scale = 3.0
     expect_invalid(client, huge_style, "style_scale", "1536 px", "1024 px")
+    huge_style.style_scale = 1e307                 # 512 x 1e307 overflows a float: still a refusal, not a crash
+    expect_invalid(client, huge_style, "style_scale", "16384 px")
     # The server lives on.
     run_job(client, stylize_request(content, style, 32))
 

@@ -166,6 +166,26 @@ def test_a_dropped_connection_stops_the_job(server, small_images, tmp_path):
     assert re.search(r"rpc=/nst.v1.StyleTransfer/Stylize job=\w+ status=CANCELLED", server.log())
 
 
+def test_ctrl_c_in_the_cli_cancels_the_job_without_a_traceback(server, small_images, tmp_path):
+    paths = [tmp_path / "content.png", tmp_path / "style.png"]
+    for path, data in zip(paths, small_images):
+        path.write_bytes(data)
+    serving.wait_for(lambda: _idle(server), timeout_s=30)
+    process = subprocess.Popen([sys.executable, "-m", "nst_client.cli", "stylize", *map(str, paths), "-o",
+                                str(tmp_path / "out.png"), "--server", server.target, "--size", "48",
+                                "--iterations", "500", "--quiet"], stderr=subprocess.PIPE, text=True)
+    try:
+        serving.wait_for(lambda: server.metric("nst_jobs_running") == 1, timeout_s=60)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    serving.wait_for(lambda: _idle(server), timeout_s=30)
+    assert not (tmp_path / "out.png").exists()
+
+
 def test_deadline_stops_the_job_with_deadline_exceeded(server, client, small_images):
     content, style = small_images
     serving.wait_for(lambda: _idle(server), timeout_s=30)

@@ -170,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"nst: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:            # Ctrl-C: the call is cancelled as the client closes (see NSTClient)
+        print("nst: interrupted; the job was cancelled", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

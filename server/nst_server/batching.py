@@ -81,13 +81,14 @@ class ReplicaBatcher:
         max_batch: B, the most jobs in one pass (>= 1; 1 means every job alone).
         max_wait_s: the longest a request waits for the other joined jobs of its key, seconds.
     Raises:
-        ValueError: ``max_batch < 1`` or ``max_wait_s < 0``.
+        ValueError: ``max_batch < 1``, or ``max_wait_s`` negative, NaN or over ``threading.TIMEOUT_MAX``.
     """
 
     def __init__(self, run_pass: Callable[[torch.Tensor, tuple], tuple[torch.Tensor, ...]], max_batch: int,
                  max_wait_s: float = 0.02) -> None:
-        if max_batch < 1 or max_wait_s < 0:
-            raise ValueError(f"need max_batch >= 1 and max_wait_s >= 0, got {max_batch}, {max_wait_s}")
+        if max_batch < 1 or not 0 <= max_wait_s <= threading.TIMEOUT_MAX:
+            raise ValueError(f"need max_batch >= 1 and 0 <= max_wait_s <= {threading.TIMEOUT_MAX:g}, "
+                             f"got {max_batch}, {max_wait_s}")
         self.run_pass, self.max_batch, self.max_wait_s = run_pass, max_batch, max_wait_s
         self.stats = BatchStats()
         self._groups: dict[tuple, _Group] = {}
@@ -124,23 +125,18 @@ class ReplicaBatcher:
             Whatever the batched pass raised (every job of that batch gets it).
         """
         request = _Request(pixels, cost)
-        batch: list[_Request] | None = None
         with self._cond:
             group = self._groups[key]
             if not group.pending:
                 group.oldest = time.monotonic()
             group.pending.append(request)
-            while not request.taken:
-                waited = time.monotonic() - group.oldest
-                if len(group.pending) >= min(group.joined, self.max_batch) or waited >= self.max_wait_s:
-                    others = [r for r in group.pending if r is not request][: self.max_batch - 1]
-                    batch = [request] + others
-                    for r in batch:
-                        r.taken = True
-                    group.pending = [r for r in group.pending if not r.taken]
-                    group.oldest = time.monotonic()
-                    break
-                self._cond.wait(self.max_wait_s - waited)
+            try:
+                batch = self._await_batch(group, request)
+            except BaseException:            # e.g. KeyboardInterrupt while waiting: withdraw the request
+                if not request.taken:
+                    group.pending.remove(request)
+                    self._cond.notify_all()
+                raise
         if batch is not None:
             self._run(batch, key)
         with self._cond:
@@ -149,6 +145,22 @@ class ReplicaBatcher:
         if request.error is not None:
             raise request.error
         return request.result
+
+    def _await_batch(self, group: _Group, request: _Request) -> list[_Request] | None:
+        """Under the lock: wait until ``request`` is taken into a batch. Returns the batch when this thread
+        is to run it, None when another thread took it."""
+        while not request.taken:
+            waited = time.monotonic() - group.oldest
+            if len(group.pending) >= min(group.joined, self.max_batch) or waited >= self.max_wait_s:
+                others = [r for r in group.pending if r is not request][: self.max_batch - 1]
+                batch = [request] + others
+                for r in batch:
+                    r.taken = True
+                group.pending = [r for r in group.pending if not r.taken]
+                group.oldest = time.monotonic()
+                return batch
+            self._cond.wait(self.max_wait_s - waited)
+        return None
 
     def _run(self, batch: list[_Request], key: tuple) -> None:
         try:

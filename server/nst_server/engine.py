@@ -54,6 +54,9 @@ COLOR_CONTROLS = ("none", "luminance", "match_style_colors")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRESETS = ("default", "seed")
 
+#: The largest style image side ``style_scale`` may ask for in-process (a server's own limit is lower).
+MAX_STYLE_SIDE_PX = 16384
+
 STOP_ITERATIONS = "iterations_done"
 STOP_CANCELLED = "cancelled"
 STOP_NON_FINITE = "non_finite_cost"
@@ -167,17 +170,19 @@ class StyleTransferSettings:
                              f"relu5_1), got {self.max_side_px}")
         if self.iterations < 1:
             raise ValueError(f"iterations must be at least 1, got {self.iterations}")
-        for name in ("content_weight", "style_weight", "noise_ratio", "learning_rate", "tv_weight",
-                     "style_scale", "convergence_tolerance"):
+        for name in ("content_weight", "style_weight", "noise_ratio", "tv_weight", "convergence_tolerance"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        for name in ("learning_rate", "style_scale"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a finite number > 0, got {value}")
         if self.noise_ratio > 1:
             raise ValueError(f"noise_ratio must be in [0, 1], got {self.noise_ratio}")
-        if self.learning_rate == 0:
-            raise ValueError("learning_rate must be > 0")
-        if self.style_scale == 0:
-            raise ValueError("style_scale must be > 0")
+        if self.max_side_px * self.style_scale > MAX_STYLE_SIDE_PX:
+            raise ValueError(f"style_scale {self.style_scale:g} x max_side_px {self.max_side_px} would make the "
+                             f"style image larger than {MAX_STYLE_SIDE_PX} px")
         for name, layers in (("content_layers", self.content_layers), ("style_layers", self.style_layers)):
             if not layers:
                 raise ValueError(f"{name} must name at least one layer")
@@ -494,13 +499,14 @@ def stylize(models: StyleModels, inputs: JobInputs, settings: StyleTransferSetti
 
     def scale_inputs(side: int) -> tuple[torch.Tensor, Targets]:
         content = to_tensor(resize_to_max_side(content_image, side)).to(device)            # (1, 3, H, W)
-        style_side = max(MIN_SIDE_PX, round(side * settings.style_scale))
+        style_side = max(1, round(side * settings.style_scale))
         styles = [(to_tensor(resize_to_max_side(image, style_side)).to(device), weight)
                   for image, weight in style_images]
         for style, _ in styles:
             if min(style.shape[2:]) < MIN_SIDE_PX:
-                raise ValueError(f"style_scale: the style image at {style.shape[3]}x{style.shape[2]} px is under "
-                                 f"the {MIN_SIDE_PX} px minimum; raise style_scale or max_side_px")
+                raise ValueError(f"style_scale: {settings.style_scale:g} makes the style image {style.shape[3]}x"
+                                 f"{style.shape[2]} px, under the {MIN_SIDE_PX} px minimum; raise style_scale or "
+                                 f"max_side_px")
         return content, compute_targets(models, content, styles, settings)
 
     for scale_index, (side, budget) in enumerate(zip(sides, budgets), start=1):

@@ -94,12 +94,12 @@ def settings_from_request(request: pb.StylizeRequest, limits) -> engine.StyleTra
     except ValueError as exc:
         field, _, reason = str(exc).partition(" ")
         raise RequestError(field, reason) from None
-    style_side = round(settings.max_side_px * settings.style_scale)
-    if style_side > limits.max_side_px:
+    style_side = settings.max_side_px * settings.style_scale              # finite: validate() bounds it
+    if round(style_side) > limits.max_side_px:
         # The style image is resized to this side (upscaled if need be): an unbounded scale would let one request
         # allocate without limit, and no session profile covers it.
         raise RequestError("style_scale", f"{settings.style_scale:g} x max_side_px {settings.max_side_px} gives "
-                                          f"a {style_side} px style image; the server's limit is "
+                                          f"a {round(style_side)} px style image; the server's limit is "
                                           f"{limits.max_side_px} px")
     if settings.init == "image" and not request.init_image:
         raise RequestError("init_image", "is required when init is INIT_IMAGE")

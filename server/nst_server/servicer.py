@@ -43,6 +43,10 @@ from nst_server.model import StyleModels
 log = logging.getLogger(__name__)
 
 
+#: The longest ``--batch-wait-ms`` accepted (an hour; ``threading`` refuses waits beyond ``TIMEOUT_MAX``).
+MAX_BATCH_WAIT_MS = 3_600_000.0
+
+
 @dataclass(frozen=True)
 class ServerLimits:
     """Per-server limits (configuration, not per request).
@@ -55,8 +59,11 @@ class ServerLimits:
         max_queued_jobs: Q, jobs admitted to wait for a worker; beyond N + Q, RESOURCE_EXHAUSTED at once.
         result_chunk_bytes: a result PNG larger than this goes out as ImageChunk messages of this size.
         max_batch_size: B; running jobs of equal size, pooling and precision share one replica pass, up to B
-            at a time (:mod:`nst_server.batching`); 1 runs every job alone. Needs ``max_running_jobs >= 2``.
-        batch_wait_ms: the longest a job waits for the others of its batch each iteration, ms.
+            at a time (:mod:`nst_server.batching`); 1 runs every job alone. At most ``max_running_jobs``.
+        batch_wait_ms: the longest a job waits for the others of its batch each iteration, ms (at most
+            :data:`MAX_BATCH_WAIT_MS`).
+    Raises:
+        ValueError: ``max_batch_size`` or ``batch_wait_ms`` out of range (the message names the flag).
     """
 
     max_side_px: int = 1024
@@ -69,9 +76,11 @@ class ServerLimits:
     batch_wait_ms: float = 20.0
 
     def __post_init__(self) -> None:
-        if self.max_batch_size < 1 or not self.batch_wait_ms >= 0:
-            raise ValueError(f"need --max-batch-size >= 1 and --batch-wait-ms >= 0, got {self.max_batch_size}, "
-                             f"{self.batch_wait_ms}")
+        if not 1 <= self.max_batch_size <= max(1, self.max_running_jobs):
+            raise ValueError(f"--max-batch-size must be between 1 and --max-running-jobs ({self.max_running_jobs}): "
+                             f"a batch is made of running jobs; got {self.max_batch_size}")
+        if not 0 <= self.batch_wait_ms <= MAX_BATCH_WAIT_MS:
+            raise ValueError(f"--batch-wait-ms must be between 0 and {MAX_BATCH_WAIT_MS:g} ms, got {self.batch_wait_ms}")
 
 
 _DONE = object()
