@@ -119,7 +119,8 @@ async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> Non
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server)
-    servicer = StyleTransferServicer(None, config.limits, faults=config.fault_injection.by_seed)  # UNAVAILABLE until loaded
+    # UNAVAILABLE until loaded
+    servicer = StyleTransferServicer(None, config.limits, faults=config.fault_injection.by_seed)
     pb_grpc.add_StyleTransferServicer_to_server(servicer, server)
     address = f"{config.host}:{config.port}"
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)

@@ -80,7 +80,8 @@ class ServerLimits:
             raise ValueError(f"--max-batch-size must be between 1 and --max-running-jobs ({self.max_running_jobs}): "
                              f"a batch is made of running jobs; got {self.max_batch_size}")
         if not 0 <= self.batch_wait_ms <= MAX_BATCH_WAIT_MS:
-            raise ValueError(f"--batch-wait-ms must be between 0 and {MAX_BATCH_WAIT_MS:g} ms, got {self.batch_wait_ms}")
+            raise ValueError(f"--batch-wait-ms must be between 0 and {MAX_BATCH_WAIT_MS:g} ms, "
+                             f"got {self.batch_wait_ms}")
 
 
 _DONE = object()
