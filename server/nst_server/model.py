@@ -229,6 +229,10 @@ class StyleModels:
         for name, tensor in outputs.items():
             binding.bind_output(name, ort_device, index, np.float32, tuple(tensor.shape), tensor.data_ptr())
         if device.type == "cuda":
-            torch.cuda.current_stream(device).synchronize()   # the input is written before the session reads it
-        self.session.run_with_iobinding(binding)              # returns once the provider's stream is done
+            torch.cuda.current_stream(device).synchronize()   # torch has written the input on its own stream
+        # onnxruntime's IO binding page: synchronise the bound inputs before the run and the outputs after it
+        # (no-ops on the CPU; on CUDA the provider runs on its own stream).
+        binding.synchronize_inputs()
+        self.session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
         return {name: tensor.to(self.device) for name, tensor in outputs.items()}
