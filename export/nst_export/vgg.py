@@ -33,6 +33,10 @@ LAYER_STRIDE: dict[str, int] = {
     "relu1_1": 1, "relu2_1": 2, "relu3_1": 4, "relu4_1": 8, "relu4_2": 8, "relu5_1": 16,
 }
 
+#: Channels of each output (that of the convolution it follows).
+OUTPUT_CHANNELS: dict[str, int] = {layer: c_out for layer in OUTPUT_LAYERS for name, _, c_out in CONV_LAYERS
+                                   if name == layer.replace("relu", "conv")}
+
 #: The smallest input side the stack accepts: relu5_1 sits behind four 2x2 poolings, so 16 px gives a 1x1 map.
 MIN_SIDE_PX = 16
 

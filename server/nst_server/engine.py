@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 
-from nst_export.vgg import MIN_SIDE_PX, OUTPUT_LAYERS
+from nst_export.vgg import LAYER_STRIDE, MIN_SIDE_PX, OUTPUT_LAYERS
 from nst_server import color, costs
 from nst_server.batching import ReplicaBatcher
 from nst_server.images import encode_png, encode_png_with_alpha, resize_to_max_side, to_tensor, to_uint8
@@ -264,14 +264,11 @@ class Targets:
     style_grams: dict[str, torch.Tensor]      # layer -> (1, C, C), scaled to the generated image's positions
 
 
-_POOLS_BEFORE = {"relu1_1": 0, "relu2_1": 1, "relu3_1": 2, "relu4_1": 3, "relu4_2": 3, "relu5_1": 4}
-
-
 def layer_positions(height: int, width: int, layer: str) -> int:
-    """``n_H * n_W`` of ``layer`` for an input of ``height x width`` (each 2x2 pooling floors the side)."""
-    for _ in range(_POOLS_BEFORE[layer]):
-        height, width = height // 2, width // 2
-    return height * width
+    """``n_H * n_W`` of ``layer`` for an input of ``height x width`` (each 2x2 pooling floors the side, so the
+    side is the input's floor-divided by :data:`LAYER_STRIDE`)."""
+    stride = LAYER_STRIDE[layer]
+    return (height // stride) * (width // stride)
 
 
 def features(models: StyleModels, image: torch.Tensor, pooling: str) -> dict[str, torch.Tensor]:
@@ -491,6 +488,7 @@ def stylize(models: StyleModels, inputs: JobInputs, settings: StyleTransferSetti
     budgets = split_iterations(settings.iterations, len(sides))
 
     generator = torch.Generator().manual_seed(settings.seed)
+    replica_pass = batch_pass(models)
     mean_pixels = models.replica.input_mean * 255.0
     pixels = best_pixels = None
     best_total, best_iteration, iteration = math.inf, 0, 0
@@ -539,9 +537,7 @@ def stylize(models: StyleModels, inputs: JobInputs, settings: StyleTransferSetti
             if batcher is not None:
                 j = batcher.evaluate(batch_key, pixels, cost)
             else:
-                with _autocast(models, settings.precision):
-                    feats = models.replica(replica_input(models, pixels / 255.0), pooling=settings.pooling)
-                j = cost(feats, pixels)
+                j = cost(replica_pass(pixels / 255.0, batch_key), pixels)
                 if torch.isfinite(j[-1]).all():
                     j[-1].sum().backward()
             costed.append(tuple(t.detach() for t in j))
@@ -595,9 +591,8 @@ def stylize(models: StyleModels, inputs: JobInputs, settings: StyleTransferSetti
         best_pixels = _resize_pixels(pixels.detach(), height, width)
     elif stop_reason in (STOP_ITERATIONS, STOP_CONVERGED):
         # The last step's image has not been costed yet: cost it and keep it if it is the best.
-        with torch.no_grad(), _autocast(models, settings.precision):
-            last_total = evaluate(models.replica(replica_input(models, pixels / 255.0), pooling=settings.pooling),
-                                  pixels, targets, settings)[-1]
+        with torch.no_grad():
+            last_total = evaluate(replica_pass(pixels / 255.0, batch_key), pixels, targets, settings)[-1]
         if torch.isfinite(last_total).all() and float(last_total[0]) < best_total:
             best_pixels.copy_(pixels.detach())
             best_iteration = iteration

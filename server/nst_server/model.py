@@ -19,7 +19,7 @@ import onnxruntime as ort
 import torch
 from onnx import numpy_helper
 
-from nst_export.vgg import LAYER_STRIDE, MIN_SIDE_PX, OUTPUT_LAYERS, VGG19Features
+from nst_export.vgg import LAYER_STRIDE, MIN_SIDE_PX, OUTPUT_CHANNELS, OUTPUT_LAYERS, VGG19Features
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +30,6 @@ PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CP
 #: bound to the torch tensor's memory and the outputs to torch tensors allocated on the replica's device, so
 #: on CUDA nothing goes through the host (without it: device -> numpy -> device for every forward pass).
 IO_BINDING = True
-
-#: Channels of each output layer (VGG-19 configuration E).
-OUTPUT_CHANNELS: dict[str, int] = {"relu1_1": 64, "relu2_1": 128, "relu3_1": 256, "relu4_1": 512, "relu4_2": 512,
-                                   "relu5_1": 512}
 
 #: Directory of TensorRT's engine cache ($NST_TRT_CACHE; default ~/.cache/nst/tensorrt).
 TRT_CACHE_ENV = "NST_TRT_CACHE"
