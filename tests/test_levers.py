@@ -1,11 +1,14 @@
-"""Speed levers change no result: channels_last, the one-product style gradient, the style Gram cache."""
+"""Speed levers change no result: channels_last, the one-product style gradient, the style Gram cache; and the
+server keeps one OpenMP thread team."""
 
 import io
+from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
+import serving
 from nst_server import costs, engine
 
 
@@ -72,3 +75,44 @@ def test_style_cache_serves_the_second_job(models, small_images, monkeypatch):
     _job(models, small_images, seed=3, style_scale=0.9)
     _job(models, small_images, seed=3, pooling="avg")
     assert len(models._nst_style_cache) == 2                    # three keys seen, the oldest evicted
+
+
+def _voluntary_switches(pid: int) -> dict[int, tuple[int, float]]:
+    """``{tid: (voluntary context switches, CPU ticks)}`` of each live thread of ``pid`` (proc(5))."""
+    threads = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            status = (task / "status").read_text()
+            stat = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        switches = next(int(line.split()[1]) for line in status.splitlines()
+                        if line.startswith("voluntary_ctxt_switches"))
+        threads[int(task.name)] = (switches, int(stat[11]) + int(stat[12]))
+    return threads
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir() or torch.get_num_threads() < 2
+                    or "OpenMP" not in torch.__config__.parallel_info(),
+                    reason="needs Linux /proc and PyTorch's OpenMP backend with 2+ threads")
+def test_server_job_threads_spin_at_openmp_barriers(onnx_path, small_images, tmp_path):
+    """The server loads, warms up and runs jobs on the same thread, so the process keeps one OpenMP team and
+    GNU OpenMP lets its threads spin at barriers. With loading on another thread the team's threads slept
+    at every barrier instead (several hundred futex sleeps per iteration, seen with the old server)."""
+    from nst_client import NSTClient
+
+    iterations = 6
+    server = serving.start(onnx_path, tmp_path / "server.log", ["--max-running-jobs", "1"])
+    try:
+        with NSTClient(server.target) as client:
+            client.stylize(*small_images, max_side_px=96, iterations=iterations)    # the job thread's first
+            before = _voluntary_switches(server.pid)
+            client.stylize(*small_images, max_side_px=96, iterations=iterations)
+            after = _voluntary_switches(server.pid)
+    finally:
+        server.stop()
+    # The compute threads: the job thread and its OpenMP team, the threads that used the most CPU.
+    used = sorted(after, key=lambda tid: after[tid][1] - before.get(tid, (0, 0))[1], reverse=True)
+    team = used[:torch.get_num_threads()]
+    sleeps = [(after[tid][0] - before.get(tid, (0, 0))[0]) / iterations for tid in team]
+    assert max(sleeps) < 30, f"voluntary context switches per iteration of the compute threads: {sleeps}"

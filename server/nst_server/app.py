@@ -142,10 +142,11 @@ async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> Non
         # images are at most max_side_px; the session runs one image at a time), engines cached on disk.
         trt = tensorrt_options(max_side_px=config.limits.max_side_px,
                                opt_side_px=min(512, config.limits.max_side_px))
-        models = await loop.run_in_executor(
-            None, lambda: StyleModels.load(config.model_path, config.providers, trt_options=trt))
+        # On the jobs' own threads, so that jobs, loading and warm-up share one OpenMP thread team.
+        models = await servicer.on_job_thread(
+            lambda: StyleModels.load(config.model_path, config.providers, trt_options=trt))
         await asyncio.sleep(config.fault_injection.slow_warm_up_s)
-        await loop.run_in_executor(None, warm_up, models)
+        await servicer.on_job_thread(warm_up, models)
     except BaseException:
         await server.stop(None)
         raise
