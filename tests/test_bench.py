@@ -3,6 +3,9 @@
 import csv
 import json
 import math
+import os
+import threading
+import time
 
 import pytest
 
@@ -85,3 +88,35 @@ def test_tutorial_loop_costs_the_same_function_as_the_engine(models, small_image
     with torch.no_grad():
         expected = engine.evaluate(models.replica(c), c * 255.0, targets, settings)[-1].item()
     assert trace.totals[0] == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads /proc (Linux)")
+def test_serving_cpu_counts_the_main_thread_and_not_the_worker():
+    """nst-benchmark's serving figure: CPU of the main thread (and of threads named otherwise), not of a
+    worker thread that keeps the process's name."""
+    from nst_server.benchmark import serving_cpu_s, thread_cpu_s
+
+    def burn(seconds: float) -> None:
+        end = time.thread_time() + seconds
+        while time.thread_time() < end:
+            pass
+
+    burnt, release = threading.Event(), threading.Event()
+
+    def work() -> None:                 # stays alive until read: /proc lists live threads only
+        burn(0.4)
+        burnt.set()
+        release.wait(30)
+
+    pid = os.getpid()
+    before = thread_cpu_s(pid)
+    worker = threading.Thread(target=work)
+    worker.start()
+    burnt.wait(30)
+    burn(0.15)
+    after = thread_cpu_s(pid)
+    release.set()
+    worker.join()
+    assert after[pid][1] - before[pid][1] >= 0.12
+    assert any(tid not in before and seconds >= 0.35 for tid, (_, seconds) in after.items())   # the worker's
+    assert 0.12 <= serving_cpu_s(pid, before, after) < 0.35

@@ -19,6 +19,8 @@ Figures (JSON in the output folder, times in seconds):
 
 * per-iteration time of each, warm-up iterations excluded (median of the differences between consecutive
   iterations' clocks), and the ratios tutorial/engine and server/engine;
+* the CPU time the server's serving threads (event loop, gRPC) spend per iteration of (c), over the engine's
+  per-iteration time (:func:`serving_cpu_s`; Linux only);
 * time to quality: the wall time from the job's start until the total cost J (the seed's costs, the same
   function for all three) first reaches the cost (a) reaches after ``--ttq-iterations`` evaluations;
 * FLOPs of one iteration (:func:`iteration_flops`) and the achieved FLOP/s of each over the FLOP/s of a large
@@ -124,6 +126,39 @@ def matmul_flops_per_s(n: int = 4096, repeats: int = 3, device: str | torch.devi
         _sync(device)
         best = min(best, time.perf_counter() - start)
     return 2.0 * n**3 / best
+
+
+def thread_cpu_s(pid: int) -> dict[int, tuple[str, float]]:
+    """CPU time so far of each thread of process ``pid``: ``{tid: (name, user + system seconds)}``.
+
+    Read from ``/proc/PID/task/TID/stat`` and ``comm`` (proc(5): fields 14 and 15, in clock ticks); empty where
+    there is no ``/proc`` (not Linux). Threads that end while it reads are left out.
+    """
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    threads: dict[int, tuple[str, float]] = {}
+    with contextlib.suppress(FileNotFoundError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+                name = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            fields = stat.rsplit(")", 1)[1].split()          # after "pid (comm)": state is field 3
+            threads[int(tid)] = (name, (int(fields[11]) + int(fields[12])) / ticks)
+    return threads
+
+
+def serving_cpu_s(pid: int, before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> float:
+    """CPU seconds the server spent serving rather than computing between two :func:`thread_cpu_s` readings.
+
+    Serving threads: the main thread (``tid == pid``: the asyncio event loop with the gRPC handlers, the
+    protobuf messages and the queue between the worker and the stream) and every thread whose name differs
+    from the main thread's (gRPC's C-core threads name themselves, e.g. ``event_engine``). The job's worker
+    thread and the intra-op threads of PyTorch and onnxruntime keep the process's name and are left out.
+    """
+    main_name = after.get(pid, before.get(pid, ("", 0.0)))[0]
+    return sum(seconds - before.get(tid, (name, 0.0))[1] for tid, (name, seconds) in after.items()
+               if tid == pid or name != main_name)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -675,6 +710,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Speed: (a), then (b) and (c) interleaved.
         speed: dict[str, list[Trace]] = {"tutorial": [], "engine": [], "server": []}
+        serving: list[float] = []          # the server's serving threads' CPU seconds per iteration, each run
         for _ in range(max(1, args.repeats)):
             _log("(a) tutorial loop")
             speed["tutorial"].append(run_tutorial(models, content_image, style_image, settings, args.iterations))
@@ -682,7 +718,9 @@ def main(argv: list[str] | None = None) -> int:
             speed["engine"].append(run_engine(models, inputs, settings))
             if server:
                 _log("(c) server through gRPC")
+                before = thread_cpu_s(process.pid)
                 speed["server"].append(run_server(server, content_bytes, style_bytes, settings))
+                serving.append(serving_cpu_s(process.pid, before, thread_cpu_s(process.pid)) / args.iterations)
         per_iteration = {}
         for name, traces in speed.items():
             if not traces:
@@ -705,6 +743,14 @@ def main(argv: list[str] | None = None) -> int:
         report["ratios"] = {"tutorial_over_engine_per_iteration": per_iteration["tutorial"] / per_iteration["engine"]}
         if "server" in per_iteration:
             report["ratios"]["server_over_engine_per_iteration"] = per_iteration["server"] / per_iteration["engine"]
+            if serving:
+                # What gRPC and the event loop cost the server, in CPU rather than wall time (which this
+                # VM's drift moves by several % between runs): a bound on what serving can take from the job.
+                report["server"]["serving_cpu_per_iteration_s"] = statistics.median(serving)
+                report["ratios"]["server_serving_cpu_over_engine_iteration"] = (statistics.median(serving)
+                                                                                / per_iteration["engine"])
+                _log(f"server: serving threads {statistics.median(serving) * 1e3:.2f} ms CPU per iteration, "
+                     f"{report['ratios']['server_serving_cpu_over_engine_iteration']:.2%} of an engine iteration")
         save()
 
         if args.lever_repeats:
