@@ -77,7 +77,7 @@ def test_style_cache_serves_the_second_job(models, small_images, monkeypatch):
     assert len(models._nst_style_cache) == 2                    # three keys seen, the oldest evicted
 
 
-def _voluntary_switches(pid: int) -> dict[int, tuple[int, float]]:
+def _voluntary_switches(pid: int) -> dict[int, tuple[int, int]]:
     """``{tid: (voluntary context switches, CPU ticks)}`` of each live thread of ``pid`` (proc(5))."""
     threads = {}
     for task in Path(f"/proc/{pid}/task").iterdir():

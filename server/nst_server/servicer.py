@@ -134,7 +134,7 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
         PyTorch's CPU kernels run in OpenMP parallel regions, and GNU OpenMP keeps one thread team per
         thread that starts a region. Once a process holds more OpenMP threads than CPUs, every team waits
         at its barriers by sleeping after a short spin instead of spinning (libgomp's throttled spin count),
-        which was seen here to add about 400 futex sleeps and several % to each iteration. Loading and warming
+        which was seen here to add hundreds of futex sleeps and about 3 % to each iteration. Loading and warming
         up on a job thread (the pool reuses an idle thread first) keeps one team for a server with one running
         job instead of three.
         """
