@@ -77,19 +77,17 @@ def test_style_cache_serves_the_second_job(models, small_images, monkeypatch):
     assert len(models._nst_style_cache) == 2                    # three keys seen, the oldest evicted
 
 
-def _voluntary_switches(pid: int) -> dict[int, tuple[int, int]]:
-    """``{tid: (voluntary context switches, CPU ticks)}`` of each live thread of ``pid`` (proc(5))."""
-    threads = {}
+def _voluntary_switches(pid: int) -> dict[int, int]:
+    """``{tid: voluntary context switches}`` of each live thread of ``pid`` (proc(5) ``status``)."""
+    switches = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             status = (task / "status").read_text()
-            stat = (task / "stat").read_text().rsplit(")", 1)[1].split()
         except (FileNotFoundError, ProcessLookupError):
             continue
-        switches = next(int(line.split()[1]) for line in status.splitlines()
-                        if line.startswith("voluntary_ctxt_switches"))
-        threads[int(task.name)] = (switches, int(stat[11]) + int(stat[12]))
-    return threads
+        switches[int(task.name)] = next(int(line.split()[1]) for line in status.splitlines()
+                                        if line.startswith("voluntary_ctxt_switches"))
+    return switches
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir() or torch.get_num_threads() < 2
@@ -100,19 +98,20 @@ def test_server_job_threads_spin_at_openmp_barriers(onnx_path, small_images, tmp
     GNU OpenMP lets its threads spin at barriers. With loading on another thread the team's threads slept
     at every barrier instead (several hundred futex sleeps per iteration, seen with the old server)."""
     from nst_client import NSTClient
+    from nst_server.benchmark import thread_cpu_s
 
     iterations = 6
     server = serving.start(onnx_path, tmp_path / "server.log", ["--max-running-jobs", "1"])
     try:
         with NSTClient(server.target) as client:
             client.stylize(*small_images, max_side_px=96, iterations=iterations)    # the job thread's first
-            before = _voluntary_switches(server.pid)
+            before, cpu_before = _voluntary_switches(server.pid), thread_cpu_s(server.pid)
             client.stylize(*small_images, max_side_px=96, iterations=iterations)
-            after = _voluntary_switches(server.pid)
+            after, cpu_after = _voluntary_switches(server.pid), thread_cpu_s(server.pid)
     finally:
         server.stop()
     # The compute threads: the job thread and its OpenMP team, the threads that used the most CPU.
-    used = sorted(after, key=lambda tid: after[tid][1] - before.get(tid, (0, 0))[1], reverse=True)
+    used = sorted(cpu_after, key=lambda tid: cpu_after[tid][1] - cpu_before.get(tid, ("", 0.0))[1], reverse=True)
     team = used[:torch.get_num_threads()]
-    sleeps = [(after[tid][0] - before.get(tid, (0, 0))[0]) / iterations for tid in team]
+    sleeps = [(after.get(tid, 0) - before.get(tid, 0)) / iterations for tid in team]
     assert max(sleeps) < 30, f"voluntary context switches per iteration of the compute threads: {sleeps}"
