@@ -80,7 +80,7 @@ def test_tutorial_loop_costs_the_same_function_as_the_engine(models, small_image
     from nst_server.benchmark import run_tutorial
     from nst_server.images import resize_to_max_side, to_tensor
     content, style = (Image.open(io.BytesIO(data)).convert("RGB") for data in small_images)
-    settings = engine.StyleTransferSettings(max_side_px=32, iterations=3)
+    settings = engine.StyleTransferSettings.preset("classic", max_side_px=32, iterations=3, precision="fp32")
     trace = run_tutorial(models, content, style, settings, 3)
     assert len(trace.times_s) == len(trace.totals) == 3
     c = to_tensor(resize_to_max_side(content, 32))

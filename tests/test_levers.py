@@ -10,6 +10,7 @@ from PIL import Image
 
 import serving
 from nst_server import costs, engine
+from nst_server.images import resize_to_max_side
 
 
 def _reference_style_cost(style_gram, generated):
@@ -46,7 +47,8 @@ def test_gram_matrix_is_the_same_in_both_layouts():
 def _job(models, small_images, **changes):
     content, style = (Image.open(io.BytesIO(data)).convert("RGB") for data in small_images)
     inputs = engine.JobInputs(content=content, styles=[(style, 1.0)])
-    events = list(engine.stylize(models, inputs, engine.StyleTransferSettings(max_side_px=32, iterations=3, **changes)))
+    settings = engine.StyleTransferSettings(max_side_px=32, iterations=3, **{"precision": "fp32", **changes})
+    events = list(engine.stylize(models, inputs, settings))
     return events[0], events[-1]
 
 
@@ -70,7 +72,10 @@ def test_style_cache_serves_the_second_job(models, small_images, monkeypatch):
     monkeypatch.setattr(engine, "features", lambda *a, **k: calls.append(a[1].shape) or real(*a, **k))
     _, first = _job(models, small_images, seed=3)
     _, second = _job(models, small_images, seed=3)
-    assert len(calls) == 2 * 2 + 1          # content and style, content and the delivered image; then no style
+    width, height = resize_to_max_side(Image.open(io.BytesIO(small_images[0])), 32).size
+    levels = len(engine.pyramid_sizes(height, width, engine.StyleTransferSettings().pyramid_levels))
+    # Per pyramid level: content and style, content and the delivered image; then no style.
+    assert len(calls) == (2 * 2 + 1) * levels
     assert first.png == second.png == uncached.png
     _job(models, small_images, seed=3, style_scale=0.9)
     _job(models, small_images, seed=3, pooling="avg")

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from nst_client import NSTError, build_request
+from nst_server.precision import default_precision
 
 
 def test_health_and_model_info(client):
@@ -16,7 +17,8 @@ def test_health_and_model_info(client):
     assert list(info.output_layers) == ["relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu4_2", "relu5_1"]
     assert "CPUExecutionProvider" in info.execution_providers
     assert len(info.weights_sha256) == 64 and info.min_side_px == 16
-    assert info.precision == "fp32" and set(info.supported_precisions) == {"fp32", "bf16", "fp16"}
+    assert (info.precision, info.precision_reason) == default_precision("cpu")
+    assert set(info.supported_precisions) == {"auto", "fp32", "bf16", "fp16"}
     assert (info.max_running_jobs, info.max_queued_jobs) == (1, 4) and info.max_iterations > 0
 
 

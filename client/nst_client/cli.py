@@ -48,9 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
                          help="longest side of the result, px (server default 256)")
     stylize.add_argument("--iterations", type=int, default=0, help="optimiser iterations (server default 200)")
     stylize.add_argument("--preset", choices=CHOICES["preset"], default=None,
-                         help="seed: the seed's course recipe (Adam, alpha 10, beta 40)")
-    stylize.add_argument("--content-weight", type=float, default=None, help="alpha")
-    stylize.add_argument("--style-weight", type=float, default=None, help="beta")
+                         help="seed: the seed's course recipe (Adam, alpha 10, beta 40, its costs as they are); "
+                              "classic: this service's defaults before normalised multi-scale costs")
+    stylize.add_argument("--content-weight", type=float, default=None, help="alpha (server default 1)")
+    stylize.add_argument("--style-weight", type=float, default=None,
+                         help="beta (server default 15, on normalised costs: see --normalization)")
+    stylize.add_argument("--normalization", choices=CHOICES["normalization"], default=None,
+                         help="target: alpha and beta weigh relative errors (server default); none: the seed's "
+                              "J = alpha J_content + beta J_style as it is")
+    stylize.add_argument("--pyramid-levels", type=int, default=None,
+                         help="costs at this many sizes of the image, half an octave apart (server default 3)")
     stylize.add_argument("--tv-weight", type=float, default=None, help="total variation weight")
     stylize.add_argument("--content-layers", default=None, metavar="LAYER:W,…", help="e.g. relu4_2:1")
     stylize.add_argument("--style-layers", default=None, metavar="LAYER:W,…",
@@ -65,9 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     stylize.add_argument("--noise-ratio", type=float, default=None, help="noise share of the initial image, 0..1")
     stylize.add_argument("--color-control", choices=CHOICES["color_control"], default=None,
                          help="keep the content's colours: luminance or match_style_colors")
-    stylize.add_argument("--scales", type=int, default=None, help="coarse-to-fine scales (1: single scale)")
+    stylize.add_argument("--scales", type=int, default=None,
+                         help="coarse-to-fine scales (server default 3; 1: single scale)")
     stylize.add_argument("--start-side-px", type=int, default=0, help="longest side at the first scale, px")
-    stylize.add_argument("--precision", choices=CHOICES["precision"], default=None)
+    stylize.add_argument("--precision", choices=CHOICES["precision"], default=None,
+                         help="auto (server default): bf16 where the hardware runs it natively, else fp32")
     stylize.add_argument("--keep-content-alpha", action="store_true",
                          help="RGBA result carrying the content's transparency")
     stylize.add_argument("--convergence-tolerance", type=float, default=None)
@@ -90,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 _OPTIONS = ("max_side_px", "iterations", "preset", "content_weight", "style_weight", "tv_weight", "style_scale",
             "pooling", "optimizer", "learning_rate", "lbfgs_history", "init", "noise_ratio", "color_control",
             "scales", "start_side_px", "precision", "convergence_tolerance", "seed", "preview_every",
-            "keep_content_alpha")
+            "keep_content_alpha", "normalization", "pyramid_levels")
 
 
 def _file_weight(text: str) -> tuple[str, float]:
@@ -141,7 +150,7 @@ def _stylize(args: argparse.Namespace, client: NSTClient) -> int:
             bar.close()
     result.save(args.output)
     print(f"wrote {args.output} ({result.width_px}x{result.height_px}) in {result.elapsed_ms / 1000:.1f} s; "
-          f"{result.iterations} iterations, stop: {result.stop_reason}")
+          f"{result.iterations} iterations, stop: {result.stop_reason}, precision {result.precision or '?'}")
     print(f"costs of the delivered image: content {result.content_cost:.4g}, style {result.style_cost:.4g}, "
           f"total {result.total_cost:.4g}")
     if result.progress:

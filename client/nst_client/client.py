@@ -77,6 +77,7 @@ class StylizeResult:
     stop_reason: str
     elapsed_ms: float
     progress: list[pb.Progress]
+    precision: str = ""                 # the replica's precision the job ran at ("fp32", "bf16", "fp16")
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the PNG bytes to ``path``."""
@@ -100,12 +101,13 @@ _ENUMS = {
     "pooling": (pb.Pooling, "POOLING_"),
     "color_control": (pb.ColorControl, "COLOR_CONTROL_"),
     "precision": (pb.Precision, "PRECISION_"),
+    "normalization": (pb.Normalization, "NORMALIZATION_"),
 }
 #: Option name -> its allowed values, e.g. ``CHOICES["optimizer"] == ("lbfgs", "adam")``.
 CHOICES = {name: tuple(key[len(prefix):].lower() for key in enum.keys() if not key.endswith("_UNSPECIFIED"))
            for name, (enum, prefix) in _ENUMS.items()}
 _OPTIONAL_SCALARS = ("content_weight", "style_weight", "seed", "learning_rate", "noise_ratio", "style_scale",
-                     "tv_weight", "convergence_tolerance", "scales")
+                     "tv_weight", "convergence_tolerance", "scales", "pyramid_levels")
 _PLAIN_SCALARS = ("max_side_px", "iterations", "progress_every", "start_side_px", "preview_every",
                   "preview_max_side_px", "lbfgs_history", "keep_content_alpha")
 
@@ -129,11 +131,12 @@ def build_request(content: Image, style: Image | None = None, *,
         content_layers, style_layers: ``{layer: weight}``, e.g. ``{"relu4_2": 1.0}``.
         **options: ``max_side_px``, ``iterations``, ``content_weight``, ``style_weight``, ``seed``,
             ``learning_rate``, ``noise_ratio``, ``style_scale``, ``tv_weight``, ``convergence_tolerance``,
-            ``scales``, ``progress_every``, ``start_side_px``, ``preview_every``, ``preview_max_side_px``,
+            ``scales``, ``pyramid_levels``, ``progress_every``, ``start_side_px``, ``preview_every``, ``preview_max_side_px``,
             ``lbfgs_history``, ``keep_content_alpha`` (bool), and the names ``optimizer`` (lbfgs, adam),
-            ``preset`` (seed), ``init``
+            ``preset`` (seed, classic), ``init``
             (noisy_content, content, random, image), ``pooling`` (max, avg), ``color_control`` (none,
-            luminance, match_style_colors), ``precision`` (fp32, bf16, fp16).
+            luminance, match_style_colors), ``precision`` (auto, fp32, bf16, fp16), ``normalization``
+            (target, none).
     Raises:
         ValueError: an unknown option or option value. OSError: an image path cannot be read.
     """
@@ -296,7 +299,7 @@ class NSTClient:
                     height_px=result.height_px, content_cost=result.costs.content, style_cost=result.costs.style,
                     total_cost=result.costs.total, iterations=result.iterations,
                     best_iteration=result.best_iteration, stop_reason=STOP_REASONS[result.stop_reason],
-                    elapsed_ms=result.elapsed_ms, progress=progress)
+                    elapsed_ms=result.elapsed_ms, progress=progress, precision=result.precision)
         if final is None:
             raise NSTError(grpc.StatusCode.UNKNOWN, "the stream ended without a result")
         return final

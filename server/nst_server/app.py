@@ -19,7 +19,9 @@ from nst_client._proto.nst.v1 import style_transfer_pb2_grpc as pb_grpc
 from nst_server.interceptors import BearerTokenInterceptor, RpcLogInterceptor
 from nst_server.jobs import FaultInjection
 from nst_server.metrics import start_metrics_server
+from nst_server import engine
 from nst_server.model import StyleModels, tensorrt_options
+from nst_server.precision import default_precision
 from nst_server.servicer import ServerLimits, StyleTransferServicer
 
 log = logging.getLogger(__name__)
@@ -70,10 +72,12 @@ class ServerConfig:
 
 
 def warm_up(models: StyleModels) -> None:
-    """One session pass and one replica forward/backward at 32 px, so the first job does not pay for set-up."""
+    """One session pass and one replica forward/backward at 32 px in the default job's precision, so the first
+    job does not pay for set-up."""
     image = torch.rand(1, 3, 32, 32, device=models.device, requires_grad=True)
     models.features(image)
-    sum(out.sum() for out in models.replica(image)).backward()
+    key = (tuple(image.shape), models.replica.pooling, default_precision(models.device)[0])
+    sum(out.float().sum() for out in engine.batch_pass(models)(image, key)).backward()
 
 
 def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
@@ -153,8 +157,9 @@ async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> Non
     servicer.models = models
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving %s on %s:%d (%s, execution providers %s, token %s)", SERVICE_NAME, config.host, port,
-             "TLS" if credentials else "plaintext", models.providers, "required" if config.auth_token else "off")
+    log.info("serving %s on %s:%d (%s, execution providers %s, default precision %s: %s, token %s)",
+             SERVICE_NAME, config.host, port, "TLS" if credentials else "plaintext", models.providers,
+             *default_precision(models.device), "required" if config.auth_token else "off")
     print(f"nst-server listening on {config.host}:{port}", flush=True)
     if ready is not None:
         ready.set()

@@ -677,7 +677,8 @@ def main(argv: list[str] | None = None) -> int:
     models = StyleModels.load(model_path, providers=args.providers.split(",") if args.providers else None,
                               device=args.device)
     device = models.device
-    settings = engine.StyleTransferSettings(max_side_px=args.size, iterations=args.iterations)
+    settings = engine.StyleTransferSettings.preset("classic", max_side_px=args.size, iterations=args.iterations,
+                                                   precision="fp32")
     inputs = engine.JobInputs(content=content_image, styles=[(style_image, 1.0)])
     width, height = resize_to_max_side(content_image, args.size).size
     warm = args.warmup_iterations

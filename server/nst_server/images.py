@@ -19,6 +19,7 @@ The input contract (README, "Inputs, limits and errors"):
 
 from __future__ import annotations
 
+import functools
 import io
 
 import numpy as np
@@ -280,3 +281,36 @@ def encode_png(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array, "RGB").save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def _lanczos3(x: np.ndarray) -> np.ndarray:
+    return np.where(np.abs(x) < 3.0, np.sinc(x) * np.sinc(x / 3.0), 0.0)
+
+
+@functools.lru_cache(maxsize=64)
+def lanczos_matrix(out_size: int, in_size: int) -> torch.Tensor:
+    """The ``(out_size, in_size)`` float32 matrix of Pillow's Lanczos (a = 3) resampling along one axis.
+
+    Row ``i`` holds the weights of output sample ``i`` (centre ``(i + 0.5) * in/out`` in input coordinates, the
+    kernel stretched by ``in/out`` when downsampling, weights normalised to sum 1), as Pillow's ``ImagingResample``
+    computes them, so ``R_h @ x @ R_w^T`` is Pillow's ``resize(..., LANCZOS)`` of a float image without its 8-bit
+    rounding, and is differentiable. Source: Pillow, ``src/libImaging/Resample.c`` (``precompute_coeffs``).
+    """
+    scale = in_size / out_size
+    filter_scale = max(scale, 1.0)
+    support = 3.0 * filter_scale
+    matrix = np.zeros((out_size, in_size), dtype=np.float64)
+    for i in range(out_size):
+        center = (i + 0.5) * scale
+        low, high = max(int(center - support + 0.5), 0), min(int(center + support + 0.5), in_size)
+        taps = _lanczos3((np.arange(low, high) - center + 0.5) / filter_scale)
+        matrix[i, low:high] = taps / taps.sum() if taps.sum() != 0 else 0.0
+    return torch.from_numpy(matrix.astype(np.float32))
+
+
+def resize_lanczos(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``pixels`` ``(B, C, H, W)`` resized to ``size`` ``(H', W')`` with Pillow's Lanczos filter
+    (:func:`lanczos_matrix`), differentiable; values may overshoot the input's range, as Lanczos does."""
+    rows = lanczos_matrix(size[0], pixels.shape[2]).to(pixels.device)          # (H', H)
+    cols = lanczos_matrix(size[1], pixels.shape[3]).to(pixels.device)          # (W', W)
+    return torch.matmul(torch.matmul(rows, pixels.float()), cols.t())

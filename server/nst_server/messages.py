@@ -9,13 +9,15 @@ from nst_server import engine
 from nst_server.images import decode_image, decode_image_and_alpha
 
 OPTIMIZERS = {pb.OPTIMIZER_LBFGS: "lbfgs", pb.OPTIMIZER_ADAM: "adam"}
-PRESETS = {pb.PRESET_UNSPECIFIED: "default", pb.PRESET_SEED: "seed"}
+PRESETS = {pb.PRESET_UNSPECIFIED: "default", pb.PRESET_SEED: "seed", pb.PRESET_CLASSIC: "classic"}
 INITS = {pb.INIT_NOISY_CONTENT: "noisy_content", pb.INIT_CONTENT: "content", pb.INIT_RANDOM: "random",
          pb.INIT_IMAGE: "image"}
 POOLINGS = {pb.POOLING_MAX: "max", pb.POOLING_AVG: "avg"}
 COLOR_CONTROLS = {pb.COLOR_CONTROL_NONE: "none", pb.COLOR_CONTROL_LUMINANCE: "luminance",
                   pb.COLOR_CONTROL_MATCH_STYLE_COLORS: "match_style_colors"}
-PRECISIONS = {pb.PRECISION_FP32: "fp32", pb.PRECISION_BF16: "bf16", pb.PRECISION_FP16: "fp16"}
+PRECISIONS = {pb.PRECISION_FP32: "fp32", pb.PRECISION_BF16: "bf16", pb.PRECISION_FP16: "fp16",
+              pb.PRECISION_AUTO: "auto"}
+NORMALIZATIONS = {pb.NORMALIZATION_NONE: "none", pb.NORMALIZATION_TARGET: "target"}
 STOP_REASONS = {
     engine.STOP_ITERATIONS: pb.STOP_REASON_ITERATIONS_DONE,
     engine.STOP_CANCELLED: pb.STOP_REASON_CANCELLED,
@@ -73,7 +75,7 @@ def settings_from_request(request: pb.StylizeRequest, limits) -> engine.StyleTra
             raise RequestError("iterations", f"must be at most {limits.max_iterations}, got {request.iterations}")
         values["iterations"] = request.iterations
     for name in ("content_weight", "style_weight", "learning_rate", "noise_ratio", "style_scale", "tv_weight",
-                 "convergence_tolerance", "seed", "scales"):
+                 "convergence_tolerance", "seed", "scales", "pyramid_levels"):
         if request.HasField(name):
             values[name] = getattr(request, name)
     for name in ("progress_every", "start_side_px", "preview_every", "preview_max_side_px", "lbfgs_history"):
@@ -84,6 +86,7 @@ def settings_from_request(request: pb.StylizeRequest, limits) -> engine.StyleTra
     _enum(request, "pooling", POOLINGS, values, "pooling")
     _enum(request, "color_control", COLOR_CONTROLS, values, "color_control")
     _enum(request, "precision", PRECISIONS, values, "precision")
+    _enum(request, "normalization", NORMALIZATIONS, values, "normalization")
     if request.content_layers:
         values["content_layers"] = _layers(request.content_layers, "content_layers")
     if request.style_layers:
@@ -160,5 +163,5 @@ def to_proto(event: engine.Progress | engine.Result,
     messages.append(pb.StylizeResponse(result=pb.Result(
         image_png=png, width_px=width, height_px=height, costs=_costs(event.costs),
         iterations=event.iterations, best_iteration=event.best_iteration,
-        stop_reason=STOP_REASONS[event.stop_reason], elapsed_ms=event.elapsed_ms)))
+        stop_reason=STOP_REASONS[event.stop_reason], elapsed_ms=event.elapsed_ms, precision=event.precision)))
     return messages

@@ -39,6 +39,7 @@ from nst_server.jobs import STOP_CLIENT, STOP_DEADLINE, STOP_SHUTDOWN, Admission
 from nst_server.messages import (DEFAULT_RESULT_CHUNK_BYTES, RequestError, decode_inputs, settings_from_request,
                                  to_proto)
 from nst_server.model import StyleModels
+from nst_server.precision import default_precision
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,7 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
         if self.models is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
         meta = self.models.metadata
+        precision, precision_reason = default_precision(self.models.device)
         return pb.ModelInfo(
             output_layers=list(OUTPUT_LAYERS),
             input_contract_json=meta.get("nst.input_contract", ""),
@@ -157,8 +159,9 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
                       "grpcio": grpc.__version__, "nst": _NST_VERSION},
             min_side_px=MIN_SIDE_PX,
             max_side_px=self.limits.max_side_px,
-            precision="fp32",
-            supported_precisions=list(engine.PRECISIONS),
+            precision=precision,
+            precision_reason=precision_reason,
+            supported_precisions=["auto", *engine.PRECISIONS],
             max_iterations=self.limits.max_iterations,
             max_running_jobs=self.limits.max_running_jobs,
             max_queued_jobs=self.limits.max_queued_jobs,

@@ -25,6 +25,7 @@ class Preset(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     PRESET_UNSPECIFIED: _ClassVar[Preset]
     PRESET_SEED: _ClassVar[Preset]
+    PRESET_CLASSIC: _ClassVar[Preset]
 
 class Init(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -53,6 +54,13 @@ class Precision(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PRECISION_FP32: _ClassVar[Precision]
     PRECISION_BF16: _ClassVar[Precision]
     PRECISION_FP16: _ClassVar[Precision]
+    PRECISION_AUTO: _ClassVar[Precision]
+
+class Normalization(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    NORMALIZATION_UNSPECIFIED: _ClassVar[Normalization]
+    NORMALIZATION_NONE: _ClassVar[Normalization]
+    NORMALIZATION_TARGET: _ClassVar[Normalization]
 OPTIMIZER_UNSPECIFIED: Optimizer
 OPTIMIZER_LBFGS: Optimizer
 OPTIMIZER_ADAM: Optimizer
@@ -63,6 +71,7 @@ STOP_REASON_NON_FINITE_COST: StopReason
 STOP_REASON_CONVERGED: StopReason
 PRESET_UNSPECIFIED: Preset
 PRESET_SEED: Preset
+PRESET_CLASSIC: Preset
 INIT_UNSPECIFIED: Init
 INIT_NOISY_CONTENT: Init
 INIT_CONTENT: Init
@@ -79,6 +88,10 @@ PRECISION_UNSPECIFIED: Precision
 PRECISION_FP32: Precision
 PRECISION_BF16: Precision
 PRECISION_FP16: Precision
+PRECISION_AUTO: Precision
+NORMALIZATION_UNSPECIFIED: Normalization
+NORMALIZATION_NONE: Normalization
+NORMALIZATION_TARGET: Normalization
 
 class StyleImage(_message.Message):
     __slots__ = ("image", "blend_weight")
@@ -97,7 +110,7 @@ class LayerWeight(_message.Message):
     def __init__(self, layer: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class StylizeRequest(_message.Message):
-    __slots__ = ("content_image", "style_image", "max_side_px", "iterations", "content_weight", "style_weight", "seed", "optimizer", "learning_rate", "noise_ratio", "progress_every", "styles", "style_scale", "preset", "init", "init_image", "content_layers", "style_layers", "pooling", "tv_weight", "color_control", "scales", "start_side_px", "precision", "preview_every", "preview_max_side_px", "convergence_tolerance", "lbfgs_history", "keep_content_alpha")
+    __slots__ = ("content_image", "style_image", "max_side_px", "iterations", "content_weight", "style_weight", "seed", "optimizer", "learning_rate", "noise_ratio", "progress_every", "styles", "style_scale", "preset", "init", "init_image", "content_layers", "style_layers", "pooling", "tv_weight", "color_control", "scales", "start_side_px", "precision", "preview_every", "preview_max_side_px", "convergence_tolerance", "lbfgs_history", "keep_content_alpha", "normalization", "pyramid_levels")
     CONTENT_IMAGE_FIELD_NUMBER: _ClassVar[int]
     STYLE_IMAGE_FIELD_NUMBER: _ClassVar[int]
     MAX_SIDE_PX_FIELD_NUMBER: _ClassVar[int]
@@ -127,6 +140,8 @@ class StylizeRequest(_message.Message):
     CONVERGENCE_TOLERANCE_FIELD_NUMBER: _ClassVar[int]
     LBFGS_HISTORY_FIELD_NUMBER: _ClassVar[int]
     KEEP_CONTENT_ALPHA_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZATION_FIELD_NUMBER: _ClassVar[int]
+    PYRAMID_LEVELS_FIELD_NUMBER: _ClassVar[int]
     content_image: bytes
     style_image: bytes
     max_side_px: int
@@ -156,7 +171,9 @@ class StylizeRequest(_message.Message):
     convergence_tolerance: float
     lbfgs_history: int
     keep_content_alpha: bool
-    def __init__(self, content_image: _Optional[bytes] = ..., style_image: _Optional[bytes] = ..., max_side_px: _Optional[int] = ..., iterations: _Optional[int] = ..., content_weight: _Optional[float] = ..., style_weight: _Optional[float] = ..., seed: _Optional[int] = ..., optimizer: _Optional[_Union[Optimizer, str]] = ..., learning_rate: _Optional[float] = ..., noise_ratio: _Optional[float] = ..., progress_every: _Optional[int] = ..., styles: _Optional[_Iterable[_Union[StyleImage, _Mapping]]] = ..., style_scale: _Optional[float] = ..., preset: _Optional[_Union[Preset, str]] = ..., init: _Optional[_Union[Init, str]] = ..., init_image: _Optional[bytes] = ..., content_layers: _Optional[_Iterable[_Union[LayerWeight, _Mapping]]] = ..., style_layers: _Optional[_Iterable[_Union[LayerWeight, _Mapping]]] = ..., pooling: _Optional[_Union[Pooling, str]] = ..., tv_weight: _Optional[float] = ..., color_control: _Optional[_Union[ColorControl, str]] = ..., scales: _Optional[int] = ..., start_side_px: _Optional[int] = ..., precision: _Optional[_Union[Precision, str]] = ..., preview_every: _Optional[int] = ..., preview_max_side_px: _Optional[int] = ..., convergence_tolerance: _Optional[float] = ..., lbfgs_history: _Optional[int] = ..., keep_content_alpha: _Optional[bool] = ...) -> None: ...
+    normalization: Normalization
+    pyramid_levels: int
+    def __init__(self, content_image: _Optional[bytes] = ..., style_image: _Optional[bytes] = ..., max_side_px: _Optional[int] = ..., iterations: _Optional[int] = ..., content_weight: _Optional[float] = ..., style_weight: _Optional[float] = ..., seed: _Optional[int] = ..., optimizer: _Optional[_Union[Optimizer, str]] = ..., learning_rate: _Optional[float] = ..., noise_ratio: _Optional[float] = ..., progress_every: _Optional[int] = ..., styles: _Optional[_Iterable[_Union[StyleImage, _Mapping]]] = ..., style_scale: _Optional[float] = ..., preset: _Optional[_Union[Preset, str]] = ..., init: _Optional[_Union[Init, str]] = ..., init_image: _Optional[bytes] = ..., content_layers: _Optional[_Iterable[_Union[LayerWeight, _Mapping]]] = ..., style_layers: _Optional[_Iterable[_Union[LayerWeight, _Mapping]]] = ..., pooling: _Optional[_Union[Pooling, str]] = ..., tv_weight: _Optional[float] = ..., color_control: _Optional[_Union[ColorControl, str]] = ..., scales: _Optional[int] = ..., start_side_px: _Optional[int] = ..., precision: _Optional[_Union[Precision, str]] = ..., preview_every: _Optional[int] = ..., preview_max_side_px: _Optional[int] = ..., convergence_tolerance: _Optional[float] = ..., lbfgs_history: _Optional[int] = ..., keep_content_alpha: _Optional[bool] = ..., normalization: _Optional[_Union[Normalization, str]] = ..., pyramid_levels: _Optional[int] = ...) -> None: ...
 
 class StylizeResponse(_message.Message):
     __slots__ = ("accepted", "progress", "result", "image_chunk")
@@ -219,7 +236,7 @@ class Progress(_message.Message):
     def __init__(self, iteration: _Optional[int] = ..., costs: _Optional[_Union[Costs, _Mapping]] = ..., elapsed_ms: _Optional[float] = ..., preview_png: _Optional[bytes] = ..., scale: _Optional[int] = ..., width_px: _Optional[int] = ..., height_px: _Optional[int] = ...) -> None: ...
 
 class Result(_message.Message):
-    __slots__ = ("image_png", "width_px", "height_px", "costs", "iterations", "best_iteration", "stop_reason", "elapsed_ms")
+    __slots__ = ("image_png", "width_px", "height_px", "costs", "iterations", "best_iteration", "stop_reason", "elapsed_ms", "precision")
     IMAGE_PNG_FIELD_NUMBER: _ClassVar[int]
     WIDTH_PX_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_PX_FIELD_NUMBER: _ClassVar[int]
@@ -228,6 +245,7 @@ class Result(_message.Message):
     BEST_ITERATION_FIELD_NUMBER: _ClassVar[int]
     STOP_REASON_FIELD_NUMBER: _ClassVar[int]
     ELAPSED_MS_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
     image_png: bytes
     width_px: int
     height_px: int
@@ -236,14 +254,15 @@ class Result(_message.Message):
     best_iteration: int
     stop_reason: StopReason
     elapsed_ms: float
-    def __init__(self, image_png: _Optional[bytes] = ..., width_px: _Optional[int] = ..., height_px: _Optional[int] = ..., costs: _Optional[_Union[Costs, _Mapping]] = ..., iterations: _Optional[int] = ..., best_iteration: _Optional[int] = ..., stop_reason: _Optional[_Union[StopReason, str]] = ..., elapsed_ms: _Optional[float] = ...) -> None: ...
+    precision: str
+    def __init__(self, image_png: _Optional[bytes] = ..., width_px: _Optional[int] = ..., height_px: _Optional[int] = ..., costs: _Optional[_Union[Costs, _Mapping]] = ..., iterations: _Optional[int] = ..., best_iteration: _Optional[int] = ..., stop_reason: _Optional[_Union[StopReason, str]] = ..., elapsed_ms: _Optional[float] = ..., precision: _Optional[str] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("output_layers", "input_contract_json", "weights_source", "weights_sha256", "weights_input_contract_json", "execution_providers", "replica_device", "pooling", "versions", "min_side_px", "max_side_px", "precision", "supported_precisions", "max_iterations", "max_running_jobs", "max_queued_jobs", "max_batch_size")
+    __slots__ = ("output_layers", "input_contract_json", "weights_source", "weights_sha256", "weights_input_contract_json", "execution_providers", "replica_device", "pooling", "versions", "min_side_px", "max_side_px", "precision", "supported_precisions", "max_iterations", "max_running_jobs", "max_queued_jobs", "max_batch_size", "precision_reason")
     class VersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -268,6 +287,7 @@ class ModelInfo(_message.Message):
     MAX_RUNNING_JOBS_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUED_JOBS_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_REASON_FIELD_NUMBER: _ClassVar[int]
     output_layers: _containers.RepeatedScalarFieldContainer[str]
     input_contract_json: str
     weights_source: str
@@ -285,4 +305,5 @@ class ModelInfo(_message.Message):
     max_running_jobs: int
     max_queued_jobs: int
     max_batch_size: int
-    def __init__(self, output_layers: _Optional[_Iterable[str]] = ..., input_contract_json: _Optional[str] = ..., weights_source: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., weights_input_contract_json: _Optional[str] = ..., execution_providers: _Optional[_Iterable[str]] = ..., replica_device: _Optional[str] = ..., pooling: _Optional[str] = ..., versions: _Optional[_Mapping[str, str]] = ..., min_side_px: _Optional[int] = ..., max_side_px: _Optional[int] = ..., precision: _Optional[str] = ..., supported_precisions: _Optional[_Iterable[str]] = ..., max_iterations: _Optional[int] = ..., max_running_jobs: _Optional[int] = ..., max_queued_jobs: _Optional[int] = ..., max_batch_size: _Optional[int] = ...) -> None: ...
+    precision_reason: str
+    def __init__(self, output_layers: _Optional[_Iterable[str]] = ..., input_contract_json: _Optional[str] = ..., weights_source: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., weights_input_contract_json: _Optional[str] = ..., execution_providers: _Optional[_Iterable[str]] = ..., replica_device: _Optional[str] = ..., pooling: _Optional[str] = ..., versions: _Optional[_Mapping[str, str]] = ..., min_side_px: _Optional[int] = ..., max_side_px: _Optional[int] = ..., precision: _Optional[str] = ..., supported_precisions: _Optional[_Iterable[str]] = ..., max_iterations: _Optional[int] = ..., max_running_jobs: _Optional[int] = ..., max_queued_jobs: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., precision_reason: _Optional[str] = ...) -> None: ...
