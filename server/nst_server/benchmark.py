@@ -11,7 +11,9 @@ are its initializers), the same content and style images resized to the same siz
     content image as the initial image, eager fp32. Departures, so that all three minimise the same function:
     the loss modules sit after our layers (relu1_1 … relu5_1, relu4_2) and compute the seed's costs
     (:mod:`nst_server.costs`, with the settings' alpha, beta and lambdas) instead of the tutorial's MSEs;
-(b) **engine**: :func:`nst_server.engine.stylize` in this process (its defaults: L-BFGS, noisy content);
+(b) **engine**: :func:`nst_server.engine.stylize` in this process with the ``classic`` preset (the seed's costs
+    as they are, alpha 1, beta 1e-4, one scale, one pyramid level: the one objective the tutorial's loop can
+    share; L-BFGS from noisy content) in fp32;
 (c) **server**: ``nst-server`` started as a child process (:func:`nst_server.demo.start_server`) and driven
     through the client library's stream; times are read on the client when each message arrives.
 
@@ -22,7 +24,8 @@ Figures (JSON in the output folder, times in seconds):
 * the CPU time the server's serving threads (event loop, gRPC) spend per iteration of (c), over the engine's
   per-iteration time (:func:`serving_cpu_s`; Linux only);
 * time to quality: the wall time from the job's start until the total cost J (the seed's costs, the same
-  function for all three) first reaches the cost (a) reaches after ``--ttq-iterations`` evaluations;
+  function for all three) first reaches the cost (a) reaches after ``--ttq-iterations`` evaluations; (b) also
+  in the precision ``auto`` picks on this machine when that is not fp32;
 * FLOPs of one iteration (:func:`iteration_flops`) and the achieved FLOP/s of each over the FLOP/s of a large
   fp32 matmul measured in the same run (:func:`matmul_flops_per_s`);
 * bf16 autocast against fp32 (engine): speed and the delivered image's costs;
@@ -62,6 +65,7 @@ from nst_server import costs, engine
 from nst_server.batching import ReplicaBatcher
 from nst_server.images import decode_image, resize_to_max_side, to_tensor
 from nst_server.model import StyleModels
+from nst_server.precision import cpu_flags, default_precision, native_bf16
 
 #: Default real images (in ``$NST_SHARED_DIR/images``), with a synthetic pair as the fallback.
 DEFAULT_CONTENT = "tubingen.jpg"
@@ -594,16 +598,16 @@ def _encoded(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def _machine() -> dict:
-    flags = ""
-    with contextlib.suppress(OSError):
-        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+def _machine(device: torch.device) -> dict:
+    flags = cpu_flags()
+    native, why = native_bf16(device)
     return {
         "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "avx512_bf16": "avx512_bf16" in flags.split(), "amx_bf16": "amx_bf16" in flags.split(),
+        "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags,
         "mkldnn_bf16_supported": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+        "native_bf16": native, "native_bf16_why": why,
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "load_average": os.getloadavg(),
     }
@@ -682,7 +686,7 @@ def main(argv: list[str] | None = None) -> int:
     inputs = engine.JobInputs(content=content_image, styles=[(style_image, 1.0)])
     width, height = resize_to_max_side(content_image, args.size).size
     warm = args.warmup_iterations
-    report: dict = {"machine": _machine(), "model": str(model_path), "providers": models.providers,
+    report: dict = {"machine": _machine(device), "model": str(model_path), "providers": models.providers,
                     "replica_device": str(device), "content": content_path, "style": style_path,
                     "size_px": [width, height], "iterations": args.iterations, "warmup_iterations": warm,
                     "time_unit": "s", "command": " ".join(["nst-benchmark", *(argv or sys.argv[1:])])}
@@ -691,6 +695,8 @@ def main(argv: list[str] | None = None) -> int:
         (out / "benchmark.json").write_text(json.dumps(report, indent=2, default=float))
 
     _log(f"{width}x{height} px, {args.iterations} iterations, replica on {device}, session on {models.providers}")
+    _log(f"native bf16: {'yes' if report['machine']['native_bf16'] else 'no'} "
+         f"({report['machine']['native_bf16_why']}); figures below are fp32 unless they say bf16")
     # The reference is measured again after the speed runs and the larger figure kept: a busy moment of another
     # process during the matmul would otherwise flatter every fraction below (seen: > 100 %).
     matmul = matmul_flops_per_s(args.matmul_n, repeats=5, device=device)
@@ -772,6 +778,11 @@ def main(argv: list[str] | None = None) -> int:
             traces = [reference]
             _log(f"target J = {target:.6g}; (b) engine")
             traces.append(run_engine(models, inputs, cap, target=target))
+            auto = default_precision(device)[0]
+            if auto != settings.precision:
+                _log(f"(b) engine, precision auto ({auto})")
+                traces.append(run_engine(models, inputs, cap.replace(precision=auto), target=target,
+                                         name=f"engine_{auto}"))
             if args.ttq_scales > 1:
                 _log(f"(b') engine, {args.ttq_scales} scales")
                 # N iterations in all, split equally: N / scales at each coarser size, the rest at the output size.
@@ -801,8 +812,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # bf16 autocast against fp32 (engine in-process). Where the device has no native bf16 (oneDNN emulates it
     # on CPUs without AVX512-BF16/AMX, about 100x slower), one replica pass at --batch-size-px is timed instead.
-    native_bf16 = device.type == "cuda" or report["machine"]["mkldnn_bf16_supported"]
-    bf16_iterations = args.bf16_iterations if args.bf16_iterations >= 0 else (args.iterations if native_bf16 else 0)
+    native = report["machine"]["native_bf16"]
+    bf16_iterations = args.bf16_iterations if args.bf16_iterations >= 0 else (args.iterations if native else 0)
     if bf16_iterations:
         _log(f"bf16 vs fp32: {bf16_iterations} iterations each")
         runs = {p: run_engine(models, inputs, settings.replace(iterations=bf16_iterations, precision=p), name=p)
@@ -810,7 +821,7 @@ def main(argv: list[str] | None = None) -> int:
         warm_bf16 = min(warm, max(0, bf16_iterations - 2))
         fp32, bf16 = (runs[p].per_iteration_s(warm_bf16) for p in ("fp32", "bf16"))
         report["bf16"] = {
-            "iterations": bf16_iterations, "native_bf16": native_bf16,
+            "iterations": bf16_iterations, "native_bf16": native,
             "fp32_per_iteration_s": fp32, "bf16_per_iteration_s": bf16, "speedup": fp32 / bf16,
             "fp32_costs": runs["fp32"].final_costs, "bf16_costs": runs["bf16"].final_costs,
             "relative_cost_difference": {k: abs(runs["bf16"].final_costs[k] - v) / abs(v) if v else 0.0

@@ -287,7 +287,7 @@ def _lanczos3(x: np.ndarray) -> np.ndarray:
     return np.where(np.abs(x) < 3.0, np.sinc(x) * np.sinc(x / 3.0), 0.0)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=16)
 def lanczos_matrix(out_size: int, in_size: int) -> torch.Tensor:
     """The ``(out_size, in_size)`` float32 matrix of Pillow's Lanczos (a = 3) resampling along one axis.
 
