@@ -21,6 +21,9 @@ import torch
 #: Speed lever (kept: see the README's "Benchmarks"): :func:`style_layer_cost` differentiates through its own
 #: backward, one matrix product ``(D + D^T) A``, where autograd through ``A A^T`` computes two. Same values.
 FAST_STYLE_GRADIENT = True
+#: Speed lever (issue 13): with bf16 activations, that backward product runs in bf16 (its result is cast to
+#: bf16 anyway); the forward Gram matrix and the costs stay fp32.
+BF16_STYLE_GRADIENT = True
 
 
 def _channels_last(features: torch.Tensor) -> bool:
@@ -28,13 +31,14 @@ def _channels_last(features: torch.Tensor) -> bool:
     return features.is_contiguous(memory_format=torch.channels_last) and not features.is_contiguous()
 
 
-def _unrolled(features: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """The ``(B, n_C, n_H n_W)`` unrolled volume ``A`` as float32, or for channels_last activations its
-    transpose ``A^T`` ``(B, n_H n_W, n_C)``, which is then a view (no copy); the flag says which."""
+def _unrolled(features: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, bool]:
+    """The ``(B, n_C, n_H n_W)`` unrolled volume ``A`` as ``dtype``, or for channels_last activations its
+    transpose ``A^T`` ``(B, n_H n_W, n_C)``, which is then a view (no copy when ``features`` has ``dtype``
+    already); the flag says which."""
     batch, channels = features.shape[:2]
     if _channels_last(features):
-        return features.permute(0, 2, 3, 1).reshape(batch, -1, channels).float(), True
-    return features.reshape(batch, channels, -1).float(), False
+        return features.permute(0, 2, 3, 1).reshape(batch, -1, channels).to(dtype), True
+    return features.reshape(batch, channels, -1).to(dtype), False
 
 
 def gram_matrix(features: torch.Tensor) -> torch.Tensor:
@@ -67,7 +71,15 @@ class _StyleLayerCost(torch.autograd.Function):
         generated, diff = ctx.saved_tensors
         scale = (grad * (2.0 / ctx.norm)).view(-1, 1, 1)
         sym = (diff + diff.transpose(1, 2)) * scale                  # (B, n_C, n_C), symmetric
-        unrolled, transposed = _unrolled(generated)
+        if generated.dtype == torch.bfloat16 and BF16_STYLE_GRADIENT:
+            # The gradient goes back into the bf16 network as bf16 whatever this product's precision, so the
+            # product runs in bf16 (fp32 accumulation in oneDNN and cuBLAS): A is bf16 already, only ``sym`` is
+            # rounded. The forward Gram matrix stays fp32: the cost is a sum of squared differences of nearly
+            # equal Gram matrices, which bf16's 8-bit mantissa would not resolve.
+            unrolled, transposed = _unrolled(generated, torch.bfloat16)
+            sym = sym.to(torch.bfloat16)
+        else:
+            unrolled, transposed = _unrolled(generated)
         batch, channels, height, width = generated.shape
         if transposed:                                               # A^T sym: (B, n_H n_W, n_C), NHWC order
             grad_in = torch.bmm(unrolled, sym).reshape(batch, height, width, channels).permute(0, 3, 1, 2)

@@ -137,7 +137,8 @@ class StyleModels:
             path: ``.onnx`` written by ``nst-export``.
             providers: execution providers to try, in order; default TensorRT, CUDA, CPU (those this
                 onnxruntime build has). onnxruntime falls back to the next one when a provider fails to load.
-            device: torch device for the replica; default ``cuda`` when available, else ``cpu``.
+            device: torch device for the replica; default ``cuda`` when available, else ``cpu``. On CUDA, fp32
+                matrix products and convolutions are allowed to use TF32 (process-wide torch settings).
             intra_op_threads: onnxruntime intra-op threads (0: its default, one per physical core).
             trt_options: TensorRT provider options (default :func:`tensorrt_options`), used when TensorRT is
                 among the providers.
@@ -156,6 +157,12 @@ class StyleModels:
             raise ModelFileError(f"{path} has outputs {outputs}, expected {list(OUTPUT_LAYERS)}")
         metadata = {entry.key: entry.value for entry in proto.metadata_props}
         torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if torch_device.type == "cuda":
+            # fp32 jobs on a GPU run their matrix products and convolutions as TF32 on Tensor Cores (Ampere and
+            # later; ignored before): torch's "high" float32 matmul precision and cuDNN's allow_tf32 (PyTorch
+            # docs, "TensorFloat-32 (TF32) on Ampere (and later) devices").
+            torch.set_float32_matmul_precision("high")
+            torch.backends.cudnn.allow_tf32 = True
         replica = build_replica(proto, torch_device)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--variant", dest="variants", action="append", type=parse_variant,
                         metavar="NAME[:OPTION=VALUE,...]",
                         help="request options of one column, repeatable (default: 'defaults', no option set); "
-                             "e.g. 'v1:normalization=none,style_weight=1e-4,scales=1,resolutions=1,precision=fp32'")
+                             "e.g. 'v1:normalization=none,style_weight=1e-4,scales=1,pyramid_levels=1,precision=fp32'")
     parser.add_argument("--size", type=int, default=512, help="max_side_px of every job (default: %(default)s)")
     parser.add_argument("--eval-sizes", default=",".join(map(str, DEFAULT_EVAL_SIZES)),
                         help="longest sides the results are judged at, px (default: %(default)s)")
