@@ -25,6 +25,10 @@ all of them back):
 * the optimised variable is the image in pixel levels (RGB 0..255, float32), projected back onto [0, 255]
   after every step, so the image being costed is always a valid image (the seed clips only at the end);
 * the optimiser is our L-BFGS (:mod:`nst_server.lbfgs`), independent of the objective's scale;
+* the replica's passes run in bf16 where the device runs bf16 natively (``precision="auto"``,
+  :mod:`nst_server.precision`): a CPU with avx512_bf16 or amx_bf16, a GPU of compute capability 8.0 or later;
+  the Gram matrices, the costs and L-BFGS stay fp32 (only the style gradient's product follows the
+  activations into bf16, :data:`nst_server.costs.BF16_STYLE_GRADIENT`);
 * the result is the best iterate seen, rounded to 8 bits, and its costs are recomputed on exactly those
   pixels (a plain loop reports the costs of an unclamped tensor it never delivers).
 """
