@@ -83,6 +83,18 @@ MAX_SCALES = 16
 #: The largest style image side ``style_scale`` may ask for in-process (a server's own limit is lower).
 MAX_STYLE_SIDE_PX = 16384
 
+#: A weight (alpha, beta, the TV weight, a layer's weight) is 0 or within these bounds. The job multiplies
+#: weights with costs in float32 (the seed's raw style cost reaches 1e10 and more, a layer weight times alpha or
+#: beta multiplies it again) and divides by weighted normalisers: wider weights overflow to inf or vanish to 0
+#: (then 0/0) although every number in the request is finite.
+MIN_WEIGHT, MAX_WEIGHT = 1e-12, 1e12
+#: Adam's step is at most about ``learning_rate`` pixel levels: beyond 255 every pixel lands on 0 or 255.
+MAX_LEARNING_RATE = 255.0
+#: L-BFGS keeps ``2 * lbfgs_history`` vectors of the image's size (float32): 300 is 7.5 GB at 1024x1024 px.
+MAX_LBFGS_HISTORY = 300
+#: ``seed`` seeds a torch.Generator, which takes 64-bit unsigned seeds (the proto field is uint64).
+MAX_SEED = 2**64 - 1
+
 STOP_ITERATIONS = "iterations_done"
 STOP_CANCELLED = "cancelled"
 STOP_NON_FINITE = "non_finite_cost"
@@ -226,12 +238,19 @@ class StyleTransferSettings:
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        for name in ("content_weight", "style_weight", "tv_weight"):
+            _check_weight(name, getattr(self, name))
         for name in ("learning_rate", "style_scale"):
             value = getattr(self, name)
             if not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name} must be a finite number > 0, got {value}")
-        if self.noise_ratio > 1:
-            raise ValueError(f"noise_ratio must be in [0, 1], got {self.noise_ratio}")
+        if self.learning_rate > MAX_LEARNING_RATE:
+            raise ValueError(f"learning_rate must be at most {MAX_LEARNING_RATE:g} pixel levels, got {self.learning_rate:g}")
+        for name in ("noise_ratio", "convergence_tolerance"):
+            if getattr(self, name) > 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be in [0, 2^64 - 1], got {self.seed}")
         if self.max_side_px * self.style_scale > MAX_STYLE_SIDE_PX:
             raise ValueError(f"style_scale {self.style_scale:g} x max_side_px {self.max_side_px} would make the "
                              f"style image larger than {MAX_STYLE_SIDE_PX} px")
@@ -243,6 +262,7 @@ class StyleTransferSettings:
                     raise ValueError(f"{name} must be among {OUTPUT_LAYERS}, got {layer!r}")
                 if not math.isfinite(weight) or weight < 0:
                     raise ValueError(f"{name} weight of {layer} must be finite and >= 0, got {weight}")
+                _check_weight(name, weight, f" (weight of {layer})")
         for name, allowed in (("optimizer", OPTIMIZERS), ("init", INITS), ("pooling", POOLINGS),
                               ("color_control", COLOR_CONTROLS), ("precision", ("auto", *PRECISIONS)),
                               ("normalization", NORMALIZATIONS)):
@@ -251,6 +271,9 @@ class StyleTransferSettings:
         for name in ("lbfgs_history", "progress_every", "scales", "preview_max_side_px", "pyramid_levels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.lbfgs_history > MAX_LBFGS_HISTORY:
+            raise ValueError(f"lbfgs_history must be at most {MAX_LBFGS_HISTORY} (memory: 2 x history image-sized "
+                             f"vectors), got {self.lbfgs_history}")
         if self.pyramid_levels > MAX_PYRAMID_LEVELS:
             raise ValueError(f"pyramid_levels must be at most {MAX_PYRAMID_LEVELS}, got {self.pyramid_levels}")
         if self.scales > MAX_SCALES:
@@ -260,6 +283,12 @@ class StyleTransferSettings:
                              f"({self.max_side_px}), got {self.start_side_px}")
         if self.preview_every < 0:
             raise ValueError(f"preview_every must be >= 0, got {self.preview_every}")
+
+
+def _check_weight(name: str, value: float, what: str = "") -> None:
+    """``ValueError`` naming ``name`` unless ``value`` is 0 or within [MIN_WEIGHT, MAX_WEIGHT]."""
+    if value != 0 and not MIN_WEIGHT <= value <= MAX_WEIGHT:
+        raise ValueError(f"{name} must be 0 or between {MIN_WEIGHT:g} and {MAX_WEIGHT:g}{what}, got {value:g}")
 
 
 @dataclass(frozen=True)
@@ -399,11 +428,22 @@ def style_grams(models: StyleModels, style: torch.Tensor, pooling: str, layers) 
 
 
 def blend_weights(weights: list[float]) -> list[float]:
-    """Normalise blend weights to sum 1; all zero means equal weights. Raises ValueError on negative ones."""
+    """Normalise blend weights to sum 1; all zero means equal weights.
+
+    Any finite weights >= 0 work, however large or small: they are divided by the largest first, so their sum
+    cannot overflow (two weights of 1e308 sum to inf) and subnormal ones are not lost.
+
+    Raises:
+        ValueError: a weight is negative, infinite or NaN.
+    """
     if any(not math.isfinite(w) or w < 0 for w in weights):
         raise ValueError(f"style blend weights must be finite and >= 0, got {weights}")
-    total = sum(weights)
-    return [w / total for w in weights] if total > 0 else [1.0 / len(weights)] * len(weights)
+    largest = max(weights, default=0.0)
+    if largest == 0:
+        return [1.0 / len(weights)] * len(weights)
+    relative = [w / largest for w in weights]                    # each in [0, 1], the largest exactly 1
+    total = math.fsum(relative)
+    return [w / total for w in relative]
 
 
 def _blended_grams(models: StyleModels, styles: list[tuple[torch.Tensor, float]], height: int, width: int,

@@ -1,0 +1,168 @@
+"""Faults from the field (issue 12), each kind with its case as a test.
+
+Kind 1: finite request numbers whose derived arithmetic (a sum, a product, a normaliser, a memory size)
+overflows or vanishes. Each such number is either computed safely or refused as INVALID_ARGUMENT naming its
+field; never INTERNAL, never a silent non-finite cost.
+"""
+
+import io
+import math
+
+import grpc
+import pytest
+from hypothesis import HealthCheck, example, given, settings as hypothesis_settings, strategies as st
+from PIL import Image
+
+import serving
+from nst_client import NSTClient, NSTError, build_request
+from nst_client._proto.nst.v1 import style_transfer_pb2 as pb
+from nst_server import engine
+
+FLOAT_FIELDS = ("content_weight", "style_weight", "learning_rate", "noise_ratio", "style_scale", "tv_weight",
+                "convergence_tolerance")
+UINT32_FIELDS = ("max_side_px", "iterations", "progress_every", "scales", "start_side_px", "preview_every",
+                 "preview_max_side_px", "lbfgs_history", "pyramid_levels")
+LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu4_2", "relu5_1")
+
+
+def _outcome(client: NSTClient, request: pb.StylizeRequest) -> tuple[str, pb.Result | None, str]:
+    """``("ok", result, "")`` or ``("error", None, "CODE: details")`` of one job."""
+    try:
+        messages = list(client.stream(request, timeout_s=120))
+    except NSTError as exc:
+        return "error", None, f"{exc.code.name}: {exc.details}"
+    return "ok", messages[-1].result, ""
+
+
+def _finite(costs: pb.Costs) -> bool:
+    return all(math.isfinite(v) for v in (costs.content, costs.style, costs.total, costs.total_variation))
+
+
+@pytest.mark.parametrize("weights,expected", [
+    ([1e308, 1e308], [0.5, 0.5]),
+    ([1e308, 1e308, 1e308, 0.0], [1 / 3, 1 / 3, 1 / 3, 0.0]),
+    ([5e-324, 0.0], [1.0, 0.0]),
+    ([5e-324, 5e-324], [0.5, 0.5]),
+    ([1e308, 1e-308], [1.0, 0.0]),
+    ([0.0, 0.0], [0.5, 0.5]),
+])
+def test_blend_weights_never_overflow_or_vanish(weights, expected):
+    result = engine.blend_weights(weights)
+    assert result == pytest.approx(expected, abs=1e-15)
+    assert all(math.isfinite(w) for w in result) and math.fsum(result) == pytest.approx(1.0)
+
+
+def test_two_styles_weighted_1e308_give_a_picture(client, small_images):
+    """The issue's case: `--style a.png:1e308 --style b.png:1e308` ended INTERNAL (KeyError 'relu1_1')."""
+    content, style = small_images
+    request = build_request(content, styles=[(style, 1e308), (content, 1e308)], max_side_px=32, iterations=2)
+    kind, result, error = _outcome(client, request)
+    assert kind == "ok", error
+    assert result.stop_reason == pb.STOP_REASON_ITERATIONS_DONE and _finite(result.costs)
+    assert Image.open(io.BytesIO(result.image_png)).size == (32, 24)
+
+
+@pytest.mark.parametrize("options,field", [
+    ({"content_weight": 1e308}, "content_weight"),
+    ({"style_weight": 1e300}, "style_weight"),
+    ({"style_weight": 1e-300}, "style_weight"),
+    ({"tv_weight": 1e39}, "tv_weight"),
+    ({"style_layers": {"relu1_1": 1e308}}, "style_layers"),
+    ({"content_layers": {"relu4_2": 1e-320}}, "content_layers"),
+    ({"learning_rate": 1e308, "optimizer": "adam"}, "learning_rate"),
+    ({"convergence_tolerance": 1e308}, "convergence_tolerance"),
+    ({"lbfgs_history": 2**32 - 1}, "lbfgs_history"),
+])
+def test_numbers_whose_products_overflow_are_invalid_argument_naming_the_field(client, small_images, options,
+                                                                               field):
+    content, style = small_images
+    kind, _, error = _outcome(client, build_request(content, style, max_side_px=32, iterations=2, **options))
+    assert kind == "error" and error.startswith("INVALID_ARGUMENT") and field in error, error
+
+
+@pytest.fixture(scope="module")
+def small_server(onnx_path, tmp_path_factory):
+    """A server whose limits keep every accepted job small (32 px, 3 iterations)."""
+    server = serving.start(onnx_path, tmp_path_factory.mktemp("faults") / "server.log",
+                           ["--max-side-px", "32", "--max-iterations", "3", "--max-running-jobs", "1",
+                            "--max-queued-jobs", "2"])
+    try:
+        yield server.target
+    finally:
+        server.stop()
+
+
+def _whole_float():
+    """Every double, extremes included."""
+    return st.one_of(st.floats(allow_nan=True, allow_infinity=True),
+                     st.sampled_from([0.0, 5e-324, 1e-300, 1e-13, 1e13, 1e38, 1e39, 1.7976931348623157e308]))
+
+
+def _whole_uint32():
+    return st.one_of(st.integers(0, 2**32 - 1), st.sampled_from([0, 1, 2**32 - 1]))
+
+
+ORDINARY_FLOAT = {"learning_rate": st.floats(0.01, 5), "noise_ratio": st.floats(0, 1),
+                  "style_scale": st.floats(0.5, 1),
+                  "convergence_tolerance": st.floats(0, 0.5)}
+ORDINARY_UINT32 = {"max_side_px": (16, 32), "iterations": (1, 3), "scales": (1, 3), "start_side_px": (0, 0),
+                   "pyramid_levels": (1, 4), "lbfgs_history": (0, 5)}
+
+
+@st.composite
+def stylize_requests(draw, content: bytes, style: bytes) -> pb.StylizeRequest:
+    """A request whose every numeric field is drawn: up to three of them (and the blend and layer weights
+    with them) from their whole range, the others from ordinary values, so that jobs also run."""
+    names = [*FLOAT_FIELDS, *UINT32_FIELDS, "seed", "blend_weight", "layer_weight"]
+    extreme = draw(st.sets(st.sampled_from(names), min_size=1, max_size=3))
+
+    def number(name: str, ordinary):
+        return draw(_whole_float() if name in extreme else ordinary)
+
+    request = pb.StylizeRequest(content_image=content)
+    if draw(st.booleans()):
+        request.style_image = style
+    # An extreme blend weight is given to every extra style: their sum is what overflows.
+    blend_weight = number("blend_weight", st.just(0.0) | st.floats(0.01, 3))
+    for _ in range(draw(st.integers(0 if request.style_image else 1, 3))):
+        request.styles.add(image=style, blend_weight=blend_weight)
+    for name in FLOAT_FIELDS:
+        if name in extreme:
+            setattr(request, name, draw(_whole_float()))
+        elif draw(st.booleans()):
+            setattr(request, name, draw(ORDINARY_FLOAT.get(name, st.just(0.0) | st.floats(0.01, 20))))
+    for name in UINT32_FIELDS:
+        setattr(request, name, draw(_whole_uint32() if name in extreme
+                                    else st.integers(*ORDINARY_UINT32.get(name, (0, 4)))))
+    request.seed = draw(st.integers(0, 2**64 - 1) if "seed" in extreme else st.integers(0, 10))
+    for field in ("content_layers", "style_layers"):
+        for layer in draw(st.lists(st.sampled_from(LAYERS), max_size=3, unique=True)):
+            getattr(request, field).add(layer=layer, weight=number("layer_weight", st.just(0.0) | st.floats(0.01, 2)))
+    return request
+
+
+def test_every_numeric_field_over_its_whole_range_gives_a_result_or_invalid_argument(small_server, small_images):
+    """Property (Hypothesis): whatever the numbers, the server answers a Result with finite costs (or
+    NON_FINITE_COST with a real image) or INVALID_ARGUMENT, and keeps serving."""
+    content, style = small_images
+    seen = {"ok": 0, "error": 0}
+    with NSTClient(small_server, timeout_s=120) as client:
+
+        @hypothesis_settings(max_examples=60, deadline=None, derandomize=True, database=None,
+                             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+        @given(stylize_requests(content, style))
+        @example(build_request(content, styles=[(style, 1e308), (style, 1e308)], max_side_px=32, iterations=2))
+        def check(request):
+            kind, result, error = _outcome(client, request)
+            seen[kind] += 1
+            if kind == "error":
+                assert error.startswith("INVALID_ARGUMENT"), error
+                return
+            assert result.image_png and Image.open(io.BytesIO(result.image_png)).size == (result.width_px,
+                                                                                         result.height_px)
+            if result.stop_reason != pb.STOP_REASON_NON_FINITE_COST:
+                assert _finite(result.costs), result.costs
+
+        check()
+        assert client.health() == "SERVING"
+    assert seen["ok"] >= 5 and seen["error"] >= 5, seen
