@@ -166,3 +166,29 @@ def test_every_numeric_field_over_its_whole_range_gives_a_result_or_invalid_argu
         check()
         assert client.health() == "SERVING"
     assert seen["ok"] >= 5 and seen["error"] >= 5, seen
+
+
+@pytest.mark.parametrize("version", ["v1", "v1alpha"])
+def test_reflection_answers_under_v1_and_v1alpha(server, version):
+    """Kind 4: reflection spoke only v1alpha; v1 answered UNIMPLEMENTED. Both list the services, and each can
+    describe the other reflection service (what grpcurl does next: file_containing_symbol)."""
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    method = f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo"
+    with grpc.insecure_channel(server) as channel:
+        call = channel.stream_stream(method, request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                                     response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
+        requests = [reflection_pb2.ServerReflectionRequest(list_services=""),
+                    reflection_pb2.ServerReflectionRequest(
+                        file_containing_symbol="grpc.reflection.v1.ServerReflection"),
+                    reflection_pb2.ServerReflectionRequest(file_containing_symbol="nst.v1.StyleTransfer")]
+        listed, v1_file, nst_file = list(call(iter(requests), timeout=10))
+    names = {service.name for service in listed.list_services_response.service}
+    assert {"nst.v1.StyleTransfer", "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection"} <= names
+    from google.protobuf import descriptor_pb2
+    files = [descriptor_pb2.FileDescriptorProto.FromString(data)
+             for data in v1_file.file_descriptor_response.file_descriptor_proto]
+    assert [(f.name, f.package) for f in files][0] == ("grpc/reflection/v1/reflection.proto", "grpc.reflection.v1")
+    assert files[0].service[0].method[0].input_type == ".grpc.reflection.v1.ServerReflectionRequest"
+    assert nst_file.file_descriptor_response.file_descriptor_proto

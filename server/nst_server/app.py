@@ -12,14 +12,13 @@ from pathlib import Path
 import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from nst_client._proto.nst.v1 import style_transfer_pb2 as pb
 from nst_client._proto.nst.v1 import style_transfer_pb2_grpc as pb_grpc
 from nst_server.interceptors import BearerTokenInterceptor, RpcLogInterceptor
 from nst_server.jobs import FaultInjection
 from nst_server.metrics import start_metrics_server
-from nst_server import engine
+from nst_server import engine, reflection
 from nst_server.model import StyleModels, tensorrt_options
 from nst_server.precision import default_precision
 from nst_server.servicer import ServerLimits, StyleTransferServicer
@@ -121,8 +120,7 @@ async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> Non
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server)
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
     # UNAVAILABLE until loaded
     servicer = StyleTransferServicer(None, config.limits, faults=config.fault_injection.by_seed)
     pb_grpc.add_StyleTransferServicer_to_server(servicer, server)
