@@ -7,6 +7,7 @@ field; never INTERNAL, never a silent non-finite cost.
 
 import io
 import math
+import zlib
 
 import grpc
 import pytest
@@ -16,7 +17,7 @@ from PIL import Image
 import serving
 from nst_client import NSTClient, NSTError, build_request
 from nst_client._proto.nst.v1 import style_transfer_pb2 as pb
-from nst_server import engine
+from nst_server import engine, images
 
 FLOAT_FIELDS = ("content_weight", "style_weight", "learning_rate", "noise_ratio", "style_scale", "tv_weight",
                 "convergence_tolerance")
@@ -192,3 +193,64 @@ def test_reflection_answers_under_v1_and_v1alpha(server, version):
     assert [(f.name, f.package) for f in files][0] == ("grpc/reflection/v1/reflection.proto", "grpc.reflection.v1")
     assert files[0].service[0].method[0].input_type == ".grpc.reflection.v1.ServerReflectionRequest"
     assert nst_file.file_descriptor_response.file_descriptor_proto
+
+
+# Kind 3: metadata makes a valid image unusable.
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+
+def _png_with(chunks_before_idat: list[bytes], chunks_after_idat: list[bytes] = ()) -> bytes:
+    """A 40x30 RGB PNG (Pillow's encoding) with extra chunks spliced in before the first IDAT / before IEND."""
+    plain = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 30, 60)).save(plain, format="PNG")
+    data = plain.getvalue()
+    idat = data.index(b"IDAT") - 4
+    iend = data.index(b"IEND") - 4
+    return data[:idat] + b"".join(chunks_before_idat) + data[idat:iend] + b"".join(chunks_after_idat) + data[iend:]
+
+
+BOMB_TEXT = zlib.compress(b"x" * (3 * 1024 * 1024))                   # 3 MiB of text in 3 kB
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+@pytest.mark.parametrize("chunk", [
+    _chunk(b"iTXt", b"Comment\0\x01\x00\0\0" + BOMB_TEXT),
+    _chunk(b"zTXt", b"Comment\0\x00" + BOMB_TEXT),
+    _chunk(b"iCCP", b"icc\0\x00" + BOMB_TEXT),
+], ids=["iTXt", "zTXt", "iCCP"])
+def test_metadata_pillow_refuses_does_not_make_the_picture_unusable(chunk, where, caplog):
+    data = _png_with([chunk]) if where == "before" else _png_with([], [chunk])
+    with caplog.at_level("WARNING", logger="nst_server.images"):
+        image = images.decode_image(data, "content_image")
+    assert image.size == (40, 30) and image.getpixel((5, 5)) == (200, 30, 60)
+    assert "decoded without its PNG metadata chunks" in caplog.text and chunk[4:8].decode() in caplog.text
+
+
+def test_without_png_metadata_keeps_the_image_chunks_byte_for_byte():
+    data = _png_with([_chunk(b"tEXt", b"a\0b"), _chunk(b"tIME", bytes(7))], [_chunk(b"iTXt", b"k\0\0\0\0\0v")])
+    stripped, dropped = images.without_png_metadata(data)
+    assert dropped == ["tEXt", "tIME", "iTXt"]
+    plain = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 30, 60)).save(plain, format="PNG")
+    assert stripped == plain.getvalue()
+    assert images.without_png_metadata(b"\xff\xd8 not a png") == (b"\xff\xd8 not a png", [])
+
+
+def test_a_truncated_png_with_metadata_is_still_refused():
+    data = _png_with([_chunk(b"iTXt", b"Comment\0\x01\x00\0\0" + BOMB_TEXT)])
+    cut = data[:data.index(b"IDAT") + 10]
+    with pytest.raises(images.ImageInputError, match="content_image: cannot be decoded"):
+        images.decode_image(cut, "content_image")
+
+
+def test_the_itxt_case_is_stylized_through_the_server(client, shared, small_images):
+    """`../shared/cases/itxt_compressed_2mib.png` was refused as "truncated or corrupt header"."""
+    case = shared / "cases" / "itxt_compressed_2mib.png"
+    if not case.exists():
+        pytest.skip(f"{case} is absent (set NST_SHARED_DIR)")
+    request = build_request(case.read_bytes(), small_images[1], max_side_px=32, iterations=2)
+    kind, result, error = _outcome(client, request)
+    assert kind == "ok", error
+    assert (result.width_px, result.height_px) == (32, 24) and _finite(result.costs)

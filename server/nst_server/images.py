@@ -13,6 +13,10 @@ The input contract (README, "Inputs, limits and errors"):
 - transparency (RGBA, LA, PA, P or L/RGB with a tRNS colour, 16-bit grey with tRNS) is composited over
   :data:`ALPHA_BACKGROUND` (white, as a web page shows a transparent image); :func:`decode_image_and_alpha`
   also returns the alpha channel so that :func:`encode_png_with_alpha` can put it back on the result;
+- metadata never makes a decodable picture unusable: a PNG whose text, EXIF or ICC chunks Pillow refuses
+  (e.g. a compressed text chunk over ``PngImagePlugin.MAX_TEXT_CHUNK``, Pillow's guard against text bombs)
+  is decoded again without its metadata chunks, and EXIF that cannot be read leaves the image as stored;
+  both are logged. The pixel budget and the decompression-bomb guard stay;
 - a truncated, corrupt or unreadable file is an :class:`ImageInputError` (the servicer's INVALID_ARGUMENT),
   never a crash.
 """
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import io
+import logging
 
 import numpy as np
 import torch
@@ -37,6 +42,13 @@ DEFAULT_MAX_INPUT_PIXELS = 40_000_000
 #: Smallest accepted side of an input image, px: VGG-19's minimum (relu5_1 sits behind four 2x2 poolings).
 MIN_INPUT_SIDE_PX = MIN_SIDE_PX
 
+#: PNG chunks that carry metadata only (PNG specification, 3rd edition, section 11.3: textual data, EXIF,
+#: the ICC profile, the time of last change): dropped when the file cannot be decoded with them.
+PNG_METADATA_CHUNKS = frozenset({b"tEXt", b"zTXt", b"iTXt", b"eXIf", b"iCCP", b"tIME"})
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+log = logging.getLogger(__name__)
+
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 
@@ -45,10 +57,11 @@ class ImageInputError(ValueError):
     """An input image that cannot be used; ``field`` names the request field, ``reason`` says why (with the
     limit, where a limit was crossed). ``str(error)`` is ``"{field}: {reason}"``."""
 
-    def __init__(self, field: str, message: str) -> None:
+    def __init__(self, field: str, message: str, over_limit: bool = False) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
         self.reason = message
+        self.over_limit = over_limit          # refused by a size limit, not by the decoder
 
 
 def open_image(data: bytes, field: str, max_pixels: int = DEFAULT_MAX_INPUT_PIXELS,
@@ -73,11 +86,54 @@ def open_image(data: bytes, field: str, max_pixels: int = DEFAULT_MAX_INPUT_PIXE
     if not data:
         raise ImageInputError(field, "is empty; send the encoded image bytes (PNG or JPEG)")
     try:
+        return _open_image(data, field, max_pixels, min_side_px)
+    except ImageInputError as error:
+        if error.over_limit:
+            raise
+        stripped, dropped = without_png_metadata(data)
+        if not dropped:
+            raise
+        try:
+            image = _open_image(stripped, field, max_pixels, min_side_px)
+        except ImageInputError:
+            raise error from None
+        log.warning("%s: decoded without its PNG metadata chunks %s, which Pillow refused (%s)", field,
+                    ", ".join(dropped), error.reason)
+        return image
+
+
+def without_png_metadata(data: bytes) -> tuple[bytes, list[str]]:
+    """``data`` without its :data:`PNG_METADATA_CHUNKS`, and the types of the chunks dropped, in order.
+
+    Chunks are walked by their length fields (PNG specification, section 5.3: length, type, data, CRC); the
+    image chunks are copied byte for byte, so the pixels and their checksums are untouched. Anything that is
+    not a PNG comes back unchanged with ``[]``.
+    """
+    if not data.startswith(PNG_SIGNATURE):
+        return data, []
+    kept, dropped, position = [PNG_SIGNATURE], [], len(PNG_SIGNATURE)
+    while position + 8 <= len(data):
+        length = int.from_bytes(data[position:position + 4], "big")
+        kind = data[position + 4:position + 8]
+        end = position + 12 + length
+        if kind in PNG_METADATA_CHUNKS:
+            dropped.append(kind.decode("latin-1"))
+        else:
+            kept.append(data[position:end])
+        position = end
+        if kind == b"IEND":
+            break
+    return b"".join(kept), dropped
+
+
+def _open_image(data: bytes, field: str, max_pixels: int, min_side_px: int) -> Image.Image:
+    """:func:`open_image` on one encoding of the file."""
+    try:
         image = Image.open(io.BytesIO(data))                  # reads the header only
     except Image.DecompressionBombError as exc:             # over twice Image.MAX_IMAGE_PIXELS
         limit = min(max_pixels, 2 * (Image.MAX_IMAGE_PIXELS or max_pixels))
-        raise ImageInputError(field, f"is over the limit of {limit} pixels, checked before decoding ({exc})"
-                              ) from None
+        raise ImageInputError(field, f"is over the limit of {limit} pixels, checked before decoding ({exc})",
+                              over_limit=True) from None
     except UnidentifiedImageError:
         raise ImageInputError(field, "is not an image in a format the server reads (PNG, JPEG, WebP, GIF, "
                                      "TIFF, BMP …)") from None
@@ -87,20 +143,27 @@ def open_image(data: bytes, field: str, max_pixels: int = DEFAULT_MAX_INPUT_PIXE
     width, height = image.size
     if width * height > max_pixels:
         raise ImageInputError(field, f"is {width}x{height} = {width * height} pixels, over the limit of "
-                                     f"{max_pixels} pixels (checked before decoding)")
+                                     f"{max_pixels} pixels (checked before decoding)", over_limit=True)
     if min(width, height) < min_side_px:
         raise ImageInputError(field, f"is {width}x{height} px; its shorter side must be at least {min_side_px} "
                                      f"px (VGG-19 pools 4 times before relu5_1); small images are not upscaled, "
-                                     f"send a larger one")
+                                     f"send a larger one", over_limit=True)
     try:
         image.seek(0)                  # the first frame of an animation, the first page (n_frames is not read:
         image.load()                   # counting a GIF's frames walks through all of them)
-        return ImageOps.exif_transpose(image)
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, ValueError, EOFError …
         raise ImageInputError(field, f"cannot be decoded: truncated or corrupt {image.format or 'image'} data "
                                      f"({type(exc).__name__}: {exc})") from None
+    try:
+        return ImageOps.exif_transpose(image)
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - malformed EXIF: the picture is still good, as stored
+        log.warning("%s: EXIF orientation not applied, the EXIF block cannot be read (%s: %s)", field,
+                    type(exc).__name__, exc)
+        return image
 
 
 def decode_image(data: bytes, field: str, max_pixels: int = DEFAULT_MAX_INPUT_PIXELS,
