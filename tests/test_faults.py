@@ -7,7 +7,11 @@ field; never INTERNAL, never a silent non-finite cost.
 
 import io
 import math
+import shutil
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import grpc
 import pytest
@@ -16,6 +20,7 @@ from PIL import Image
 
 import serving
 from nst_client import NSTClient, NSTError, build_request
+from nst_client.cli import main as client_main
 from nst_client._proto.nst.v1 import style_transfer_pb2 as pb
 from nst_server import engine, images
 
@@ -254,3 +259,84 @@ def test_the_itxt_case_is_stylized_through_the_server(client, shared, small_imag
     kind, result, error = _outcome(client, request)
     assert kind == "ok", error
     assert (result.width_px, result.height_px) == (32, 24) and _finite(result.costs)
+
+
+# Kind 2: the CLI throws away finished work.
+
+def _cli_files(tmp_path, small_images):
+    paths = [tmp_path / "content.png", tmp_path / "style.png"]
+    for path, data in zip(paths, small_images):
+        path.write_bytes(data)
+    return [str(path) for path in paths]
+
+
+@pytest.mark.parametrize("name,words", [
+    ("missing/dir/out.png", "does not exist"),
+    ("out.gif", "is not a picture format the CLI writes"),
+    ("out", "no suffix"),
+    (".", "is not a picture format"),
+])
+def test_the_cli_refuses_an_output_it_cannot_write_before_sending_the_job(tmp_path, small_images, capsys, name,
+                                                                         words):
+    """Checked before connecting: the server address is one where nothing listens."""
+    files = _cli_files(tmp_path, small_images)
+    code = client_main(["stylize", *files, "-o", str(tmp_path / name), "--server", "127.0.0.1:1", "--quiet"])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert words in error and "UNAVAILABLE" not in error
+
+
+@pytest.mark.parametrize("extra,words", [
+    (["--keep-content-alpha", "-o", "out.jpg"], "needs a format with transparency"),
+    (["--quality", "101", "-o", "out.jpg"], "--quality must be between 1 and 100"),
+    (["--quality", "80", "-o", "out.png"], "--quality applies to JPEG and WebP"),
+])
+def test_the_cli_refuses_contradictory_output_options_before_sending(tmp_path, small_images, capsys, extra, words):
+    files = _cli_files(tmp_path, small_images)
+    extra = [str(tmp_path / item) if item.startswith("out.") else item for item in extra]
+    assert client_main(["stylize", *files, *extra, "--server", "127.0.0.1:1", "--quiet"]) == 2
+    assert words in capsys.readouterr().err
+
+
+def test_bench_outputs_are_checked_before_the_sweep(tmp_path, capsys):
+    code = client_main(["bench", "--server", "127.0.0.1:1", "--output-json", str(tmp_path / "no" / "b.json")])
+    assert code == 2 and "--output-json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("suffix,fmt,extra", [(".jpg", "JPEG", ["--quality", "80"]), (".webp", "WEBP", []),
+                                             (".tiff", "TIFF", []), (".png", "PNG", [])])
+def test_the_written_format_follows_the_suffix(server, tmp_path, small_images, capsys, suffix, fmt, extra):
+    files = _cli_files(tmp_path, small_images)
+    target = tmp_path / f"out{suffix}"
+    code = client_main(["stylize", *files, "-o", str(target), "--server", server, "--size", "32", "--iterations",
+                        "2", "--preview-every", "1", "--quiet", *extra])
+    assert code == 0, capsys.readouterr().err
+    with Image.open(target) as written:
+        assert written.format == fmt and written.size == (32, 24)
+    previews = sorted(tmp_path.glob(f"out.preview*{suffix}"))
+    assert previews and all(Image.open(p).format == fmt for p in previews)
+
+
+def test_a_result_that_cannot_be_written_is_saved_elsewhere_and_said(server, tmp_path, small_images):
+    """The output folder disappears while the job runs: previews stop, the result goes to a fallback file
+    whose path the CLI prints, and the exit code says something went wrong."""
+    folder = tmp_path / "gone"
+    folder.mkdir()
+    files = _cli_files(tmp_path, small_images)
+    process = subprocess.Popen([sys.executable, "-m", "nst_client.cli", "stylize", *files, "-o",
+                                str(folder / "out.png"), "--server", server, "--size", "48",
+                                "--iterations", "60", "--preview-every", "1", "--quiet"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        serving.wait_for(lambda: any(folder.glob("out.preview*")), timeout_s=120)
+        shutil.rmtree(folder)
+        stdout, stderr = process.communicate(timeout=300)
+    finally:
+        process.kill()
+    assert process.returncode == 2, stderr
+    assert "previews are no longer saved" in stderr and "Traceback" not in stderr
+    fallback = Path(stderr.split("the result is saved as ", 1)[1].split(" instead", 1)[0])
+    with Image.open(fallback) as saved:
+        assert saved.format == "PNG" and saved.size == (48, 36)
+    assert str(fallback) in stdout
+    fallback.unlink()

@@ -18,6 +18,7 @@ from google.protobuf.json_format import MessageToDict
 from tqdm import tqdm
 
 from nst_client import bench as bench_module
+from nst_client import output
 from nst_client.client import CHOICES, NSTClient, NSTError
 
 DEFAULT_SERVER = "127.0.0.1:50051"
@@ -40,7 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     stylize = commands.add_parser("stylize", help="stylize CONTENT like STYLE and write a PNG")
     stylize.add_argument("content", help="content image file (PNG, JPEG, …)")
     stylize.add_argument("style", help="style image file")
-    stylize.add_argument("-o", "--output", required=True, help="PNG file to write")
+    stylize.add_argument("-o", "--output", required=True,
+                         help="picture to write; its suffix picks the format: .png, .jpg/.jpeg, .webp, .tif/.tiff "
+                              "(checked, with its folder, before the job is sent)")
+    stylize.add_argument("--quality", type=int, default=None, metavar="1-100",
+                         help=f"JPEG/WebP quality (default {output.DEFAULT_QUALITY})")
     _add_server(stylize)
     stylize.add_argument("--style", dest="styles", action="append", default=[], metavar="FILE[:WEIGHT]",
                          help="one more style image with an optional blend weight (repeatable)")
@@ -82,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     stylize.add_argument("--convergence-tolerance", type=float, default=None)
     stylize.add_argument("--seed", type=int, default=None, help="seed of the initial noise")
     stylize.add_argument("--preview-every", type=int, default=0, metavar="N",
-                         help="save a preview every N iterations next to OUTPUT (OUTPUT.previewNNNN.png)")
+                         help="save a preview every N iterations next to OUTPUT (OUTPUT.previewNNNN.SUFFIX)")
     stylize.add_argument("--timeout-s", type=float, default=None, help="deadline for the whole job, seconds")
     stylize.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -125,13 +130,31 @@ def _layer_weights(text: str | None, option: str) -> dict[str, float] | None:
     return layers
 
 
-def _stylize(args: argparse.Namespace, client: NSTClient) -> int:
+def _check_stylize_outputs(args: argparse.Namespace) -> str:
+    """What can be checked about the files the job will write, before it is sent; returns the format."""
+    fmt = output.check_output(args.output, keep_alpha=args.keep_content_alpha)
+    if args.quality is not None:
+        if not 1 <= args.quality <= 100:
+            raise ValueError(f"--quality must be between 1 and 100, got {args.quality}")
+        if fmt not in output.LOSSY_FORMATS:
+            raise ValueError(f"--quality applies to JPEG and WebP, not to {fmt} ({args.output})")
+    return fmt
+
+
+def _stylize(args: argparse.Namespace, client: NSTClient, fmt: str) -> int:
     bar = None if args.quiet else tqdm(total=args.iterations or None, unit="it", desc="stylize", file=sys.stderr)
-    output = Path(args.output)
+    target = Path(args.output)
+    quality = args.quality or output.DEFAULT_QUALITY
+    preview_failed = []
 
     def on_progress(progress) -> None:
-        if progress.preview_png:
-            output.with_suffix(f".preview{progress.iteration:04d}.png").write_bytes(progress.preview_png)
+        if progress.preview_png and not preview_failed:
+            preview = target.with_suffix(f".preview{progress.iteration:04d}{target.suffix}")
+            try:
+                preview.write_bytes(output.encode(progress.preview_png, fmt, quality))
+            except OSError as exc:       # a preview is not worth the job: say so once and go on
+                preview_failed.append(exc)
+                print(f"nst: previews are no longer saved: {exc}", file=sys.stderr)
         if bar is None:
             return
         bar.update(progress.iteration - bar.n)
@@ -148,8 +171,10 @@ def _stylize(args: argparse.Namespace, client: NSTClient) -> int:
     finally:
         if bar is not None:
             bar.close()
-    result.save(args.output)
-    print(f"wrote {args.output} ({result.width_px}x{result.height_px}) in {result.elapsed_ms / 1000:.1f} s; "
+    written, error = output.write_image(result.image_png, target, fmt, quality)
+    if error is not None:
+        print(f"nst: cannot write {target} ({error}); the result is saved as {written} instead", file=sys.stderr)
+    print(f"wrote {written} ({result.width_px}x{result.height_px}) in {result.elapsed_ms / 1000:.1f} s; "
           f"{result.iterations} iterations, stop: {result.stop_reason}, precision {result.precision or '?'}")
     print(f"costs of the delivered image: content {result.content_cost:.4g}, style {result.style_cost:.4g}, "
           f"total {result.total_cost:.4g}")
@@ -157,15 +182,20 @@ def _stylize(args: argparse.Namespace, client: NSTClient) -> int:
         first, last = result.progress[0], result.progress[-1]
         print(f"style cost: iteration {first.iteration} {first.costs.style:.4g} -> iteration {last.iteration} "
               f"{last.costs.style:.4g} (last/first = {last.costs.style / max(first.costs.style, 1e-30):.4f})")
-    return 0
+    return 0 if error is None else 2
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        fmt = _check_stylize_outputs(args) if args.command == "stylize" else ""
+        if args.command == "bench":
+            for option in ("output_json", "output_csv", "plot"):
+                if getattr(args, option):
+                    output.check_writable(getattr(args, option), "--" + option.replace("_", "-"))
         with NSTClient(args.server, tls=args.tls, tls_ca=args.tls_ca, token=args.token) as client:
             if args.command == "stylize":
-                return _stylize(args, client)
+                return _stylize(args, client, fmt)
             if args.command == "bench":
                 return bench_module.run(args, client)
             if args.command == "info":
