@@ -340,3 +340,34 @@ def test_a_result_that_cannot_be_written_is_saved_elsewhere_and_said(server, tmp
         assert saved.format == "PNG" and saved.size == (48, 36)
     assert str(fallback) in stdout
     fallback.unlink()
+
+
+# Kind 5: memory across many requests of many sizes.
+
+SOAK_SIZES = [(48 + 3 * k, 32) if k % 2 == 0 else (32, 48 + 3 * k) for k in range(40)]    # 48..165 px, both ways
+
+
+def test_memory_stays_bounded_over_40_jobs_of_40_sizes(onnx_path, tmp_path, small_images, record_property):
+    """40 jobs of 2–3 iterations, each at a new size (landscape and portrait, 48–165 px), through one server:
+    resident memory (the metrics endpoint's process_resident_memory_bytes) grows by under 10 % between job 10
+    and job 40. Before, nothing bounded what the CPU kernels kept per input shape (+20 % over 40 jobs)."""
+    style = small_images[1]
+    server = serving.start(onnx_path, tmp_path / "server.log", ["--max-running-jobs", "1"])
+    rss = {}
+    try:
+        with NSTClient(server.target, timeout_s=120) as client:
+            for k, (width, height) in enumerate(SOAK_SIZES, start=1):
+                content = io.BytesIO()
+                Image.new("RGB", (width, height), (40 + k, 120, 200 - k)).save(content, format="PNG")
+                result = client.stylize(content.getvalue(), style, max_side_px=max(width, height),
+                                        iterations=2 + k % 2)
+                assert (result.width_px, result.height_px) == (width, height)
+                if k in (1, 10, 40):
+                    rss[k] = server.metric("process_resident_memory_bytes")
+    finally:
+        server.stop()
+    growth = rss[40] / rss[10] - 1
+    print(f"resident memory: job 1 {rss[1] / 2**20:.0f} MiB, job 10 {rss[10] / 2**20:.0f} MiB, "
+          f"job 40 {rss[40] / 2**20:.0f} MiB ({growth:+.1%} from job 10 to 40)")
+    record_property("rss_mib", {k: round(v / 2**20, 1) for k, v in rss.items()})
+    assert growth < 0.10

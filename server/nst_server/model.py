@@ -7,6 +7,7 @@ different weights; ``tests/test_parity.py`` checks that they agree.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -106,6 +107,23 @@ def build_replica(proto: onnx.ModelProto, device: torch.device | str = "cpu") ->
         state[name] = value
     replica.load_state_dict(state)
     return replica.to(device).eval().requires_grad_(False)
+
+
+def release_free_memory() -> None:
+    """Give the C heap's free pages back to the OS (glibc ``malloc_trim(0)``; a no-op elsewhere): after a job
+    its activations' memory is free but, fragmented between arenas, stays resident otherwise."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 
 @dataclass

@@ -38,7 +38,7 @@ from nst_server.interceptors import annotate, deadline_passed
 from nst_server.jobs import STOP_CLIENT, STOP_DEADLINE, STOP_SHUTDOWN, Admission, Job, ServerBusy, is_out_of_memory
 from nst_server.messages import (DEFAULT_RESULT_CHUNK_BYTES, RequestError, decode_inputs, settings_from_request,
                                  to_proto)
-from nst_server.model import StyleModels
+from nst_server.model import StyleModels, release_free_memory
 from nst_server.precision import default_precision
 
 log = logging.getLogger(__name__)
@@ -243,6 +243,7 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
             finally:
                 job.finish()
                 put(_DONE)
+                release_free_memory()             # the job's activations and L-BFGS history, back to the OS
 
         job.future = loop.run_in_executor(self._executor, work)
         delivered = False
