@@ -76,3 +76,28 @@ def test_job_counts_iterations_and_injects_its_fault():
         with pytest.raises(torch.OutOfMemoryError, match="NST_FAULT_INJECT"):
             faulty.should_stop()
     asyncio.run(scenario())
+
+
+def test_queue_position_now():
+    """A waiting job's place in line as its heartbeats report it: the admission's count while nothing moved, one
+    less for each job ahead that ends, 0 once a worker is free for it or has it."""
+    async def scenario():
+        admission = Admission(max_running=2, max_queued=2)
+        jobs = [admission.admit(f"job{i}") for i in range(4)]
+        assert [admission.position(job) for job in jobs] == [job.queue_position for job in jobs] == [0, 0, 1, 2]
+        assert jobs[0].start() and jobs[1].start()
+        assert [admission.position(job) for job in jobs] == [0, 0, 1, 2]
+        jobs[0].finish()
+        admission.release(jobs[0])
+        assert [admission.position(job) for job in jobs[2:]] == [0, 1]      # a worker is free for job2
+        assert jobs[2].start()
+        assert [admission.position(job) for job in jobs[1:]] == [0, 0, 1]
+        jobs[1].request_stop(STOP_CLIENT)
+        jobs[1].finish()
+        admission.release(jobs[1])
+        assert admission.position(jobs[3]) == 0
+        for job in (jobs[2], jobs[3]):
+            job.request_stop(STOP_CLIENT)
+            job.finish()
+            admission.release(job)
+    asyncio.run(scenario())

@@ -1,5 +1,5 @@
 """Client of the ``nst.v1.StyleTransfer`` gRPC service: library, CLI (``nst``), and the generated stubs."""
 
-from nst_client.client import NSTClient, NSTError, StylizeResult, build_request
+from nst_client.client import NSTClient, NSTError, Retry, StylizeResult, build_request
 
-__all__ = ["NSTClient", "NSTError", "StylizeResult", "build_request"]
+__all__ = ["NSTClient", "NSTError", "Retry", "StylizeResult", "build_request"]

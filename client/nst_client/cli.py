@@ -4,6 +4,10 @@
     nst info --server HOST:PORT
     nst health --server HOST:PORT
     nst bench --server HOST:PORT --size 256 --iterations 20 --concurrency 1,2,4 --output-json B.json --plot B.png
+
+``--server`` takes any gRPC target: several replicas as ``ipv4:10.0.0.1:50051,10.0.0.2:50051`` or
+``dns:///nst-headless.NAMESPACE.svc:50051`` are balanced round robin, refusals are retried on another replica,
+and a job whose replica is lost mid-stream is sent again (``--max-resubmits``).
 """
 
 from __future__ import annotations
@@ -25,7 +29,17 @@ DEFAULT_SERVER = "127.0.0.1:50051"
 
 
 def _add_server(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--server", default=DEFAULT_SERVER, help="HOST:PORT of nst-server (default: %(default)s)")
+    parser.add_argument("--server", default=DEFAULT_SERVER,
+                        help="gRPC target of nst-server: HOST:PORT, or replicas as ipv4:HOST:PORT,HOST:PORT,… or "
+                             "dns:///NAME:PORT, balanced round robin with retries (default: %(default)s)")
+    parser.add_argument("--balance", action="store_true", default=None,
+                        help="round robin and retries for a plain HOST:PORT too (a name with several addresses)")
+    parser.add_argument("--max-resubmits", type=int, default=2,
+                        help="send a job again at most this many times when its replica is lost mid-stream "
+                             "(default: %(default)s)")
+    parser.add_argument("--busy-retry-s", type=float, default=0.0,
+                        help="keep sending a job that every replica refuses (busy, loading, draining) for up to "
+                             "this long, s (default: %(default)s: fail at once)")
     parser.add_argument("--tls", action="store_true",
                         help="connect with TLS, verifying the server against the system's root certificates")
     parser.add_argument("--tls-ca", default=None, metavar="PEM",
@@ -93,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = commands.add_parser("info", help="print the server's model information as JSON")
     _add_server(info)
-    health = commands.add_parser("health", help="print the server's health status")
+    health = commands.add_parser("health", help="print the server's health status (grpc.health.v1); exit code 0 "
+                                                "when SERVING, 1 otherwise (a container HEALTHCHECK)")
     _add_server(health)
     bench = commands.add_parser("bench", help="throughput and latency over a sweep of concurrency levels")
     _add_server(bench)
@@ -147,6 +162,21 @@ def _stylize(args: argparse.Namespace, client: NSTClient, fmt: str) -> int:
     quality = args.quality or output.DEFAULT_QUALITY
     preview_failed = []
 
+    def on_heartbeat(heartbeat) -> None:
+        if bar is not None and heartbeat.queue_position:
+            bar.set_postfix_str(f"waiting: {heartbeat.queue_position} in line, {heartbeat.waited_ms / 1000:.0f} s")
+
+    def on_retry(retry) -> None:
+        why = "replica lost" if retry.accepted else "refused"
+        line = f"{why} ({retry.error}); sending the job again, attempt {retry.attempt}"
+        if bar is None:
+            print(f"nst: {line}", file=sys.stderr)
+            return
+        bar.write(f"nst: {line}", file=sys.stderr)
+        if retry.accepted:
+            bar.reset()
+        bar.set_description(f"stylize (attempt {retry.attempt})")
+
     def on_progress(progress) -> None:
         if progress.preview_png and not preview_failed:
             preview = target.with_suffix(f".preview{progress.iteration:04d}{target.suffix}")
@@ -164,7 +194,8 @@ def _stylize(args: argparse.Namespace, client: NSTClient, fmt: str) -> int:
     try:
         options = {name: getattr(args, name) for name in _OPTIONS}
         result = client.stylize(
-            args.content, args.style, on_progress=on_progress, timeout_s=args.timeout_s,
+            args.content, args.style, on_progress=on_progress, on_heartbeat=on_heartbeat, on_retry=on_retry,
+            timeout_s=args.timeout_s,
             styles=[_file_weight(item) for item in args.styles], init_image=args.init_image,
             content_layers=_layer_weights(args.content_layers, "--content-layers"),
             style_layers=_layer_weights(args.style_layers, "--style-layers"), **options)
@@ -175,7 +206,9 @@ def _stylize(args: argparse.Namespace, client: NSTClient, fmt: str) -> int:
     if error is not None:
         print(f"nst: cannot write {target} ({error}); the result is saved as {written} instead", file=sys.stderr)
     print(f"wrote {written} ({result.width_px}x{result.height_px}) in {result.elapsed_ms / 1000:.1f} s; "
-          f"{result.iterations} iterations, stop: {result.stop_reason}, precision {result.precision or '?'}")
+          f"{result.iterations} iterations, stop: {result.stop_reason}, precision {result.precision or '?'}"
+          + (f"; {result.attempts} attempts" if result.attempts > 1 else "")
+          + (f"; replica {result.replica}" if result.replica else ""))
     print(f"costs of the delivered image: content {result.content_cost:.4g}, style {result.style_cost:.4g}, "
           f"total {result.total_cost:.4g}")
     if result.progress:
@@ -193,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
             for option in ("output_json", "output_csv", "plot"):
                 if getattr(args, option):
                     output.check_writable(getattr(args, option), "--" + option.replace("_", "-"))
-        with NSTClient(args.server, tls=args.tls, tls_ca=args.tls_ca, token=args.token) as client:
+        with NSTClient(args.server, tls=args.tls, tls_ca=args.tls_ca, token=args.token, balance=args.balance,
+                       max_resubmits=args.max_resubmits, busy_retry_s=args.busy_retry_s) as client:
             if args.command == "stylize":
                 return _stylize(args, client, fmt)
             if args.command == "bench":
@@ -201,8 +235,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "info":
                 print(json.dumps(MessageToDict(client.model_info()), indent=2))
                 return 0
-            print(client.health())
-            return 0
+            status = client.health()
+            print(status)
+            return 0 if status == "SERVING" else 1
     except NSTError as exc:
         print(f"nst: {exc}", file=sys.stderr)
         return 1

@@ -2,12 +2,20 @@
 
 Every ``grpc.RpcError`` is turned into :class:`NSTError`, which carries the status code and the server's
 message.
+
+One client can serve from many replicas: a target that names several addresses (``ipv4:10.0.0.1:50051,
+10.0.0.2:50051``) or a resolver (``dns:///nst-headless.NAMESPACE.svc:50051``) gets gRPC's ``round_robin``
+balancing and a retry policy for refusals that come before any response (RESOURCE_EXHAUSTED at admission,
+UNAVAILABLE while a replica loads or drains), through a gRPC service config (gRFC A6 "Client retries");
+:meth:`NSTClient.stylize` sends a job again when its stream breaks after ``JobAccepted`` (the replica died).
 """
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -20,6 +28,61 @@ from nst_client._proto.nst.v1 import style_transfer_pb2_grpc as pb_grpc
 MAX_RECEIVE_MESSAGE_BYTES = 64 * 1024 * 1024
 
 STOP_REASONS = {value: name for name, value in pb.StopReason.items()}
+
+#: Client keepalive defaults (gRPC's "Keepalive User Guide for gRPC Core", gRFC A8): a ping after this many
+#: seconds without activity, also with no call in flight, and the connection is given up when the ping is not
+#: answered within the timeout. nst-server accepts pings every 5 s or more (``--min-ping-interval-s``); gRPC
+#: servers with the default policy (300 s) answer more frequent pings with GOAWAY ``too_many_pings``.
+KEEPALIVE_TIME_S, KEEPALIVE_TIMEOUT_S = 20.0, 10.0
+
+#: Attempts gRPC makes for one call refused before any response (gRPC caps it at 5), and the backoff between
+#: them (randomised up to the current value, which grows by the multiplier up to the maximum).
+RETRY_MAX_ATTEMPTS, RETRY_INITIAL_BACKOFF_S, RETRY_MAX_BACKOFF_S = 5, 0.1, 1.0
+#: Status codes retried before any response: the replica is full, or loading, or draining.
+RETRYABLE_CODES = ("RESOURCE_EXHAUSTED", "UNAVAILABLE")
+#: Status codes after ``JobAccepted`` that mean the replica went away (killed, connection lost, shutdown grace
+#: over): the job is sent again.
+RESUBMIT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
+
+
+def service_config(max_attempts: int = RETRY_MAX_ATTEMPTS, health_check: bool = True) -> str:
+    """The gRPC service config (JSON) of a balanced client: ``round_robin`` over every resolved address, and a
+    ``retryPolicy`` on ``nst.v1.StyleTransfer`` for :data:`RETRYABLE_CODES`.
+
+    gRPC retries a call only while it has received no response headers; nst-server refuses (admission, loading,
+    shutdown) before sending any, so a refused job goes to the next replica. With ``health_check``, gRPC watches
+    each address's ``grpc.health.v1`` status of ``nst.v1.StyleTransfer`` and round robin skips the ones not
+    SERVING (loading, draining); leave it off for servers whose health service wants a token (``--auth-health``),
+    whose watches would fail. Sources: gRPC's "Service Config in gRPC", gRFC A6 (client retries) and A17
+    (client-side health checking).
+
+    Raises:
+        ValueError: ``max_attempts`` under 2 (no retry) or over 5 (gRPC's cap).
+    """
+    if not 2 <= max_attempts <= 5:
+        raise ValueError(f"max_attempts must be between 2 and 5 (gRPC's cap), got {max_attempts}")
+    config = {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "methodConfig": [{
+            "name": [{"service": "nst.v1.StyleTransfer"}],
+            "retryPolicy": {
+                "maxAttempts": max_attempts,
+                "initialBackoff": f"{RETRY_INITIAL_BACKOFF_S}s",
+                "maxBackoff": f"{RETRY_MAX_BACKOFF_S}s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": list(RETRYABLE_CODES),
+            },
+        }],
+    }
+    if health_check:
+        config["healthCheckConfig"] = {"serviceName": "nst.v1.StyleTransfer"}
+    return json.dumps(config)
+
+
+def is_balanced_target(target: str) -> bool:
+    """True for a target that can name several servers: several addresses (``ipv4:A:P,B:P``) or a resolver
+    scheme (``dns:``, ``ipv4:``, ``ipv6:``). A plain ``host:port`` is one server."""
+    return "," in target or target.startswith(("dns:", "ipv4:", "ipv6:"))
 
 
 class NSTError(Exception):
@@ -78,6 +141,8 @@ class StylizeResult:
     elapsed_ms: float
     progress: list[pb.Progress]
     precision: str = ""                 # the replica's precision the job ran at ("fp32", "bf16", "fp16")
+    attempts: int = 1                   # times the job was sent (client side: refusals and broken streams)
+    replica: str = ""                   # HOSTNAME/PID of the server that delivered it (JobAccepted.replica)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the PNG bytes to ``path``."""
@@ -112,6 +177,24 @@ _PLAIN_SCALARS = ("max_side_px", "iterations", "progress_every", "start_side_px"
                   "preview_max_side_px", "lbfgs_history", "keep_content_alpha")
 
 Image = bytes | str | os.PathLike
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Why :meth:`NSTClient.stylize` sends a job again (handed to its ``on_retry``).
+
+    Attributes:
+        attempt: the attempt about to start (2 for the first retry).
+        error: what ended the previous attempt.
+        accepted: True when the previous attempt had been accepted (its stream broke: the replica was lost and
+            the job starts over), False when it was refused before (every replica busy, loading or draining).
+        wait_s: the pause before the next attempt, s.
+    """
+
+    attempt: int
+    error: "NSTError"
+    accepted: bool
+    wait_s: float
 
 
 def build_request(content: Image, style: Image | None = None, *,
@@ -167,11 +250,13 @@ def build_request(content: Image, style: Image | None = None, *,
 
 
 class NSTClient:
-    """A channel to one server; use as a context manager, or call :meth:`close`.
+    """A channel to one server or to many replicas; use as a context manager, or call :meth:`close`.
 
     Args:
-        target: ``host:port``.
-        timeout_s: default deadline for :meth:`stylize` calls, seconds (``None``: no deadline).
+        target: any gRPC target: ``host:port``; several addresses ``ipv4:127.0.0.1:5001,127.0.0.1:5002``;
+            ``dns:///nst-headless.NAMESPACE.svc:50051`` (every address the name resolves to).
+        timeout_s: default deadline for :meth:`stylize` calls, seconds (``None``: no deadline); it covers every
+            attempt of a job.
         tls: connect with TLS, verifying the server against the system's root certificates (or ``tls_ca``).
         tls_ca: PEM bytes or file path of the CA (or the self-signed certificate) that signed the server's
             certificate; implies ``tls``.
@@ -179,21 +264,59 @@ class NSTClient:
             in ``target`` (e.g. ``localhost`` for a certificate made for that name).
         token: sent as ``authorization: Bearer <token>`` metadata on every call (servers started with
             ``--auth-token``). Without TLS it travels in clear text.
+        balance: round robin over the target's addresses that are SERVING, and gRPC retries of refusals
+            (:func:`service_config`); None (default): for targets that can name several servers
+            (:func:`is_balanced_target`), so that a single ``host:port`` server's RESOURCE_EXHAUSTED reaches the
+            caller at once.
+        max_resubmits: :meth:`stylize` sends a job again at most this many times when its stream breaks after
+            ``JobAccepted`` with UNAVAILABLE (the replica was killed or lost, or its shutdown grace ran out).
+        busy_retry_s: :meth:`stylize` keeps sending a job refused with RESOURCE_EXHAUSTED or UNAVAILABLE (after
+            gRPC's own retries) for up to this long, with a backoff from 0.2 s doubling to 2 s, s; 0: give up.
+        keepalive_time_s, keepalive_timeout_s: ping the server after this long without activity, also with no
+            call in flight, and give the connection up when a ping is not answered within the timeout, s; so a
+            job on a frozen replica or behind a dropped NAT entry ends with UNAVAILABLE (and is resubmitted)
+            instead of waiting forever. Servers must allow it (nst-server: ``--min-ping-interval-s``, 5 s).
+        channel_options: more gRPC channel arguments, e.g. ``[("grpc.keepalive_time_ms", 10000)]``; they
+            override the ones above.
     Raises:
-        OSError: ``tls_ca`` names a file that cannot be read.
+        OSError: ``tls_ca`` names a file that cannot be read. ValueError: a negative ``max_resubmits`` or
+            ``busy_retry_s``, or a keepalive time under 1 s.
     """
 
     def __init__(self, target: str, timeout_s: float | None = None, *, tls: bool = False,
                  tls_ca: bytes | str | os.PathLike | None = None, tls_server_name: str | None = None,
-                 token: str | None = None) -> None:
+                 token: str | None = None, balance: bool | None = None, max_resubmits: int = 2,
+                 busy_retry_s: float = 0.0, keepalive_time_s: float = KEEPALIVE_TIME_S,
+                 keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
+                 channel_options: Sequence[tuple[str, str | int]] = ()) -> None:
+        if max_resubmits < 0 or busy_retry_s < 0:
+            raise ValueError(f"max_resubmits and busy_retry_s must be >= 0, got {max_resubmits}, {busy_retry_s}")
+        if keepalive_time_s < 1 or keepalive_timeout_s <= 0:
+            raise ValueError(f"keepalive_time_s must be >= 1 s and keepalive_timeout_s > 0, got "
+                             f"{keepalive_time_s}, {keepalive_timeout_s}")
         self.target = target
         self.timeout_s = timeout_s
-        options = [
-            ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_RECEIVE_MESSAGE_BYTES),
-        ]
+        self.max_resubmits, self.busy_retry_s = max_resubmits, busy_retry_s
+        self.balanced = is_balanced_target(target) if balance is None else balance
+        options: dict[str, str | int] = {
+            "grpc.max_receive_message_length": MAX_RECEIVE_MESSAGE_BYTES,
+            "grpc.max_send_message_length": MAX_RECEIVE_MESSAGE_BYTES,
+            "grpc.keepalive_time_ms": round(keepalive_time_s * 1000),
+            "grpc.keepalive_timeout_ms": round(keepalive_timeout_s * 1000),
+            "grpc.keepalive_permit_without_calls": 1,
+            "grpc.http2.max_pings_without_data": 0,
+        }
+        if self.balanced:
+            # A token may mean a protected health service: no health watches then (refusals are still retried).
+            options["grpc.service_config"] = service_config(health_check=token is None)
+            options["grpc.enable_retries"] = 1
+            # A call is retried only while its request fits the retry buffer (gRPC's default: 256 KiB, less
+            # than one photo): let it hold the largest request we send.
+            options["grpc.per_rpc_retry_buffer_size"] = MAX_RECEIVE_MESSAGE_BYTES
         if tls_server_name:
-            options.append(("grpc.ssl_target_name_override", tls_server_name))
+            options["grpc.ssl_target_name_override"] = tls_server_name
+        options.update(dict(channel_options))
+        channel_args = list(options.items())
         if tls or tls_ca is not None:
             root = None
             if isinstance(tls_ca, bytes | bytearray):
@@ -201,9 +324,10 @@ class NSTClient:
             elif tls_ca is not None:
                 with open(tls_ca, "rb") as handle:
                     root = handle.read()
-            self._channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root), options=options)
+            self._channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root),
+                                                options=channel_args)
         else:
-            self._channel = grpc.insecure_channel(target, options=options)
+            self._channel = grpc.insecure_channel(target, options=channel_args)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._stub = pb_grpc.StyleTransferStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
@@ -265,41 +389,87 @@ class NSTClient:
             call.cancel()
 
     def stylize(self, content: bytes | str | os.PathLike, style: bytes | str | os.PathLike, *,
-                on_progress=None, timeout_s: float | None = None, **options) -> StylizeResult:
-        """Run one job to completion.
+                on_progress: Callable[[pb.Progress], None] | None = None,
+                on_heartbeat: Callable[[pb.Heartbeat], None] | None = None,
+                on_retry: Callable[[Retry], None] | None = None,
+                timeout_s: float | None = None, **options) -> StylizeResult:
+        """Run one job to completion, sending it again where another attempt can succeed.
+
+        A stream that breaks after ``JobAccepted`` with UNAVAILABLE (the replica was killed, the connection lost,
+        or the replica's shutdown grace ran out) is sent again, at most ``max_resubmits`` times; the job starts
+        over on another replica (the seed makes it the same job: same inputs, seed and settings give the same
+        bytes on the same device). A job refused before any response with RESOURCE_EXHAUSTED or UNAVAILABLE,
+        after gRPC's own retries, is sent again for up to ``busy_retry_s``. ``StylizeResult.attempts`` says how
+        many sends it took.
 
         Args:
             content, style: encoded image bytes or file paths.
-            on_progress: called with each ``nst.v1.Progress`` as it arrives.
-            timeout_s: deadline for the whole job, seconds.
+            on_progress: called with each ``nst.v1.Progress`` as it arrives (iterations start again from 1
+                after a resubmission).
+            on_heartbeat: called with each ``nst.v1.Heartbeat`` (queue position, time waited).
+            on_retry: called with a :class:`Retry` before each new attempt.
+            timeout_s: deadline for the whole job, all attempts together, seconds.
             **options: :func:`build_request` keywords (``max_side_px``, ``iterations``, ``content_weight`` …).
         Raises:
-            NSTError: the server refused or failed the job. ValueError, OSError: from :func:`build_request`.
+            NSTError: the server refused or failed the job, or the last attempt's stream broke. ValueError,
+                OSError: from :func:`build_request`.
         """
         request = build_request(content, style, **options)
-        job_id, progress, final, chunks = "", [], None, []
+        timeout_s = timeout_s if timeout_s is not None else self.timeout_s
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        busy_until = time.monotonic() + self.busy_retry_s
+        attempt, resubmits, backoff_s = 1, 0, 0.2
+        while True:
+            accepted = []
+            try:
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                return self._stylize_once(request, remaining, accepted, attempt, on_progress, on_heartbeat)
+            except NSTError as error:
+                now = time.monotonic()
+                if accepted and error.code in RESUBMIT_CODES and resubmits < self.max_resubmits:
+                    resubmits, wait_s = resubmits + 1, 0.0
+                elif not accepted and error.code.name in RETRYABLE_CODES and now + backoff_s < busy_until:
+                    wait_s, backoff_s = backoff_s, min(2 * backoff_s, 2.0)
+                else:
+                    raise
+                if deadline is not None and now + wait_s >= deadline:
+                    raise
+                attempt += 1
+                if on_retry is not None:
+                    on_retry(Retry(attempt=attempt, error=error, accepted=bool(accepted), wait_s=wait_s))
+                time.sleep(wait_s)
+
+    def _stylize_once(self, request: pb.StylizeRequest, timeout_s: float | None, accepted: list, attempt: int,
+                      on_progress, on_heartbeat) -> StylizeResult:
+        """One attempt: read the stream to its end; ``accepted`` gets the JobAccepted when it arrives."""
+        progress, final, chunks = [], None, []
         # Read to the end of the stream, past the Result: leaving early would cancel the call, and the server
         # would count a delivered job as cancelled.
         for message in self.stream(request, timeout_s=timeout_s):
             kind = message.WhichOneof("event")
             if kind == "accepted":
-                job_id = message.accepted.job_id
+                accepted.append(message.accepted)
             elif kind == "progress":
                 progress.append(message.progress)
                 if on_progress is not None:
                     on_progress(message.progress)
+            elif kind == "heartbeat":
+                if on_heartbeat is not None:
+                    on_heartbeat(message.heartbeat)
             elif kind == "image_chunk":
                 chunks.append(message.image_chunk.data)
             elif kind == "result":
                 result = message.result
                 if chunks:
                     result.image_png = b"".join(chunks)
+                job = accepted[0] if accepted else pb.JobAccepted()
                 final = StylizeResult(
-                    job_id=job_id, image_png=result.image_png, width_px=result.width_px,
+                    job_id=job.job_id, image_png=result.image_png, width_px=result.width_px,
                     height_px=result.height_px, content_cost=result.costs.content, style_cost=result.costs.style,
                     total_cost=result.costs.total, iterations=result.iterations,
                     best_iteration=result.best_iteration, stop_reason=STOP_REASONS[result.stop_reason],
-                    elapsed_ms=result.elapsed_ms, progress=progress, precision=result.precision)
+                    elapsed_ms=result.elapsed_ms, progress=progress, precision=result.precision,
+                    attempts=attempt, replica=job.replica)
         if final is None:
             raise NSTError(grpc.StatusCode.UNKNOWN, "the stream ended without a result")
         return final

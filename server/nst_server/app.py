@@ -15,8 +15,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from nst_client._proto.nst.v1 import style_transfer_pb2 as pb
 from nst_client._proto.nst.v1 import style_transfer_pb2_grpc as pb_grpc
+from nst_server.cpus import CgroupFormatError, cpu_budget
 from nst_server.interceptors import BearerTokenInterceptor, RpcLogInterceptor
 from nst_server.jobs import FaultInjection
+from nst_server import metrics
 from nst_server.metrics import start_metrics_server
 from nst_server import engine, reflection
 from nst_server.model import StyleModels, tensorrt_options
@@ -52,6 +54,22 @@ class ServerConfig:
         metrics_host, metrics_port: Prometheus ``/metrics`` over HTTP; ``metrics_port`` None: off, 0: a free
             port (printed).
         fault_injection: test hook, see :func:`nst_server.jobs.parse_fault_injection`; empty in production.
+        threads: intra-op threads of torch and onnxruntime; None: the CPUs this process may use
+            (:func:`nst_server.cpus.cpu_budget`: affinity and cgroup CPU quota).
+        keepalive_time_s: the server pings a connection that was quiet this long, s (``grpc.keepalive_time_ms``).
+        keepalive_timeout_s: and closes it when the ping is not answered within this, s
+            (``grpc.keepalive_timeout_ms``).
+        min_ping_interval_s: clients may ping this often, with or without calls in flight, s
+            (``grpc.http2.min_ping_interval_without_data_ms``); more often is a ping strike, and after 2 strikes
+            gRPC closes the connection with GOAWAY ``too_many_pings``. gRPC's default is 300 s.
+        max_connection_age_s: a connection older than this (±10 % jitter) gets GOAWAY, so that clients
+            reconnect and re-resolve (DNS, load balancers) and the load spreads over new replicas, s; 0: never
+            (``grpc.max_connection_age_ms``).
+        max_connection_age_grace_s: calls still open on such a connection get this long to end, s; longer than
+            the longest job, waiting included, so that no job is cut (``grpc.max_connection_age_grace_ms``).
+
+    Sources for the keepalive settings: gRPC's "Keepalive User Guide for gRPC Core", gRFC A8 (client-side
+    keepalive) and A9 (server-side connection management).
     """
 
     model_path: str
@@ -68,6 +86,64 @@ class ServerConfig:
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = None
     fault_injection: FaultInjection = field(default_factory=FaultInjection)
+    threads: int | None = None
+    keepalive_time_s: float = 30.0
+    keepalive_timeout_s: float = 20.0
+    min_ping_interval_s: float = 5.0
+    max_connection_age_s: float = 600.0
+    max_connection_age_grace_s: float = 86400.0
+
+    def __post_init__(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {self.threads}")
+        for flag, value in (("--keepalive-time-s", self.keepalive_time_s),
+                            ("--keepalive-timeout-s", self.keepalive_timeout_s),
+                            ("--min-ping-interval-s", self.min_ping_interval_s)):
+            if not 0.001 <= value <= MAX_DURATION_S:
+                raise ValueError(f"{flag} must be between 0.001 and {MAX_DURATION_S:g} s, got {value}")
+        for flag, value in (("--max-connection-age-s", self.max_connection_age_s),
+                            ("--max-connection-age-grace-s", self.max_connection_age_grace_s)):
+            if not 0 <= value <= MAX_DURATION_S:
+                raise ValueError(f"{flag} must be between 0 and {MAX_DURATION_S:g} s, got {value}")
+
+    def grpc_options(self) -> list[tuple[str, int]]:
+        """The server's gRPC channel arguments: message limits, keepalive and connection age."""
+        options = [
+            ("grpc.max_receive_message_length", self.max_receive_message_bytes),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            ("grpc.keepalive_time_ms", _ms(self.keepalive_time_s)),
+            ("grpc.keepalive_timeout_ms", _ms(self.keepalive_timeout_s)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", _ms(self.min_ping_interval_s)),
+            ("grpc.http2.max_ping_strikes", 2),
+            ("grpc.http2.max_pings_without_data", 0),       # our own keepalive pings go on over quiet streams
+        ]
+        if self.max_connection_age_s > 0:
+            options += [("grpc.max_connection_age_ms", _ms(self.max_connection_age_s)),
+                        ("grpc.max_connection_age_grace_ms", _ms(self.max_connection_age_grace_s))]
+        return options
+
+
+#: Longest duration a time flag accepts, s (gRPC takes int32 milliseconds: about 24.8 days).
+MAX_DURATION_S = (2**31 - 1) / 1000.0
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000.0))
+
+
+def intra_op_threads(config: ServerConfig) -> tuple[int, str]:
+    """Threads for torch's and onnxruntime's intra-op pools and where the number comes from: ``--threads``, else
+    the CPUs this process may use (:func:`nst_server.cpus.cpu_budget`; a malformed cgroup file is logged and
+    the affinity mask used alone)."""
+    if config.threads is not None:
+        return config.threads, f"--threads {config.threads}"
+    try:
+        budget = cpu_budget()
+    except CgroupFormatError as exc:
+        log.warning("cannot read the cgroup CPU quota (%s); sizing threads from the CPU affinity alone", exc)
+        budget = cpu_budget(proc_cgroup=Path("/nonexistent"))
+    return budget.cpus, budget.source
 
 
 def warm_up(models: StyleModels) -> None:
@@ -111,10 +187,7 @@ async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> Non
         interceptors.append(BearerTokenInterceptor(config.auth_token, protect_health=config.auth_health))
         if credentials is None:
             log.warning("a bearer token without TLS travels in clear text; use --tls-cert/--tls-key off localhost")
-    server = grpc.aio.server(interceptors=interceptors, options=[
-        ("grpc.max_receive_message_length", config.max_receive_message_bytes),
-        ("grpc.max_send_message_length", 64 * 1024 * 1024),
-    ])
+    server = grpc.aio.server(interceptors=interceptors, options=config.grpc_options())
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
@@ -123,6 +196,11 @@ async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> Non
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
     # UNAVAILABLE until loaded
     servicer = StyleTransferServicer(None, config.limits, faults=config.fault_injection.by_seed)
+    threads, threads_source = intra_op_threads(config)
+    servicer.intra_op_threads, servicer.threads_source = threads, threads_source
+    log.info("%d intra-op threads for torch and onnxruntime (%s)", threads, threads_source)
+    metrics.MAX_RUNNING.set(config.limits.max_running_jobs)
+    metrics.MAX_QUEUED.set(config.limits.max_queued_jobs)
     pb_grpc.add_StyleTransferServicer_to_server(servicer, server)
     address = f"{config.host}:{config.port}"
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
@@ -145,8 +223,12 @@ async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> Non
         trt = tensorrt_options(max_side_px=config.limits.max_side_px,
                                opt_side_px=min(512, config.limits.max_side_px))
         # On the jobs' own threads, so that jobs, loading and warm-up share one OpenMP thread team.
-        models = await servicer.on_job_thread(
-            lambda: StyleModels.load(config.model_path, config.providers, trt_options=trt))
+        def load() -> StyleModels:
+            torch.set_num_threads(threads)           # torch's pool; onnxruntime's through intra_op_threads
+            return StyleModels.load(config.model_path, config.providers, intra_op_threads=threads, trt_options=trt)
+
+        torch.set_num_threads(threads)
+        models = await servicer.on_job_thread(load)
         await asyncio.sleep(config.fault_injection.slow_warm_up_s)
         await servicer.on_job_thread(warm_up, models)
     except BaseException:
@@ -155,9 +237,12 @@ async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> Non
     servicer.models = models
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving %s on %s:%d (%s, execution providers %s, default precision %s: %s, token %s)",
-             SERVICE_NAME, config.host, port, "TLS" if credentials else "plaintext", models.providers,
-             *default_precision(models.device), "required" if config.auth_token else "off")
+    log.info("serving %s on %s:%d (%s, execution providers %s, default precision %s: %s, token %s, %d threads: "
+             "%s, heartbeat %g s, keepalive: pings every %g s, client pings allowed every %g s, connection age %g s "
+             "+ grace %g s)", SERVICE_NAME, config.host, port, "TLS" if credentials else "plaintext",
+             models.providers, *default_precision(models.device), "required" if config.auth_token else "off",
+             threads, threads_source, config.limits.heartbeat_s, config.keepalive_time_s, config.min_ping_interval_s,
+             config.max_connection_age_s, config.max_connection_age_grace_s)
     print(f"nst-server listening on {config.host}:{port}", flush=True)
     if ready is not None:
         ready.set()

@@ -57,26 +57,61 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--metrics-port", type=int, default=None,
                         help="serve Prometheus /metrics over HTTP on this port; 0 picks a free one (default: off)")
     parser.add_argument("--metrics-host", default="127.0.0.1", help="address of /metrics (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="intra-op threads of torch and onnxruntime (default: the CPUs this process may use: "
+                             "its CPU affinity, lowered to its cgroup CPU quota rounded down)")
+    parser.add_argument("--heartbeat-s", type=float, default=limits.heartbeat_s,
+                        help="a Stylize stream is never quiet longer than this: a Heartbeat (queue position, time "
+                             "waited) goes out while the job waits and between sparse Progress messages, s "
+                             "(default: %(default)s; keep it under proxies' idle timeouts)")
+    config = ServerConfig(model_path="")
+    parser.add_argument("--keepalive-time-s", type=float, default=config.keepalive_time_s,
+                        help="ping a connection that was quiet this long, s (default: %(default)s)")
+    parser.add_argument("--keepalive-timeout-s", type=float, default=config.keepalive_timeout_s,
+                        help="close a connection whose ping is not answered within this, s (default: %(default)s)")
+    parser.add_argument("--min-ping-interval-s", type=float, default=config.min_ping_interval_s,
+                        help="clients may send keepalive pings this often, also without calls; more often gets "
+                             "GOAWAY too_many_pings, s (default: %(default)s; gRPC's own default is 300)")
+    parser.add_argument("--max-connection-age-s", type=float, default=config.max_connection_age_s,
+                        help="send GOAWAY to connections older than this (+-10%%) so that clients reconnect and "
+                             "spread over new replicas, s; 0: never (default: %(default)s)")
+    parser.add_argument("--max-connection-age-grace-s", type=float, default=config.max_connection_age_grace_s,
+                        help="calls open on such a connection get this long to end; make it longer than the "
+                             "longest job, waiting included, s (default: %(default)s)")
     parser.add_argument("--log-level", default="INFO")
     return parser
+
+
+def build_config(args: argparse.Namespace) -> ServerConfig:
+    """The :class:`ServerConfig` of parsed command-line arguments (fault injection from ``$NST_FAULT_INJECT``).
+
+    Raises:
+        ValueError: a value out of range (the message names the flag).
+    """
+    config = ServerConfig(
+        model_path=args.model, host=args.host, port=args.port,
+        providers=args.providers.split(",") if args.providers else None,
+        limits=ServerLimits(max_side_px=args.max_side_px, max_iterations=args.max_iterations,
+                            max_input_pixels=args.max_input_pixels, max_running_jobs=args.max_running_jobs,
+                            max_queued_jobs=args.max_queued_jobs, result_chunk_bytes=args.result_chunk_bytes,
+                            max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
+                            heartbeat_s=args.heartbeat_s),
+        max_receive_message_bytes=args.max_receive_message_bytes, grace_s=args.grace_s,
+        tls_cert_path=args.tls_cert, tls_key_path=args.tls_key, auth_token=args.auth_token,
+        auth_health=args.auth_health, metrics_host=args.metrics_host, metrics_port=args.metrics_port,
+        threads=args.threads, keepalive_time_s=args.keepalive_time_s,
+        keepalive_timeout_s=args.keepalive_timeout_s, min_ping_interval_s=args.min_ping_interval_s,
+        max_connection_age_s=args.max_connection_age_s,
+        max_connection_age_grace_s=args.max_connection_age_grace_s)
+    config.fault_injection = parse_fault_injection(os.environ.get(FAULT_INJECT_ENV))
+    return config
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        config = ServerConfig(
-            model_path=args.model, host=args.host, port=args.port,
-            providers=args.providers.split(",") if args.providers else None,
-            limits=ServerLimits(max_side_px=args.max_side_px, max_iterations=args.max_iterations,
-                                max_input_pixels=args.max_input_pixels, max_running_jobs=args.max_running_jobs,
-                                max_queued_jobs=args.max_queued_jobs, result_chunk_bytes=args.result_chunk_bytes,
-                                max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms),
-            max_receive_message_bytes=args.max_receive_message_bytes, grace_s=args.grace_s,
-            tls_cert_path=args.tls_cert, tls_key_path=args.tls_key, auth_token=args.auth_token,
-            auth_health=args.auth_health, metrics_host=args.metrics_host, metrics_port=args.metrics_port)
-        config.fault_injection = parse_fault_injection(os.environ.get(FAULT_INJECT_ENV))
-        asyncio.run(serve(config))
+        asyncio.run(serve(build_config(args)))
     except (ModelFileError, ValueError, OSError) as exc:
         print(f"nst-server: {exc}", file=sys.stderr)
         return 2

@@ -87,6 +87,7 @@ class Job:
         job_id: the id sent in ``JobAccepted``.
         queue_position: 0 when a worker was free at admission, else the number of jobs ahead of it plus one.
         admitted_at: ``time.perf_counter()`` at admission, s.
+        started_at: ``time.perf_counter()`` when a worker started it, s; None before.
         stop: set to stop the job; the engine polls it once per iteration.
         stopped_by: why it was stopped (:data:`STOP_CLIENT`, :data:`STOP_DEADLINE`, :data:`STOP_SHUTDOWN`), or None.
         iterations: iterations completed so far (the worker's count).
@@ -100,6 +101,7 @@ class Job:
     job_id: str
     queue_position: int = 0
     admitted_at: float = field(default_factory=time.perf_counter)
+    started_at: float | None = None
     stop: threading.Event = field(default_factory=threading.Event)
     stopped_by: str | None = None
     iterations: int = 0
@@ -120,6 +122,7 @@ class Job:
                     metrics.WAITING.dec()
                 return False
             self.state = "running"
+            self.started_at = time.perf_counter()
             metrics.WAITING.dec()
             metrics.RUNNING.inc()
         metrics.QUEUE_SECONDS.observe(time.perf_counter() - self.admitted_at)
@@ -173,6 +176,10 @@ class Job:
                 metrics.WAITING.dec()
         metrics.CANCELS.labels(reason).inc()
 
+    def admitted_before(self, other: "Job") -> bool:
+        """Admitted before ``other`` (admission times, then ids for equal times)."""
+        return (self.admitted_at, self.job_id) < (other.admitted_at, other.job_id)
+
     @property
     def holds_worker(self) -> bool:
         """True while a worker thread runs (or is about to run) this job; its slot is freed when that ends."""
@@ -207,6 +214,19 @@ class Admission:
         self._empty.clear()
         metrics.WAITING.inc()
         return job
+
+    def position(self, job: Job) -> int:
+        """The job's place in line now, as ``JobAccepted.queue_position`` counts it at admission: 0 when a worker
+        has it or is free for it, k when it is k-th in line (the workers take waiting jobs in admission order)."""
+        if job.state != "waiting":
+            return 0
+        ahead = running = 0
+        for other in self.jobs.values():
+            running += other.state == "running"
+            if other is job:
+                continue
+            ahead += other.state == "waiting" and other.admitted_before(job)
+        return max(0, ahead + 1 - (self.max_running - running))
 
     def release(self, job: Job) -> None:
         """Free the job's slot (idempotent)."""

@@ -9,6 +9,10 @@ All metrics live in prometheus-client's default registry, next to its process co
 - ``nst_iterations_total``: optimiser iterations done, all jobs together; it stops growing within one
   iteration of a cancel.
 - ``nst_jobs_running``, ``nst_jobs_waiting``: jobs on a worker now, jobs admitted and waiting for one.
+- ``nst_max_running_jobs``, ``nst_max_queued_jobs``: the server's N and Q (``--max-running-jobs``,
+  ``--max-queued-jobs``). ``(nst_jobs_running + nst_jobs_waiting) / nst_max_running_jobs`` is a replica's load
+  (1: every worker busy, nothing waiting), the per-pod metric the HorizontalPodAutoscaler of ``deploy/k8s``
+  scales on.
 - ``nst_job_cancels_total{reason}``: jobs stopped before their end: ``client`` (cancel or dropped connection),
   ``deadline`` (the client's deadline passed), ``shutdown`` (still running when the shutdown grace ended).
 - ``nst_replica_batch_jobs``: jobs served by each replica pass of the batcher (``--max-batch-size`` > 1);
@@ -32,6 +36,8 @@ ITERATION_SECONDS = Histogram("nst_iteration_seconds", "Duration of one optimise
 ITERATIONS = Counter("nst_iterations", "Optimiser iterations done, all jobs together")
 RUNNING = Gauge("nst_jobs_running", "Jobs on a worker thread now")
 WAITING = Gauge("nst_jobs_waiting", "Jobs admitted and waiting for a worker thread")
+MAX_RUNNING = Gauge("nst_max_running_jobs", "N: jobs this server runs at once (--max-running-jobs)")
+MAX_QUEUED = Gauge("nst_max_queued_jobs", "Q: jobs this server admits to wait (--max-queued-jobs)")
 CANCELS = Counter("nst_job_cancels", "Jobs stopped before their end, by reason", ["reason"])
 BATCH_JOBS = Histogram("nst_replica_batch_jobs", "Jobs served by each batched replica pass",
                        buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32))

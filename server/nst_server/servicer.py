@@ -4,8 +4,10 @@ Jobs run on a dedicated thread pool of ``max_running_jobs`` threads, never on th
 health checks and GetModelInfo answer while jobs run. A job's events cross to the event loop through an
 ``asyncio.Queue``; when the client cancels, disconnects or passes its deadline, the handler sets the job's stop
 flag, which the engine polls once per iteration; the job's slot (:mod:`nst_server.jobs`) is freed when its
-worker thread is done with it. Failures end the job, never the server: out of memory is RESOURCE_EXHAUSTED,
-anything else INTERNAL. The interceptors (:mod:`nst_server.interceptors`) write one log line per call.
+worker thread is done with it. A stream is never quiet for longer than ``heartbeat_s``: when neither the queue
+nor the engine gave anything to send for that long, a ``Heartbeat`` goes out (position, time waited). Failures
+end the job, never the server: out of memory is RESOURCE_EXHAUSTED, anything else INTERNAL. The interceptors
+(:mod:`nst_server.interceptors`) write one log line per call.
 """
 
 from __future__ import annotations
@@ -13,8 +15,11 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 import logging
+import os
 import re
+import socket
 import threading
+import time
 import traceback
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -47,6 +52,9 @@ log = logging.getLogger(__name__)
 #: The longest ``--batch-wait-ms`` accepted (an hour; ``threading`` refuses waits beyond ``TIMEOUT_MAX``).
 MAX_BATCH_WAIT_MS = 3_600_000.0
 
+#: Range of ``--heartbeat-s``, s: at least 10 ms (a stream of heartbeats), at most an hour.
+HEARTBEAT_S_RANGE = (0.01, 3600.0)
+
 
 @dataclass(frozen=True)
 class ServerLimits:
@@ -63,8 +71,11 @@ class ServerLimits:
             at a time (:mod:`nst_server.batching`); 1 runs every job alone. At most ``max_running_jobs``.
         batch_wait_ms: the longest a job waits for the others of its batch each iteration, ms (at most
             :data:`MAX_BATCH_WAIT_MS`).
+        heartbeat_s: the longest a Stylize stream stays quiet, s: a ``Heartbeat`` goes out whenever nothing else
+            was sent for this long, while the job waits and while it runs (:data:`HEARTBEAT_S_RANGE`).
     Raises:
-        ValueError: ``max_batch_size`` or ``batch_wait_ms`` out of range (the message names the flag).
+        ValueError: ``max_batch_size``, ``batch_wait_ms`` or ``heartbeat_s`` out of range (the message names the
+            flag).
     """
 
     max_side_px: int = 1024
@@ -75,6 +86,7 @@ class ServerLimits:
     result_chunk_bytes: int = DEFAULT_RESULT_CHUNK_BYTES
     max_batch_size: int = 1
     batch_wait_ms: float = 20.0
+    heartbeat_s: float = 10.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_batch_size <= max(1, self.max_running_jobs):
@@ -83,6 +95,9 @@ class ServerLimits:
         if not 0 <= self.batch_wait_ms <= MAX_BATCH_WAIT_MS:
             raise ValueError(f"--batch-wait-ms must be between 0 and {MAX_BATCH_WAIT_MS:g} ms, "
                              f"got {self.batch_wait_ms}")
+        low, high = HEARTBEAT_S_RANGE
+        if not low <= self.heartbeat_s <= high:
+            raise ValueError(f"--heartbeat-s must be between {low:g} and {high:g} s, got {self.heartbeat_s}")
 
 
 _DONE = object()
@@ -105,6 +120,10 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
         self._executor = ThreadPoolExecutor(max_workers=self.limits.max_running_jobs, thread_name_prefix="nst-job")
         self.admission = Admission(self.limits.max_running_jobs, self.limits.max_queued_jobs, faults)
         self.accepting = True
+        #: This server process in JobAccepted and ModelInfo: HOSTNAME/PID (the pod's name in Kubernetes).
+        self.replica = f"{socket.gethostname()}/{os.getpid()}"
+        #: Intra-op threads of torch and onnxruntime and where the number comes from (set by the app).
+        self.intra_op_threads, self.threads_source = 0, ""
         self._batcher: ReplicaBatcher | None = None
         self._batcher_lock = threading.Lock()
 
@@ -166,6 +185,10 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
             max_running_jobs=self.limits.max_running_jobs,
             max_queued_jobs=self.limits.max_queued_jobs,
             max_batch_size=self.limits.max_batch_size,
+            intra_op_threads=self.intra_op_threads,
+            threads_source=self.threads_source,
+            heartbeat_s=self.limits.heartbeat_s,
+            replica=self.replica,
         )
 
     async def Stylize(self, request: pb.StylizeRequest, context):
@@ -186,7 +209,8 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
                 job = self.admission.admit(job_id, request.seed if request.HasField("seed") else None)
             except ServerBusy as exc:
                 raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
-            yield pb.StylizeResponse(accepted=pb.JobAccepted(job_id=job_id, queue_position=job.queue_position))
+            yield pb.StylizeResponse(accepted=pb.JobAccepted(job_id=job_id, queue_position=job.queue_position,
+                                                             replica=self.replica))
             async for message in self._run(job, request, settings):
                 yield message
             outcome = "completed"
@@ -247,32 +271,68 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
 
         job.future = loop.run_in_executor(self._executor, work)
         delivered = False
-        while True:
-            item = await queue.get()
-            if item is _DONE:
-                if not delivered and job.stopped_by == STOP_SHUTDOWN:
-                    raise _Abort(grpc.StatusCode.UNAVAILABLE, f"the server is shutting down; job {job_id} "
-                                 f"was stopped after {job.iterations} iterations when the grace period ended")
-                if not delivered:
-                    raise _Abort(grpc.StatusCode.INTERNAL, f"job {job_id} ended without a result")
-                break
-            if isinstance(item, ImageInputError | ValueError):
-                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(item), getattr(item, "field", None))
-            if isinstance(item, BaseException) and is_out_of_memory(item):
-                raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                             f"job {job_id} ran out of memory after {job.iterations} iterations "
-                             f"({type(item).__name__}: {item}); try a smaller max_side_px or fewer styles")
-            if isinstance(item, BaseException):
-                raise _Abort(grpc.StatusCode.INTERNAL, f"job {job_id} failed after {job.iterations} "
-                             f"iterations: {type(item).__name__}: {item}")
-            if (isinstance(item, engine.Result) and item.stop_reason == engine.STOP_CANCELLED
-                    and job.stopped_by == STOP_SHUTDOWN):
-                continue                      # _DONE follows: UNAVAILABLE
-            if isinstance(item, engine.Result):
-                delivered = job.result_sent = True
-            for message in to_proto(item, self.limits.result_chunk_bytes):
-                yield message
+        heartbeat_s = self.limits.heartbeat_s
+        last_sent = time.perf_counter()              # JobAccepted went out just before
+        getter: asyncio.Future | None = None
+        try:
+            while True:
+                if getter is None:
+                    getter = asyncio.ensure_future(queue.get())
+                quiet_s = last_sent + heartbeat_s - time.perf_counter()
+                done, _ = await asyncio.wait({getter}, timeout=max(0.0, quiet_s))
+                if not done:                         # quiet for heartbeat_s: waiting, or a long iteration
+                    yield self._heartbeat(job)
+                    last_sent = time.perf_counter()
+                    continue
+                item, getter = getter.result(), None
+                if item is _DONE:
+                    break
+                for message in self._messages(job, item):
+                    yield message
+                    last_sent = time.perf_counter()
+                delivered = job.result_sent
+        finally:
+            if getter is not None:
+                getter.cancel()
+        if not delivered and job.stopped_by == STOP_SHUTDOWN:
+            raise _Abort(grpc.StatusCode.UNAVAILABLE, f"the server is shutting down; job {job_id} "
+                         f"was stopped after {job.iterations} iterations when the grace period ended")
+        if not delivered:
+            raise _Abort(grpc.StatusCode.INTERNAL, f"job {job_id} ended without a result")
         # Whatever ends this loop, Stylize sets the job's stop flag (with the reason, for the cancel counter).
+
+    def _heartbeat(self, job: Job) -> pb.StylizeResponse:
+        """A Heartbeat: the job's place in line now, time waited (to now, or to its start), time since admission
+        and iterations done."""
+        now = time.perf_counter()
+        started = job.started_at if job.started_at is not None else now
+        return pb.StylizeResponse(heartbeat=pb.Heartbeat(
+            queue_position=self.admission.position(job), waited_ms=(started - job.admitted_at) * 1000.0,
+            elapsed_ms=(now - job.admitted_at) * 1000.0, iterations=job.iterations))
+
+    def _messages(self, job: Job, item) -> list[pb.StylizeResponse]:
+        """The stream messages of one item from the worker (an engine event; a Result marks the job
+        ``result_sent``).
+
+        Raises:
+            _Abort: the item is a failure: INVALID_ARGUMENT (inputs), RESOURCE_EXHAUSTED (out of memory), INTERNAL.
+        """
+        job_id = job.job_id
+        if isinstance(item, ImageInputError | ValueError):
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(item), getattr(item, "field", None))
+        if isinstance(item, BaseException) and is_out_of_memory(item):
+            raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                         f"job {job_id} ran out of memory after {job.iterations} iterations "
+                         f"({type(item).__name__}: {item}); try a smaller max_side_px or fewer styles")
+        if isinstance(item, BaseException):
+            raise _Abort(grpc.StatusCode.INTERNAL, f"job {job_id} failed after {job.iterations} "
+                         f"iterations: {type(item).__name__}: {item}")
+        if (isinstance(item, engine.Result) and item.stop_reason == engine.STOP_CANCELLED
+                and job.stopped_by == STOP_SHUTDOWN):
+            return []                                # _DONE follows: UNAVAILABLE
+        if isinstance(item, engine.Result):
+            job.result_sent = True
+        return to_proto(item, self.limits.result_chunk_bytes)
 
 
 def _outcome(code: grpc.StatusCode, admitted: bool) -> str:

