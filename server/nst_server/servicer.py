@@ -365,6 +365,19 @@ def _failure(job: Job, exc: BaseException) -> BaseException:
 
 _REQUEST_FIELDS = frozenset(pb.StylizeRequest.DESCRIPTOR.fields_by_name)
 
+#: Longest status message sent, characters. Messages may quote the request (a layer name, the blend weights, an
+#: exception's text); message and BadRequest details travel in the trailers, which gRPC caps at 16 KiB by default,
+#: so a longer one would reach the client as RESOURCE_EXHAUSTED "Stream removed" without the field's name.
+MAX_STATUS_MESSAGE_CHARS = 1000
+
+
+def shorten(text: str, limit: int = MAX_STATUS_MESSAGE_CHARS) -> str:
+    """``text``, cut to at most ``limit`` characters with a note of its full length when longer."""
+    if len(text) <= limit:
+        return text
+    note = f"… ({len(text)} characters, shortened)"
+    return text[:limit - len(note)] + note
+
 
 class _Abort(Exception):
     """End the call with ``code`` and ``message``; ``field`` names the offending request field (when None,
@@ -372,6 +385,7 @@ class _Abort(Exception):
     a whole)."""
 
     def __init__(self, code: grpc.StatusCode, message: str, field: str | None = None) -> None:
+        message = shorten(message)
         super().__init__(message)
         self.code, self.message, self.field = code, message, field
 
