@@ -79,6 +79,9 @@ NORMALIZATIONS = ("none", "target")
 MAX_PYRAMID_LEVELS = 16
 #: More scales than this would start under 16 px at any accepted size.
 MAX_SCALES = 16
+#: Most style images one job may blend (``style_image`` included): each is decoded (up to the pixel budget) and
+#: costs a forward pass per scale and pyramid level before the first iteration, where no cancel is read.
+MAX_STYLES = 16
 
 #: The largest style image side ``style_scale`` may ask for in-process (a server's own limit is lower).
 MAX_STYLE_SIDE_PX = 16384
@@ -667,6 +670,8 @@ def stylize(models: StyleModels, inputs: JobInputs, settings: StyleTransferSetti
         settings = settings.replace(precision=default_precision(models.device)[0])
     if not inputs.styles:
         raise ValueError("style_image: at least one style image is required")
+    if len(inputs.styles) > MAX_STYLES:
+        raise ValueError(f"styles: {len(inputs.styles)} style images, at most {MAX_STYLES} may be blended")
     blend_weights([weight for _, weight in inputs.styles])
     if settings.init == "image" and inputs.init_image is None:
         raise ValueError("init_image: required when init is 'image'")

@@ -106,6 +106,10 @@ def settings_from_request(request: pb.StylizeRequest, limits) -> engine.StyleTra
                                           f"{limits.max_side_px} px")
     if settings.init == "image" and not request.init_image:
         raise RequestError("init_image", "is required when init is INIT_IMAGE")
+    count = len(request.styles) + (1 if request.style_image else 0)
+    if count > engine.MAX_STYLES:
+        raise RequestError("styles", f"{count} style images (style_image included), at most {engine.MAX_STYLES} "
+                                     f"may be blended")
     if not request.style_image and not request.styles:
         raise RequestError("style_image", "is empty; send style_image or at least one entry in styles")
     try:
