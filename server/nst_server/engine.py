@@ -440,7 +440,9 @@ def blend_weights(weights: list[float]) -> list[float]:
         ValueError: a weight is negative, infinite or NaN.
     """
     if any(not math.isfinite(w) or w < 0 for w in weights):
-        raise ValueError(f"style blend weights must be finite and >= 0, got {weights}")
+        bad = next(index for index, w in enumerate(weights) if not math.isfinite(w) or w < 0)
+        raise ValueError(f"style blend weights must be finite and >= 0, got {weights[bad]} (weight {bad + 1} of "
+                         f"{len(weights)})")
     largest = max(weights, default=0.0)
     if largest == 0:
         return [1.0 / len(weights)] * len(weights)
