@@ -328,6 +328,10 @@ class NSTClient:
                                                 options=channel_args)
         else:
             self._channel = grpc.insecure_channel(target, options=channel_args)
+        if token and not all(" " <= char <= "~" for char in token):
+            # gRPC refuses other header characters only when a call is made, as "INTERNAL: Invalid metadata".
+            raise ValueError("token: may hold printable ASCII characters only (it travels as the gRPC header "
+                             "'authorization: Bearer <token>'); this one holds others (a newline, non-ASCII)")
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._stub = pb_grpc.StyleTransferStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)

@@ -127,6 +127,9 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, token: str, protect_health: bool = False) -> None:
         if not token:
             raise ValueError("the bearer token must not be empty")
+        if not all(" " <= char <= "~" for char in token):
+            raise ValueError("--auth-token: may hold printable ASCII characters only: no client can send others "
+                             "in the gRPC header 'authorization: Bearer <token>'")
         self._expected = f"Bearer {token}".encode()
         self.protect_health = protect_health
 
