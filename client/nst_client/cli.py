@@ -28,6 +28,24 @@ from nst_client.client import CHOICES, NSTClient, NSTError
 DEFAULT_SERVER = "127.0.0.1:50051"
 
 
+def _unsigned(bits: int):
+    """argparse type: an integer in [0, 2^bits - 1] (a uint32 or uint64 request field), else an error naming
+    the flag (protobuf's own is "Value out of range: -5")."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if not 0 <= value < 1 << bits:
+            raise argparse.ArgumentTypeError(f"must be between 0 and {(1 << bits) - 1}, got {value}")
+        return value
+    parse.__name__ = f"uint{bits}"
+    return parse
+
+
+UINT32, UINT64 = _unsigned(32), _unsigned(64)
+
+
 def _add_server(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server", default=DEFAULT_SERVER,
                         help="gRPC target of nst-server: HOST:PORT, or replicas as ipv4:HOST:PORT,HOST:PORT,… or "
@@ -63,9 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_server(stylize)
     stylize.add_argument("--style", dest="styles", action="append", default=[], metavar="FILE[:WEIGHT]",
                          help="one more style image with an optional blend weight (repeatable)")
-    stylize.add_argument("--size", dest="max_side_px", type=int, default=0,
+    stylize.add_argument("--size", dest="max_side_px", type=UINT32, default=0,
                          help="longest side of the result, px (server default 256)")
-    stylize.add_argument("--iterations", type=int, default=0, help="optimiser iterations (server default 200)")
+    stylize.add_argument("--iterations", type=UINT32, default=0, help="optimiser iterations (server default 200)")
     stylize.add_argument("--preset", choices=CHOICES["preset"], default=None,
                          help="seed: the seed's course recipe (Adam, alpha 10, beta 40, its costs as they are); "
                               "classic: this service's defaults before normalised multi-scale costs")
@@ -75,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     stylize.add_argument("--normalization", choices=CHOICES["normalization"], default=None,
                          help="target: alpha and beta weigh relative errors (server default); none: the seed's "
                               "J = alpha J_content + beta J_style as it is")
-    stylize.add_argument("--pyramid-levels", type=int, default=None,
+    stylize.add_argument("--pyramid-levels", type=UINT32, default=None,
                          help="costs at this many sizes of the image, half an octave apart (server default 3)")
     stylize.add_argument("--tv-weight", type=float, default=None, help="total variation weight")
     stylize.add_argument("--content-layers", default=None, metavar="LAYER:W,…", help="e.g. relu4_2:1")
@@ -85,22 +103,22 @@ def build_parser() -> argparse.ArgumentParser:
     stylize.add_argument("--pooling", choices=CHOICES["pooling"], default=None)
     stylize.add_argument("--optimizer", choices=CHOICES["optimizer"], default=None, help="server default: lbfgs")
     stylize.add_argument("--learning-rate", type=float, default=None, help="Adam step, pixel levels (0..255)")
-    stylize.add_argument("--lbfgs-history", type=int, default=0)
+    stylize.add_argument("--lbfgs-history", type=UINT32, default=0)
     stylize.add_argument("--init", choices=CHOICES["init"], default=None)
     stylize.add_argument("--init-image", default=None, help="initial image file (with --init image)")
     stylize.add_argument("--noise-ratio", type=float, default=None, help="noise share of the initial image, 0..1")
     stylize.add_argument("--color-control", choices=CHOICES["color_control"], default=None,
                          help="keep the content's colours: luminance or match_style_colors")
-    stylize.add_argument("--scales", type=int, default=None,
+    stylize.add_argument("--scales", type=UINT32, default=None,
                          help="coarse-to-fine scales (server default 3; 1: single scale)")
-    stylize.add_argument("--start-side-px", type=int, default=0, help="longest side at the first scale, px")
+    stylize.add_argument("--start-side-px", type=UINT32, default=0, help="longest side at the first scale, px")
     stylize.add_argument("--precision", choices=CHOICES["precision"], default=None,
                          help="auto (server default): bf16 where the hardware runs it natively, else fp32")
     stylize.add_argument("--keep-content-alpha", action="store_true",
                          help="RGBA result carrying the content's transparency")
     stylize.add_argument("--convergence-tolerance", type=float, default=None)
-    stylize.add_argument("--seed", type=int, default=None, help="seed of the initial noise")
-    stylize.add_argument("--preview-every", type=int, default=0, metavar="N",
+    stylize.add_argument("--seed", type=UINT64, default=None, help="seed of the initial noise")
+    stylize.add_argument("--preview-every", type=UINT32, default=0, metavar="N",
                          help="save a preview every N iterations next to OUTPUT (OUTPUT.previewNNNN.SUFFIX)")
     stylize.add_argument("--timeout-s", type=float, default=None, help="deadline for the whole job, seconds")
     stylize.add_argument("--quiet", action="store_true", help="no progress bar")
