@@ -1,0 +1,103 @@
+"""Breaker pass (issue 12, kind 6): hostile or malformed input to every RPC and CLI command gets a clear error
+naming the problem, never a crash, a hang, a misleading status or a lost job; against a real server."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import grpc
+import pytest
+from PIL import Image
+
+from nst_client import NSTClient, NSTError
+from nst_client.cli import main as client_main
+from nst_client._proto.nst.v1 import style_transfer_pb2 as pb
+from nst_client._proto.nst.v1 import style_transfer_pb2_grpc as pb_grpc
+from nst_server import engine
+from nst_server.interceptors import BearerTokenInterceptor
+
+
+def _png(color: tuple[int, int, int], size: tuple[int, int] = (32, 32)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _call(target: str, request: pb.StylizeRequest, timeout_s: float = 120) -> tuple[grpc.StatusCode, str, list]:
+    """Run one raw Stylize call; (code, details, kinds of the messages received)."""
+    with grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
+        call = pb_grpc.StyleTransferStub(channel).Stylize(request, timeout=timeout_s)
+        kinds = []
+        try:
+            for message in call:
+                kinds.append(message.WhichOneof("event"))
+        except grpc.RpcError as error:
+            return error.code(), error.details(), kinds
+        return grpc.StatusCode.OK, "", kinds
+
+
+def _request(**fields) -> pb.StylizeRequest:
+    return pb.StylizeRequest(**{"content_image": _png((200, 20, 20)), "max_side_px": 32, "iterations": 2,
+                                **fields})
+
+
+@pytest.mark.parametrize("field", ["content_layers", "style_layers"])
+def test_a_huge_layer_name_is_invalid_argument_naming_the_field(server, field):
+    # The refusal quoted the 100 000-character name; message and details went over gRPC's 16 KiB trailer limit
+    # and the client saw RESOURCE_EXHAUSTED "Stream removed (received metadata size exceeds hard limit …)".
+    request = _request(style_image=_png((20, 20, 200)), **{field: [pb.LayerWeight(layer="x" * 100_000, weight=1)]})
+    code, details, kinds = _call(server, request)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, details[:200])
+    assert details.startswith(f"{field}: must be among") and "shortened" in details
+    assert len(details) <= 1000 and kinds == []
+
+
+@pytest.mark.parametrize("count", [engine.MAX_STYLES + 1, 2000])
+def test_too_many_styles_are_refused_before_admission(server, count):
+    # 600 distinct 32 px styles in a 100 kB request held the only worker for 205 s even when the client cancelled
+    # right after JobAccepted (style targets are built before the first iteration, where the cancel is read).
+    styles = [pb.StyleImage(image=_png((index % 256, index // 256, 7)), blend_weight=1) for index in range(count)]
+    started = time.perf_counter()
+    code, details, kinds = _call(server, _request(styles=styles))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, details[:200])
+    assert details == f"styles: {count} style images (style_image included), at most {engine.MAX_STYLES} may be blended"
+    assert kinds == [] and time.perf_counter() - started < 10
+
+
+def test_max_styles_are_still_served(server):
+    styles = [pb.StyleImage(image=_png((10 * index, 40, 200)), blend_weight=index) for index in range(engine.MAX_STYLES - 1)]
+    code, details, kinds = _call(server, _request(style_image=_png((20, 200, 20)), styles=styles))
+    assert code == grpc.StatusCode.OK, details
+    assert kinds[0] == "accepted" and kinds[-1] == "result"
+
+
+def test_a_bad_blend_weight_among_many_is_named_alone():
+    with pytest.raises(ValueError) as error:
+        engine.blend_weights([1.2345678901234567] * 5000 + [-1.0])
+    assert str(error.value) == "style blend weights must be finite and >= 0, got -1.0 (weight 5001 of 5001)"
+
+
+@pytest.mark.parametrize("token", ["sekrit\n", "a\nb", "sékrit", "tab\there"])
+def test_a_token_that_cannot_travel_in_a_header_is_refused_up_front(server, token, tmp_path, capsys):
+    # The client sent the call and got "INTERNAL: Invalid metadata" from gRPC; the server started and then refused
+    # every client (a token from a secret file with its trailing newline).
+    with pytest.raises(ValueError, match="printable ASCII"):
+        NSTClient(server, token=token)
+    with pytest.raises(ValueError, match="--auth-token: may hold printable ASCII"):
+        BearerTokenInterceptor(token)
+    content = tmp_path / "c.png"
+    content.write_bytes(_png((200, 20, 20)))
+    code = client_main(["info", "--server", server, "--token", token])
+    assert code == 2 and "nst: token: may hold printable ASCII" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value", [("--size", "-5"), ("--iterations", "99999999999"), ("--seed", "-1"),
+                                         ("--scales", "4294967296"), ("--preview-every", "x")])
+def test_cli_integer_flags_out_of_the_fields_range_name_the_flag(flag, value, tmp_path, capsys):
+    # Protobuf refused them after the files were read, as "nst: Value out of range: -5", naming no flag.
+    with pytest.raises(SystemExit) as exit_:
+        client_main(["stylize", "--server", "127.0.0.1:1", "c.png", "s.png", "-o", str(tmp_path / "o.png"),
+                     flag, value])
+    assert exit_.value.code == 2
+    assert f"argument {flag}" in capsys.readouterr().err
