@@ -101,3 +101,14 @@ def test_cli_integer_flags_out_of_the_fields_range_name_the_flag(flag, value, tm
                      flag, value])
     assert exit_.value.code == 2
     assert f"argument {flag}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [["--host", "no such host"], ["--tls-cert", "/dev/null", "--tls-key", "/dev/null"]])
+def test_nst_server_that_cannot_listen_exits_2_without_a_traceback(args):
+    # Was a Python traceback (RuntimeError: Failed to bind to address …) and exit code 1.
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-m", "nst_server.cli", "--model", "/nonexistent.onnx", "--port", "0",
+                           *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "nst-server: cannot listen on" in done.stderr

@@ -203,7 +203,11 @@ async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> Non
     metrics.MAX_QUEUED.set(config.limits.max_queued_jobs)
     pb_grpc.add_StyleTransferServicer_to_server(servicer, server)
     address = f"{config.host}:{config.port}"
-    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    try:
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError as exc:          # grpc: "Failed to bind to address …" (taken, unknown host, bad TLS files)
+        tls = f"; TLS from --tls-cert {config.tls_cert_path} and --tls-key {config.tls_key_path}" if credentials else ""
+        raise ValueError(f"cannot listen on {address} (--host, --port{tls}): {exc}") from None
     if config.metrics_port is not None:
         metrics_port = start_metrics_server(config.metrics_host, config.metrics_port)
         print(f"nst-server metrics on http://{config.metrics_host}:{metrics_port}/metrics", flush=True)
