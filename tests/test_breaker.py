@@ -112,3 +112,39 @@ def test_nst_server_that_cannot_listen_exits_2_without_a_traceback(args):
                            *args], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr[-2000:]
     assert "Traceback" not in done.stderr and "nst-server: cannot listen on" in done.stderr
+
+
+@pytest.mark.parametrize("args", [["--size", "-1"], ["--iterations", "-3"], ["--size", "0", "--no-server"]])
+def test_nst_benchmark_bad_size_or_iterations_is_a_usage_error(args, tmp_path, capsys):
+    # Was a ValueError traceback (exit 1) from the engine's settings, after the output folder was made.
+    from nst_server import benchmark
+    with pytest.raises(SystemExit) as exit_:
+        benchmark.main(["--model", "/nonexistent.onnx", *args, str(tmp_path / "out")])
+    assert exit_.value.code == 2 and "nst-benchmark: error: --size/--iterations:" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--eval-sizes", "abc"], "argument --eval-sizes: sizes are integers"),
+    (["--reference", "/dev/null"], "argument --reference:"),
+    (["--reference", "/nonexistent.json"], "argument --reference:"),
+])
+def test_nst_quality_bad_options_are_usage_errors(args, message, tmp_path, capsys):
+    # Were ValueError, JSONDecodeError, FileNotFoundError tracebacks (exit 1).
+    from nst_server import quality
+    content, style = tmp_path / "c.png", tmp_path / "s.png"
+    content.write_bytes(_png((200, 20, 20)))
+    style.write_bytes(_png((20, 20, 200)))
+    with pytest.raises(SystemExit) as exit_:
+        quality.main(["--pair", f"{content}:{style}", "--server", "127.0.0.1:1", *args, str(tmp_path / "out")])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_nst_quality_missing_default_pair_is_a_usage_error(tmp_path, capsys, monkeypatch):
+    # An ArgumentTypeError traceback when the default pairs' images were not found.
+    from nst_server import quality
+    monkeypatch.setenv("NST_SHARED_DIR", str(tmp_path / "nowhere"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        quality.main(["--server", "127.0.0.1:1", str(tmp_path / "out")])
+    assert exit_.value.code == 2 and "default --pair: image not found" in capsys.readouterr().err

@@ -667,7 +667,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:       # a usage error naming the option, before any export, load or run (was a traceback mid-run)
+        engine.StyleTransferSettings.preset("classic", max_side_px=args.size, iterations=args.iterations).validate()
+    except ValueError as exc:
+        parser.error(f"--size/--iterations: {exc}")
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     model_path = Path(args.model or os.environ.get("NST_MODEL", "models/vgg19_nst.onnx"))

@@ -202,11 +202,23 @@ def main(argv: list[str] | None = None) -> int:
     from nst_client import NSTClient
     from nst_server.demo import start_server, stop_server
 
-    args = build_parser().parse_args(argv)
-    pairs = args.pairs or [parse_pair(text) for text in DEFAULT_PAIRS]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:       # what argparse does not check itself: a usage error naming the option, not a traceback
+        pairs = args.pairs or [parse_pair(text) for text in DEFAULT_PAIRS]
+    except argparse.ArgumentTypeError as exc:
+        parser.error(f"default --pair: {exc}; name pairs with --pair or set NST_SHARED_DIR")
     variants = args.variants or [("defaults", {})]
-    eval_sizes = [int(size) for size in args.eval_sizes.split(",")]
-    reference = json.loads(Path(args.reference).read_text()) if args.reference else {}
+    try:
+        eval_sizes = [int(size) for size in args.eval_sizes.split(",")]
+    except ValueError:
+        parser.error(f"argument --eval-sizes: sizes are integers separated by commas, got {args.eval_sizes!r}")
+    try:
+        reference = json.loads(Path(args.reference).read_text()) if args.reference else {}
+    except (OSError, ValueError) as exc:
+        parser.error(f"argument --reference: {exc}")
+    if not isinstance(reference, dict):
+        parser.error("argument --reference: not a JSON object")
     reference = {key: value for key, value in reference.items() if not key.startswith("_")}
     variant_servers = dict(item.split("=", 1) for item in args.variant_servers)
     unknown = set(variant_servers) - {name for name, _ in variants}
