@@ -148,3 +148,16 @@ def test_nst_quality_missing_default_pair_is_a_usage_error(tmp_path, capsys, mon
     with pytest.raises(SystemExit) as exit_:
         quality.main(["--server", "127.0.0.1:1", str(tmp_path / "out")])
     assert exit_.value.code == 2 and "default --pair: image not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value", [("--max-running-jobs", "0"), ("--result-chunk-bytes", "0"),
+                                         ("--max-queued-jobs", "-1"), ("--max-side-px", "8"),
+                                         ("--max-iterations", "0"), ("--max-input-pixels", "0")])
+def test_nst_server_limits_out_of_range_are_refused_at_start(flag, value):
+    # --max-running-jobs 0 said "max_workers must be greater than 0"; the others started a server whose every job
+    # failed (--result-chunk-bytes 0: at the end, after all its work) or was refused.
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-m", "nst_server.cli", "--model", "/nonexistent.onnx", "--port", "0",
+                           flag, value], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and f"nst-server: {flag} must be at least" in done.stderr, done.stderr[-1000:]

@@ -89,6 +89,14 @@ class ServerLimits:
     heartbeat_s: float = 10.0
 
     def __post_init__(self) -> None:
+        for flag, value, low in (("--max-side-px", self.max_side_px, MIN_SIDE_PX),
+                                 ("--max-iterations", self.max_iterations, 1),
+                                 ("--max-input-pixels", self.max_input_pixels, MIN_SIDE_PX * MIN_SIDE_PX),
+                                 ("--max-running-jobs", self.max_running_jobs, 1),
+                                 ("--max-queued-jobs", self.max_queued_jobs, 0),
+                                 ("--result-chunk-bytes", self.result_chunk_bytes, 1)):
+            if value < low:     # result chunks of 0 bytes failed every job at its end, after all its work
+                raise ValueError(f"{flag} must be at least {low}, got {value}")
         if not 1 <= self.max_batch_size <= max(1, self.max_running_jobs):
             raise ValueError(f"--max-batch-size must be between 1 and --max-running-jobs ({self.max_running_jobs}): "
                              f"a batch is made of running jobs; got {self.max_batch_size}")
