@@ -323,7 +323,7 @@ def test_load_four_clients_twenty_small_jobs(server, small_images, record_proper
           f"{rss_kib[20] / 1024:.1f} MiB ({growth:+.2%})")
     record_property("rss_mib_after_5", round(rss_kib[5] / 1024, 1))
     record_property("rss_mib_after_20", round(rss_kib[20] / 1024, 1))
-    assert abs(growth) <= 0.10
+    assert growth <= 0.10                 # memory handed back after jobs (malloc_trim) is no leak
     serving.wait_for(lambda: _idle(server), timeout_s=30)
 
 

@@ -273,9 +273,9 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
             except BaseException as exc:  # reported to the handler, which maps it to a status
                 put(_failure(job, exc))
             finally:
-                job.finish()
+                release_free_memory()             # the job's activations and L-BFGS history, back to the OS,
+                job.finish()                      # before the job counts as finished (the soak test reads it)
                 put(_DONE)
-                release_free_memory()             # the job's activations and L-BFGS history, back to the OS
 
         job.future = loop.run_in_executor(self._executor, work)
         delivered = False
