@@ -70,8 +70,9 @@ def judge(models: StyleModels, content: Image.Image, style: Image.Image, result:
     style_t = to_tensor(resize_to_max_side(style, size_px))
     result_t = to_tensor(result.convert("RGB").resize((content_t.shape[3], content_t.shape[2]),
                                                        Image.Resampling.LANCZOS))
-    if min(content_t.shape[2:]) < 16 or min(style_t.shape[2:]) < 16:
-        raise ValueError(f"size_px {size_px} makes an image smaller than the network's 16 px minimum")
+    if min(*content_t.shape[2:], *style_t.shape[2:]) < engine.MIN_SIDE_PX:
+        raise ValueError(f"size_px {size_px} makes an image smaller than the network's {engine.MIN_SIDE_PX} px "
+                         f"minimum")
     with torch.no_grad():
         targets = engine.compute_targets(models, content_t.to(models.device), [(style_t.to(models.device), 1.0)],
                                          settings)
