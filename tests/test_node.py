@@ -48,19 +48,19 @@ def run_node(command: str, target: str, images: tuple[Path, Path], *extra: str) 
 
 def test_node_client_streams_a_job_to_its_result(server, images, tmp_path):
     out = tmp_path / "result.png"
-    summary = run_node("stylize", server, images, "--side", "64", "--iterations", "3", "--out", str(out))
+    summary = run_node("stylize", server, images, "--side", "32", "--iterations", "3", "--out", str(out))
     assert summary["problems"] == [], summary
     assert summary["status"]["name"] == "OK" and summary["error"] is None, summary
-    assert summary["model"]["max_side_px"] >= 64 and "relu4_2" in summary["model"]["output_layers"]
+    assert summary["model"]["max_side_px"] >= 32 and "relu4_2" in summary["model"]["output_layers"]
     assert summary["events"]["accepted"] == 1 and summary["events"]["result"] == 1
     assert summary["progress_iterations"] == [1, 2, 3]
     result = summary["result"]
-    assert (result["width_px"], result["height_px"]) == (64, 48)               # the 64x48 content at 64 px
+    assert (result["width_px"], result["height_px"]) == (32, 24)               # the 64x48 content at 32 px
     assert result["iterations"] == 3 and result["stop_reason"] == "STOP_REASON_ITERATIONS_DONE"
     png = summary["png"]
-    assert png["is_png"] and (png["ihdr_width"], png["ihdr_height"]) == (64, 48), png
+    assert png["is_png"] and (png["ihdr_width"], png["ihdr_height"]) == (32, 24), png
     with Image.open(io.BytesIO(out.read_bytes())) as image:                    # the bytes Node received decode
-        assert image.format == "PNG" and image.size == (64, 48) and image.mode == "RGB"
+        assert image.format == "PNG" and image.size == (32, 24) and image.mode == "RGB"
         assert out.stat().st_size == png["bytes"]
 
 
