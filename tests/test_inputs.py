@@ -1,4 +1,4 @@
-"""The input contract (README, "Inputs, limits and errors"): decoding and conversion of every mode
+"""The input contract (docs/api.md, "Inputs, limits and errors"): decoding and conversion of every mode
 (nst_server.images, in process), the case files of ``$NST_SHARED_DIR/cases`` and synthetic inputs through a
 real server, refusals as INVALID_ARGUMENT with google.rpc.BadRequest field violations, and the receive limit.
 """

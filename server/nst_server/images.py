@@ -1,6 +1,6 @@
 """Decoding, resizing and encoding of images at the service's edge (Pillow does the work).
 
-The input contract (README, "Inputs, limits and errors"):
+The input contract (docs/api.md, "Inputs, limits and errors"):
 
 - any format Pillow reads (PNG, JPEG, WebP, GIF, TIFF, BMP …); animated or multi-page files (GIF, APNG,
   WebP, TIFF) use their **first frame** only;
