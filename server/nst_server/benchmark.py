@@ -461,8 +461,9 @@ def replica_pass_s(models: StyleModels, batch: int, height: int, width: int, rep
     pixels = torch.rand(batch, 3, height, width, device=device) * 255.0
     with torch.no_grad():
         feats = dict(zip(OUTPUT_LAYERS, models.replica(pixels[:1] / 255.0)))
-    targets = engine.Targets(content={k: feats[k] for k in settings.content_layers},
-                             style_grams={k: costs.gram_matrix(feats[k]) for k in settings.style_layers})
+    targets = engine.Targets(levels=[engine.LevelTargets(
+        size=(height, width), content={k: feats[k] for k in settings.content_layers},
+        style_grams={k: costs.gram_matrix(feats[k]) for k in settings.style_layers})])
     times = []
     dtype = engine.PRECISIONS[precision]
     for index in range(warmup + repeats):
