@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         options = SMOKE_BENCHMARK if smoke else GPU_BENCHMARK
         if args.providers:
             options = [*options, "--providers", args.providers]
-        return _run([sys.executable, "-m", "nst_server.benchmark", str(out / "benchmark"), "--model",
+        return _run([sys.executable, "-m", "nst_bench.cli", str(out / "benchmark"), "--model",
                      str(model_path), *options], out / "benchmark.log", left() - (30 if smoke else 75))
 
     def bench() -> int:
