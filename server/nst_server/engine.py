@@ -1,36 +1,42 @@
 """The style-transfer engine: targets, the optimisation loop over the generated image's pixels, the result.
 
 It knows nothing of gRPC. :func:`stylize` is a generator: it yields :class:`Progress` after each reported
-iteration and ends with one :class:`Result`.
+iteration and ends with one :class:`Result`. It runs the schedule's scales in turn; one scale's loop (cost and
+gradient, optimiser step, projection, best iterate, progress, cancellation, convergence) is
+:func:`_optimise_scale`, and the delivery of the best image :func:`_deliver`.
 
 Algorithm (the seed document, after Gatys et al. 2015): content features and style Gram matrices come from
-the onnxruntime session; the generated image starts as noisy content and is optimised with L-BFGS on the
-content and style costs, with gradients from the PyTorch replica. Progress and Result always report the
-seed's ``J_content`` and ``J_style`` of the image at its own size.
+the onnxruntime session (from the replica with ``pooling="avg"``, which the exported graph does not have); the
+generated image starts as noisy content and is optimised (by default with L-BFGS, as Gatys et al.; Adam as the
+seed's course) on the content and style costs, with gradients from the PyTorch replica. Progress and Result
+always report the seed's ``J_content`` and ``J_style`` of the image at its own size; their ``total`` is the
+objective the job minimises (:func:`evaluate`).
 
-Departures from the seed, each a control with the seed's behaviour one setting away (``preset="seed"`` sets
-all of them back):
+Departures from the seed. The first five are controls with the seed's behaviour one setting away:
+``preset="seed"`` sets the first four back and leaves ``precision`` at ``"auto"`` (``"fp32"`` is the seed's);
+the last two are not controls:
 
 * the objective weighs relative errors (``normalization="target"``): the content cost is divided by the
-  content target's own size and the style cost by the style targets', so one alpha/beta suits paintings whose
-  Gram matrices differ by 5x in magnitude (the seed's ``J = alpha J_content + beta J_style`` with beta / alpha
-  = 1e-4 gave The Starry Night a painting and The Scream a pink wash);
+  content target's own size and the style cost by the style targets', so one alpha/beta (1 and 15) suits
+  paintings whose Gram matrices differ by 5x in magnitude (the seed's ``J = alpha J_content + beta J_style``
+  with beta / alpha = 1e-4 gave The Starry Night a painting and The Scream a pink wash);
 * the costs are computed at three sizes of the generated image (``pyramid_levels``: 1, 0.71 and 0.5 of its
   side, Lanczos downsampling) and averaged, so the style is matched at the scale of its larger structures, not
   only at the finest texture the full size shows;
 * the default schedule is coarse-to-fine (``scales=3``; Gatys et al. 2017, "Controlling perceptual
-  factors"): the image is optimised at 1/4 and 1/2 of the final side first, then upsampled; the large
-  structures are laid down cheaply and a default job costs fewer full-size passes than 200 single-scale
-  iterations;
-* the optimised variable is the image in pixel levels (RGB 0..255, float32), projected back onto [0, 255]
-  after every step, so the image being costed is always a valid image (the seed clips only at the end);
+  factors"): the image is optimised at 1/4 and 1/2 of the final side first (at least 64 px: 64, 91 and 128 px
+  for a 128 px job), then upsampled, the 200 iterations split equally; the large structures are laid down
+  cheaply and a default job costs fewer full-size passes than 200 single-scale iterations;
 * the optimiser is our L-BFGS (:mod:`nst_server.lbfgs`), independent of the objective's scale;
 * the replica's passes run in bf16 where the device runs bf16 natively (``precision="auto"``,
   :mod:`nst_server.precision`): a CPU with avx512_bf16 or amx_bf16, a GPU of compute capability 8.0 or later;
   the Gram matrices, the costs and L-BFGS stay fp32 (only the style gradient's product follows the
   activations into bf16, :data:`nst_server.costs.BF16_STYLE_GRADIENT`);
-* the result is the best iterate seen, rounded to 8 bits, and its costs are recomputed on exactly those
-  pixels (a plain loop reports the costs of an unclamped tensor it never delivers).
+* the optimised variable is the image in pixel levels (RGB 0..255, float32), projected back onto [0, 255]
+  after every step, so the image being costed is always a valid image (the seed clips only at the end);
+* the result is the best iterate of the final scale (the images each step started from, and the last
+  step's), rounded to 8 bits, and its costs are recomputed by the session on exactly those pixels (a plain
+  loop reports the costs of an unclamped tensor it never delivers).
 """
 
 from __future__ import annotations
