@@ -57,7 +57,7 @@ def test_synthetic_pair_is_two_pngs():
 
 
 def test_iteration_flops_by_hand():
-    from nst_server.benchmark import iteration_flops
+    from nst_bench.measure import iteration_flops
     flops = iteration_flops(32, 32)
     # conv1_1 at 32x32: 2 * 1024 * 3 * 64 * 9; conv5_1 at 2x2: 2 * 4 * 512 * 512 * 9
     assert flops["forward"] > 2 * 1024 * 3 * 64 * 9 + 2 * 4 * 512 * 512 * 9
@@ -77,7 +77,7 @@ def test_tutorial_loop_costs_the_same_function_as_the_engine(models, small_image
     from PIL import Image
 
     from nst_server import engine
-    from nst_server.benchmark import run_tutorial
+    from nst_bench.tutorial import run_tutorial
     from nst_server.images import resize_to_max_side, to_tensor
     content, style = (Image.open(io.BytesIO(data)).convert("RGB") for data in small_images)
     settings = engine.StyleTransferSettings.preset("classic", max_side_px=32, iterations=3, precision="fp32")
@@ -94,7 +94,7 @@ def test_tutorial_loop_costs_the_same_function_as_the_engine(models, small_image
 def test_serving_cpu_counts_the_main_thread_and_not_the_worker():
     """nst-benchmark's serving figure: CPU of the main thread (and of threads named otherwise), not of a
     worker thread that keeps the process's name."""
-    from nst_server.benchmark import serving_cpu_s, thread_cpu_s
+    from nst_bench.measure import serving_cpu_s, thread_cpu_s
 
     def burn(seconds: float) -> None:
         end = time.thread_time() + seconds

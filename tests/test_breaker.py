@@ -117,9 +117,9 @@ def test_nst_server_that_cannot_listen_exits_2_without_a_traceback(args):
 @pytest.mark.parametrize("args", [["--size", "-1"], ["--iterations", "-3"], ["--size", "0", "--no-server"]])
 def test_nst_benchmark_bad_size_or_iterations_is_a_usage_error(args, tmp_path, capsys):
     # Was a ValueError traceback (exit 1) from the engine's settings, after the output folder was made.
-    from nst_server import benchmark
+    from nst_bench import cli
     with pytest.raises(SystemExit) as exit_:
-        benchmark.main(["--model", "/nonexistent.onnx", *args, str(tmp_path / "out")])
+        cli.main(["--model", "/nonexistent.onnx", *args, str(tmp_path / "out")])
     assert exit_.value.code == 2 and "nst-benchmark: error: --size/--iterations:" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 

@@ -125,7 +125,7 @@ def test_server_job_threads_spin_at_openmp_barriers(onnx_path, small_images, tmp
     GNU OpenMP lets its threads spin at barriers. With loading on another thread the team's threads slept
     at every barrier instead (several hundred futex sleeps per iteration, seen with the old server)."""
     from nst_client import NSTClient
-    from nst_server.benchmark import thread_cpu_s
+    from nst_bench.measure import thread_cpu_s
 
     iterations = 6
     server = serving.start(onnx_path, tmp_path / "server.log", ["--max-running-jobs", "1"])

@@ -1,16 +1,23 @@
-"""The costs of neural style transfer, exactly as the seed document writes them.
+"""The costs of neural style transfer: the seed document's terms exactly as it writes them, and the total
+variation.
 
 Notation (seed, after Gatys et al. 2015): ``a`` is one layer's activation volume with ``n_C`` channels and
 ``n_H x n_W`` positions; the Gram matrix of ``a`` is ``G = A A^T`` with ``A`` the ``(n_C, n_H n_W)`` unrolled
 volume.
 
-* ``J_content(C, G) = 1 / (4 n_H n_W n_C) * sum (a_C - a_G)^2``
-* ``J_style^[l](S, G) = 1 / (4 n_C^2 (n_H n_W)^2) * sum_ij (G_S,ij - G_G,ij)^2``
+* ``J_content(C, G) = 1 / (4 n_H n_W n_C) * sum (a_C - a_G)^2`` (:func:`content_cost`)
+* ``J_style^[l](S, G) = 1 / (4 n_C^2 (n_H n_W)^2) * sum_ij (G_S,ij - G_G,ij)^2`` (:func:`style_layer_cost`)
 * ``J_style(S, G) = sum_l lambda_l J_style^[l](S, G)``
 * ``J(G) = alpha J_content(C, G) + beta J_style(S, G)``
 
+The sums over layers and the objective are the engine's (:func:`nst_server.engine.evaluate`), which by default
+divides each term by its target's size and averages over a resolution pyramid; the seed's ``J`` is its
+``normalization="none"``, one-level case. A style image of another size than the generated image has its
+Gram matrix rescaled to the generated image's positions (:func:`rescale_gram`).
+
 All functions take batched tensors ``(B, …)`` and return per-item costs ``(B,)`` in float32; inputs in lower
-precision are promoted to float32 before the Gram product (an fp16 sum of squares overflows past 65504).
+precision are promoted to float32 before the Gram product (an fp16 sum of squares overflows past 65504). Only
+the style gradient's product runs in bf16 when the activations are bf16 (:data:`BF16_STYLE_GRADIENT`).
 """
 
 from __future__ import annotations

@@ -1,36 +1,42 @@
 """The style-transfer engine: targets, the optimisation loop over the generated image's pixels, the result.
 
 It knows nothing of gRPC. :func:`stylize` is a generator: it yields :class:`Progress` after each reported
-iteration and ends with one :class:`Result`.
+iteration and ends with one :class:`Result`. It runs the schedule's scales in turn; one scale's loop (cost and
+gradient, optimiser step, projection, best iterate, progress, cancellation, convergence) is
+:func:`_optimise_scale`, and the delivery of the best image :func:`_deliver`.
 
 Algorithm (the seed document, after Gatys et al. 2015): content features and style Gram matrices come from
-the onnxruntime session; the generated image starts as noisy content and is optimised with L-BFGS on the
-content and style costs, with gradients from the PyTorch replica. Progress and Result always report the
-seed's ``J_content`` and ``J_style`` of the image at its own size.
+the onnxruntime session (from the replica with ``pooling="avg"``, which the exported graph does not have); the
+generated image starts as noisy content and is optimised (by default with L-BFGS, as Gatys et al.; Adam as the
+seed's course) on the content and style costs, with gradients from the PyTorch replica. Progress and Result
+always report the seed's ``J_content`` and ``J_style`` of the image at its own size; their ``total`` is the
+objective the job minimises (:func:`evaluate`).
 
-Departures from the seed, each a control with the seed's behaviour one setting away (``preset="seed"`` sets
-all of them back):
+Departures from the seed. The first five are controls with the seed's behaviour one setting away:
+``preset="seed"`` sets the first four back and leaves ``precision`` at ``"auto"`` (``"fp32"`` is the seed's);
+the last two are not controls:
 
 * the objective weighs relative errors (``normalization="target"``): the content cost is divided by the
-  content target's own size and the style cost by the style targets', so one alpha/beta suits paintings whose
-  Gram matrices differ by 5x in magnitude (the seed's ``J = alpha J_content + beta J_style`` with beta / alpha
-  = 1e-4 gave The Starry Night a painting and The Scream a pink wash);
+  content target's own size and the style cost by the style targets', so one alpha/beta (1 and 15) suits
+  paintings whose Gram matrices differ by 5x in magnitude (the seed's ``J = alpha J_content + beta J_style``
+  with beta / alpha = 1e-4 gave The Starry Night a painting and The Scream a pink wash);
 * the costs are computed at three sizes of the generated image (``pyramid_levels``: 1, 0.71 and 0.5 of its
   side, Lanczos downsampling) and averaged, so the style is matched at the scale of its larger structures, not
   only at the finest texture the full size shows;
 * the default schedule is coarse-to-fine (``scales=3``; Gatys et al. 2017, "Controlling perceptual
-  factors"): the image is optimised at 1/4 and 1/2 of the final side first, then upsampled; the large
-  structures are laid down cheaply and a default job costs fewer full-size passes than 200 single-scale
-  iterations;
-* the optimised variable is the image in pixel levels (RGB 0..255, float32), projected back onto [0, 255]
-  after every step, so the image being costed is always a valid image (the seed clips only at the end);
+  factors"): the image is optimised at 1/4 and 1/2 of the final side first (at least 64 px: 64, 91 and 128 px
+  for a 128 px job), then upsampled, the 200 iterations split equally; the large structures are laid down
+  cheaply and a default job costs fewer full-size passes than 200 single-scale iterations;
 * the optimiser is our L-BFGS (:mod:`nst_server.lbfgs`), independent of the objective's scale;
 * the replica's passes run in bf16 where the device runs bf16 natively (``precision="auto"``,
   :mod:`nst_server.precision`): a CPU with avx512_bf16 or amx_bf16, a GPU of compute capability 8.0 or later;
   the Gram matrices, the costs and L-BFGS stay fp32 (only the style gradient's product follows the
   activations into bf16, :data:`nst_server.costs.BF16_STYLE_GRADIENT`);
-* the result is the best iterate seen, rounded to 8 bits, and its costs are recomputed on exactly those
-  pixels (a plain loop reports the costs of an unclamped tensor it never delivers).
+* the optimised variable is the image in pixel levels (RGB 0..255, float32), projected back onto [0, 255]
+  after every step, so the image being costed is always a valid image (the seed clips only at the end);
+* the result is the best iterate of the final scale (the images each step started from, and the last
+  step's), rounded to 8 bits, and its costs are recomputed by the session on exactly those pixels (a plain
+  loop reports the costs of an unclamped tensor it never delivers).
 """
 
 from __future__ import annotations
@@ -653,6 +659,9 @@ def stylize(models: StyleModels, inputs: JobInputs, settings: StyleTransferSetti
             batcher: ReplicaBatcher | None = None) -> Iterator[Progress | Result]:
     """Run one style-transfer job.
 
+    The schedule's scales run in turn (:func:`_optimise_scale`), each starting from the previous one's image
+    upsampled; the best iterate of the final scale is delivered (:func:`_deliver`).
+
     Args:
         models: the session and replica.
         inputs: decoded content, styles (with blend weights) and optional initial image, any sizes.
@@ -666,7 +675,59 @@ def stylize(models: StyleModels, inputs: JobInputs, settings: StyleTransferSetti
         ValueError: a setting or input is out of range (before any optimisation): the message starts with
             the field's name.
     """
-    settings = settings or StyleTransferSettings()
+    settings = _checked(models, inputs, settings or StyleTransferSettings())
+    started = time.perf_counter()
+    palette = color.ColorControl(settings.color_control, inputs.content)
+    job = _Job(models=models, settings=settings, palette=palette, content_image=palette.content(),
+               style_images=[(palette.style(style), weight) for style, weight in inputs.styles],
+               started=started, should_stop=should_stop, batcher=batcher, replica_pass=batch_pass(models),
+               mean_pixels=models.replica.input_mean * 255.0)
+    init_image = palette.style(inputs.init_image) if inputs.init_image is not None else None
+
+    width, height = resize_to_max_side(job.content_image, settings.max_side_px).size
+    if min(width, height) < MIN_SIDE_PX:
+        raise ValueError(f"max_side_px: {settings.max_side_px} px gives a {width}x{height} image for this "
+                         f"content's aspect ratio; VGG-19 needs a shorter side of at least {MIN_SIDE_PX} px")
+    sides = scale_sides(settings, min(width, height) / max(width, height))[-settings.iterations:]
+    budgets = split_iterations(settings.iterations, len(sides))
+
+    generator = torch.Generator().manual_seed(settings.seed)
+    tally = _Tally()
+    pixels = None
+    for index, (side, budget) in enumerate(zip(sides, budgets), start=1):
+        content, targets = _scale_inputs(job, side)
+        h, w = content.shape[2:]
+        if pixels is None:
+            init = None if init_image is None else to_tensor(init_image.resize((w, h), Image.Resampling.LANCZOS))
+            pixels = initial_image(content * 255.0, job.mean_pixels, settings, generator,
+                                   None if init is None else init.to(models.device) * 255.0)
+        else:
+            pixels = _resize_pixels(pixels.detach(), h, w).contiguous()
+        scale = _Scale(index=index, final=index == len(sides), budget=budget, size=(h, w), targets=targets,
+                       batch_key=(tuple(pixels.shape), settings.pooling, settings.precision))
+        # Only the final scale's iterates are candidates for delivery (costs at other sizes do not compare).
+        if scale.final:
+            tally.best_pixels, tally.best_total = pixels.detach().clone(), math.inf
+        pixels.requires_grad_(True)
+        yield from _optimise_scale(job, scale, pixels, tally)
+        if tally.stop_reason != STOP_ITERATIONS:
+            break
+
+    if tally.best_pixels is None:        # stopped before the final scale: deliver the current image upsampled
+        targets = _scale_inputs(job, sides[-1])[1]
+        tally.best_pixels = _resize_pixels(pixels.detach(), height, width)
+    elif tally.stop_reason in (STOP_ITERATIONS, STOP_CONVERGED):
+        # The last step's image has not been costed yet: cost it and keep it if it is the best.
+        last_total = _Objective(job, scale).total(pixels)
+        if torch.isfinite(last_total).all() and float(last_total[0]) < tally.best_total:
+            tally.best_pixels.copy_(pixels.detach())
+            tally.best_iteration = tally.iteration
+    yield _deliver(job, inputs, targets, tally)
+
+
+def _checked(models: StyleModels, inputs: JobInputs, settings: StyleTransferSettings) -> StyleTransferSettings:
+    """``settings`` validated, with ``precision="auto"`` resolved for the replica's device; ``ValueError`` naming
+    the field when the settings or the inputs' styles and initial image are out of range."""
     settings.validate()
     if settings.precision == "auto":
         settings = settings.replace(precision=default_precision(models.device)[0])
@@ -677,155 +738,206 @@ def stylize(models: StyleModels, inputs: JobInputs, settings: StyleTransferSetti
     blend_weights([weight for _, weight in inputs.styles])
     if settings.init == "image" and inputs.init_image is None:
         raise ValueError("init_image: required when init is 'image'")
-    started = time.perf_counter()
-    device = models.device
+    return settings
 
-    palette = color.ColorControl(settings.color_control, inputs.content)
-    content_image = palette.content()
-    style_images = [(palette.style(style), weight) for style, weight in inputs.styles]
-    init_image = palette.style(inputs.init_image) if inputs.init_image is not None else None
 
-    width, height = resize_to_max_side(content_image, settings.max_side_px).size
-    if min(width, height) < MIN_SIDE_PX:
-        raise ValueError(f"max_side_px: {settings.max_side_px} px gives a {width}x{height} image for this "
-                         f"content's aspect ratio; VGG-19 needs a shorter side of at least {MIN_SIDE_PX} px")
-    sides = scale_sides(settings, min(width, height) / max(width, height))[-settings.iterations:]
-    budgets = split_iterations(settings.iterations, len(sides))
+@dataclass
+class _Job:
+    """What every scale of one job shares."""
 
-    generator = torch.Generator().manual_seed(settings.seed)
-    replica_pass = batch_pass(models)
-    mean_pixels = models.replica.input_mean * 255.0
-    pixels = best_pixels = None
-    best_total, best_iteration, iteration = math.inf, 0, 0
-    stop_reason = STOP_ITERATIONS
-    history: list[float] = []
+    models: StyleModels
+    settings: StyleTransferSettings          # validated, precision resolved
+    palette: color.ColorControl
+    content_image: Image.Image               # after colour control
+    style_images: list[tuple[Image.Image, float]]   # after colour control, with their blend weights
+    started: float                           # time.perf_counter() at the job's start
+    should_stop: Callable[[], bool] | None
+    batcher: ReplicaBatcher | None
+    replica_pass: Callable[[torch.Tensor, tuple], tuple[torch.Tensor, ...]]   # :func:`batch_pass`
+    mean_pixels: torch.Tensor                # (1, 3, 1, 1) the weights' mean pixel, 0..255
 
-    def resized_styles(side: int) -> list[tuple[torch.Tensor, float]]:
-        style_side = max(1, round(side * settings.style_scale))
-        return [(to_tensor(resize_to_max_side(image, style_side)).to(device), weight)
-                for image, weight in style_images]
+    def cancelled(self) -> bool:
+        return self.should_stop is not None and self.should_stop()
 
-    def scale_inputs(side: int) -> tuple[torch.Tensor, Targets]:
-        content = to_tensor(resize_to_max_side(content_image, side)).to(device)            # (1, 3, H, W)
-        styles = resized_styles(side)
-        for style, _ in styles:
-            if min(style.shape[2:]) < MIN_SIDE_PX:
-                raise ValueError(f"style_scale: {settings.style_scale:g} makes the style image {style.shape[3]}x"
-                                 f"{style.shape[2]} px, under the {MIN_SIDE_PX} px minimum; raise style_scale or "
-                                 f"max_side_px")
-        coarser = []
-        for level_h, level_w in pyramid_sizes(*content.shape[2:], settings.pyramid_levels)[1:]:
-            level_styles = resized_styles(max(level_h, level_w))
-            if min(min(style.shape[2:]) for style, _ in level_styles) < MIN_SIDE_PX:
-                break                                   # the style would be too small: no coarser level
-            level_content = content_image.resize((level_w, level_h), Image.Resampling.LANCZOS)
-            coarser.append((to_tensor(level_content).to(device), level_styles))
-        return content, compute_targets(models, content, styles, settings, coarser)
+    def elapsed_ms(self) -> float:
+        return (time.perf_counter() - self.started) * 1000.0
 
-    for scale_index, (side, budget) in enumerate(zip(sides, budgets), start=1):
-        content, targets = scale_inputs(side)
-        h, w = content.shape[2:]
-        if pixels is None:
-            init = None if init_image is None else to_tensor(init_image.resize((w, h), Image.Resampling.LANCZOS))
-            pixels = initial_image(content * 255.0, mean_pixels, settings, generator,
-                                   None if init is None else init.to(device) * 255.0)
+
+@dataclass
+class _Scale:
+    """One scale of the coarse-to-fine schedule."""
+
+    index: int                               # 1-based
+    final: bool                              # the output size: its iterates are candidates for delivery
+    budget: int                              # iterations at this scale
+    size: tuple[int, int]                    # (H, W) of the generated image, px
+    targets: Targets
+    batch_key: tuple                         # (shape, pooling, precision): jobs of equal keys share passes
+
+
+@dataclass
+class _Tally:
+    """Where the job stands, across scales: iterations run, why it stopped, the best iterate of the final scale."""
+
+    iteration: int = 0                       # iterations run, all scales
+    stop_reason: str = STOP_ITERATIONS
+    best_pixels: torch.Tensor | None = None  # set when the final scale starts
+    best_total: float = math.inf
+    best_iteration: int = 0                  # 0: the final scale's initial image
+
+
+def _resized_styles(job: _Job, side: int) -> list[tuple[torch.Tensor, float]]:
+    """The style images, each resized to ``side * style_scale`` px, as tensors with their blend weights."""
+    style_side = max(1, round(side * job.settings.style_scale))
+    return [(to_tensor(resize_to_max_side(image, style_side)).to(job.models.device), weight)
+            for image, weight in job.style_images]
+
+
+def _scale_inputs(job: _Job, side: int) -> tuple[torch.Tensor, Targets]:
+    """The content at a scale's side ``(1, 3, H, W)`` RGB [0, 1] and that scale's targets, every pyramid level
+    whose style images stay above the network's minimum included.
+
+    Raises:
+        ValueError: ``style_scale`` makes a style image smaller than the network's minimum at this side.
+    """
+    settings, device = job.settings, job.models.device
+    content = to_tensor(resize_to_max_side(job.content_image, side)).to(device)            # (1, 3, H, W)
+    styles = _resized_styles(job, side)
+    for style, _ in styles:
+        if min(style.shape[2:]) < MIN_SIDE_PX:
+            raise ValueError(f"style_scale: {settings.style_scale:g} makes the style image {style.shape[3]}x"
+                             f"{style.shape[2]} px, under the {MIN_SIDE_PX} px minimum; raise style_scale or "
+                             f"max_side_px")
+    coarser = []
+    for level_h, level_w in pyramid_sizes(*content.shape[2:], settings.pyramid_levels)[1:]:
+        level_styles = _resized_styles(job, max(level_h, level_w))
+        if min(min(style.shape[2:]) for style, _ in level_styles) < MIN_SIDE_PX:
+            break                                   # the style would be too small: no coarser level
+        level_content = job.content_image.resize((level_w, level_h), Image.Resampling.LANCZOS)
+        coarser.append((to_tensor(level_content).to(device), level_styles))
+    return content, compute_targets(job.models, content, styles, settings, coarser)
+
+
+class _Objective:
+    """The function one scale minimises: ``J`` of :func:`evaluate` against the scale's targets, the coarser
+    pyramid levels' features from the image downsampled, each replica pass through ``job.replica_pass``."""
+
+    def __init__(self, job: _Job, scale: _Scale) -> None:
+        self.job, self.targets, self.key = job, scale.targets, scale.batch_key
+
+    def cost(self, feats: tuple[torch.Tensor, ...], image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``evaluate``'s costs of ``image`` (pixel levels) given its features at its own size (a
+        :data:`~nst_server.batching.CostFunction`)."""
+        level_feats = [self.job.replica_pass(downsample(image, level.size) / 255.0, self.key)
+                       for level in self.targets.levels[1:]]
+        return evaluate(feats, image, self.targets, self.job.settings, level_feats)
+
+    def costs_and_gradient(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``(J_content, J_style, TV, J)`` of ``pixels`` (detached); ``pixels.grad`` holds dJ/dpixels when J is
+        finite. Through the batcher when the job has one."""
+        pixels.grad = None
+        if self.job.batcher is not None:
+            j = self.job.batcher.evaluate(self.key, pixels, self.cost)
         else:
-            pixels = _resize_pixels(pixels.detach(), h, w).contiguous()
-        # Only the final scale's iterates are candidates for delivery (costs at other sizes do not compare).
-        final_scale = scale_index == len(sides)
-        if final_scale:
-            best_pixels, best_total = pixels.detach().clone(), math.inf
-        pixels.requires_grad_(True)
-        if settings.optimizer == "lbfgs":
-            optimizer = LBFGS(settings.lbfgs_history)
-        else:
-            optimizer = torch.optim.Adam([pixels], lr=settings.learning_rate)
-        costed: list[tuple[torch.Tensor, ...]] = []
+            j = self.cost(self.job.replica_pass(pixels / 255.0, self.key), pixels)
+            if torch.isfinite(j[-1]).all():
+                j[-1].sum().backward()
+        return tuple(t.detach() for t in j)
 
-        batch_key = (tuple(pixels.shape), settings.pooling, settings.precision)
-
-        def cost(feats: tuple[torch.Tensor, ...], image: torch.Tensor, targets: Targets = targets):
-            level_feats = [replica_pass(downsample(image, level.size) / 255.0, batch_key)
-                           for level in targets.levels[1:]]
-            return evaluate(feats, image, targets, settings, level_feats)
-
-        def closure() -> torch.Tensor:
-            pixels.grad = None
-            if batcher is not None:
-                j = batcher.evaluate(batch_key, pixels, cost)
-            else:
-                j = cost(replica_pass(pixels / 255.0, batch_key), pixels)
-                if torch.isfinite(j[-1]).all():
-                    j[-1].sum().backward()
-            costed.append(tuple(t.detach() for t in j))
-            return j[-1].sum()
-
-        history.clear()
-        joined = batcher.joined(batch_key) if batcher is not None else contextlib.nullcontext()
-        with joined:
-            for _ in range(budget):
-                if should_stop is not None and should_stop():
-                    stop_reason = STOP_CANCELLED
-                    break
-                iteration += 1
-                before = pixels.detach().clone()
-                costed.clear()
-                closure()
-                if torch.isfinite(costed[0][-1]).all():
-                    if settings.optimizer == "lbfgs":
-                        optimizer.step(pixels, pixels.grad)
-                    else:
-                        optimizer.step()
-                j_content, j_style, tv, total = costed[0]           # costs of ``before``
-                if not torch.isfinite(total).all():
-                    stop_reason, iteration = STOP_NON_FINITE, iteration - 1
-                    break
-                if final_scale and float(total[0]) < best_total:
-                    best_total, best_iteration = float(total[0]), iteration - 1
-                    best_pixels.copy_(before)
-                with torch.no_grad():
-                    pixels.clamp_(0.0, 255.0)
-                if settings.optimizer == "lbfgs":
-                    optimizer.projected(before, pixels)
-                history.append(float(total[0]))
-                last = iteration == settings.iterations
-                if iteration % settings.progress_every == 0 or last:
-                    preview = b""
-                    if settings.preview_every and (iteration % settings.preview_every == 0 or last):
-                        small = _resize_pixels(pixels.detach(), *_fit(h, w, settings.preview_max_side_px))
-                        preview = encode_png(palette.finish(to_uint8(small)))
-                    yield Progress(iteration=iteration, costs=_costs(j_content, j_style, tv, total),
-                                   elapsed_ms=(time.perf_counter() - started) * 1000.0, scale=scale_index,
-                                   size=(w, h), preview_png=preview)
-                if (final_scale and settings.convergence_tolerance and len(history) > CONVERGENCE_WINDOW):
-                    old, new = history[-CONVERGENCE_WINDOW - 1], history[-1]
-                    if (old - new) <= settings.convergence_tolerance * abs(old):
-                        stop_reason = STOP_CONVERGED
-                        break
-        if stop_reason != STOP_ITERATIONS:
-            break
-
-    if best_pixels is None:              # stopped before the final scale: deliver the current image upsampled
-        targets = scale_inputs(sides[-1])[1]
-        best_pixels = _resize_pixels(pixels.detach(), height, width)
-    elif stop_reason in (STOP_ITERATIONS, STOP_CONVERGED):
-        # The last step's image has not been costed yet: cost it and keep it if it is the best.
+    def total(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``J`` of ``pixels``, forward only (never batched)."""
         with torch.no_grad():
-            last_total = cost(replica_pass(pixels / 255.0, batch_key), pixels)[-1]
-        if torch.isfinite(last_total).all() and float(last_total[0]) < best_total:
-            best_pixels.copy_(pixels.detach())
-            best_iteration = iteration
+            return self.cost(self.job.replica_pass(pixels / 255.0, self.key), pixels)[-1]
 
-    image = to_uint8(best_pixels)                                          # (H, W, 3) uint8
-    delivered = to_tensor(Image.fromarray(image, "RGB")).to(device)
+
+def _optimise_scale(job: _Job, scale: _Scale, pixels: torch.Tensor, tally: _Tally) -> Iterator[Progress]:
+    """Up to ``scale.budget`` iterations on ``pixels`` (a leaf with ``requires_grad``, pixel levels, updated in
+    place), each: cost and gradient of the current image, an optimiser step, the projection onto [0, 255].
+
+    Updates ``tally``: iterations, the stop reason (cancelled, non-finite cost, converged) and, at the final
+    scale, the best iterate (the image a step started from, with its cost).
+
+    Yields:
+        :class:`Progress` of the reported iterations (the costs of the image each step started from).
+    """
+    settings = job.settings
+    lbfgs = settings.optimizer == "lbfgs"
+    optimizer = LBFGS(settings.lbfgs_history) if lbfgs else torch.optim.Adam([pixels], lr=settings.learning_rate)
+    objective = _Objective(job, scale)
+    history: list[float] = []                      # J of each iteration at this scale
+    with job.batcher.joined(scale.batch_key) if job.batcher is not None else contextlib.nullcontext():
+        for _ in range(scale.budget):
+            if job.cancelled():
+                tally.stop_reason = STOP_CANCELLED
+                return
+            tally.iteration += 1
+            before = pixels.detach().clone()
+            costs_ = objective.costs_and_gradient(pixels)                 # costs of ``before``
+            total = costs_[-1]
+            if not torch.isfinite(total).all():
+                tally.stop_reason, tally.iteration = STOP_NON_FINITE, tally.iteration - 1
+                return
+            if lbfgs:
+                optimizer.step(pixels, pixels.grad)
+            else:
+                optimizer.step()
+            if scale.final and float(total[0]) < tally.best_total:
+                tally.best_total, tally.best_iteration = float(total[0]), tally.iteration - 1
+                tally.best_pixels.copy_(before)
+            with torch.no_grad():
+                pixels.clamp_(0.0, 255.0)
+            if lbfgs:
+                optimizer.projected(before, pixels)
+            history.append(float(total[0]))
+            progress = _progress(job, scale, tally.iteration, pixels, costs_)
+            if progress is not None:
+                yield progress
+            if scale.final and _converged(history, settings.convergence_tolerance):
+                tally.stop_reason = STOP_CONVERGED
+                return
+
+
+def _progress(job: _Job, scale: _Scale, iteration: int, pixels: torch.Tensor,
+              costs_: tuple[torch.Tensor, ...]) -> Progress | None:
+    """The :class:`Progress` of ``iteration`` when it is reported (every ``progress_every``, and the job's last),
+    with a preview of ``pixels`` when one is due; None otherwise."""
+    settings = job.settings
+    last = iteration == settings.iterations
+    if not (iteration % settings.progress_every == 0 or last):
+        return None
+    h, w = scale.size
+    preview = b""
+    if settings.preview_every and (iteration % settings.preview_every == 0 or last):
+        small = _resize_pixels(pixels.detach(), *_fit(h, w, settings.preview_max_side_px))
+        preview = encode_png(job.palette.finish(to_uint8(small)))
+    return Progress(iteration=iteration, costs=_costs(*costs_), elapsed_ms=job.elapsed_ms(), scale=scale.index,
+                    size=(w, h), preview_png=preview)
+
+
+def _converged(history: list[float], tolerance: float) -> bool:
+    """Whether J fell by no more than ``tolerance`` of itself over the last :data:`CONVERGENCE_WINDOW` iterations
+    (never with tolerance 0 or a shorter history)."""
+    if not tolerance or len(history) <= CONVERGENCE_WINDOW:
+        return False
+    old, new = history[-CONVERGENCE_WINDOW - 1], history[-1]
+    return (old - new) <= tolerance * abs(old)
+
+
+def _deliver(job: _Job, inputs: JobInputs, targets: Targets, tally: _Tally) -> Result:
+    """The :class:`Result`: ``tally.best_pixels`` rounded to 8 bits, its costs recomputed by the session on
+    exactly those pixels against ``targets`` (the final scale's), the colour control finished and the content's
+    alpha re-attached."""
+    settings, models = job.settings, job.models
+    image = to_uint8(tally.best_pixels)                                    # (H, W, 3) uint8
+    delivered = to_tensor(Image.fromarray(image, "RGB")).to(models.device)
     level_feats = [features(models, downsample(delivered * 255.0, level.size) / 255.0, settings.pooling)
                    for level in targets.levels[1:]]
     final = _costs(*evaluate(features(models, delivered, settings.pooling), delivered * 255.0, targets, settings,
                              level_feats))
-    output = palette.finish(image)
-    yield Result(image=output, png=encode_png_with_alpha(output, inputs.content_alpha), costs=final,
-                 iterations=iteration, best_iteration=best_iteration, stop_reason=stop_reason,
-                 elapsed_ms=(time.perf_counter() - started) * 1000.0, precision=settings.precision)
+    output = job.palette.finish(image)
+    return Result(image=output, png=encode_png_with_alpha(output, inputs.content_alpha), costs=final,
+                  iterations=tally.iteration, best_iteration=tally.best_iteration, stop_reason=tally.stop_reason,
+                  elapsed_ms=job.elapsed_ms(), precision=settings.precision)
 
 
 def _fit(height: int, width: int, max_side: int) -> tuple[int, int]:

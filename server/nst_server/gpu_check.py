@@ -41,8 +41,8 @@ GPU_BENCHMARK = ["--size", "512", "--iterations", "50", "--warmup-iterations", "
                  "--repeats", "2", "--bf16-iterations", "50", "--batch-size-px", "256", "--rss-size", "512",
                  "--rss-iterations", "5", "--matmul-n", "8192"]
 SMOKE_BENCHMARK = ["--size", "64", "--iterations", "6", "--warmup-iterations", "2", "--ttq-iterations", "10",
-                   "--bf16-iterations", "2", "--batch-size-px", "64", "--rss-size", "64", "--rss-iterations", "2",
-                   "--matmul-n", "1024"]
+                   "--bf16-iterations", "2", "--batch-size-px", "64", "--batch-iterations", "2", "--rss-size", "64",
+                   "--rss-iterations", "2", "--matmul-n", "1024"]
 GPU_BENCH = ["--size", "512", "--iterations", "50", "--concurrency", "1,2,4", "--jobs-per-level", "8"]
 SMOKE_BENCH = ["--size", "32", "--iterations", "2", "--concurrency", "1,2", "--jobs-per-level", "2"]
 
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         options = SMOKE_BENCHMARK if smoke else GPU_BENCHMARK
         if args.providers:
             options = [*options, "--providers", args.providers]
-        return _run([sys.executable, "-m", "nst_server.benchmark", str(out / "benchmark"), "--model",
+        return _run([sys.executable, "-m", "nst_bench.cli", str(out / "benchmark"), "--model",
                      str(model_path), *options], out / "benchmark.log", left() - (30 if smoke else 75))
 
     def bench() -> int:

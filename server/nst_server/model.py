@@ -44,8 +44,9 @@ def tensorrt_options(max_side_px: int = 1024, opt_side_px: int = 512, max_batch:
     Without a profile TensorRT builds a new engine for each input shape it meets (tens of seconds each); with
     ``trt_profile_{min,opt,max}_shapes`` one engine serves ``(1..max_batch, 3, 16..max_side, 16..max_side)``
     and is tuned for ``(1, 3, opt_side, opt_side)``. ``trt_engine_cache_enable`` keeps the built engine (and
-    the timing cache) under ``cache_dir`` across restarts. Precision stays fp32 (``trt_fp16_enable`` off), as
-    the replica's gradients are fp32 and the costs must agree with them.
+    the timing cache) under ``cache_dir`` across restarts. Precision stays fp32 (``trt_fp16_enable`` off): the
+    session computes the targets and the delivered image's costs, which are fp32 whatever precision the
+    replica's passes run at.
 
     Source: onnxruntime's TensorRT execution provider documentation (provider options, "Explicit shape range
     for dynamic shape input").

@@ -1,12 +1,16 @@
 """The gRPC face of the engine: request validation, admission, the worker threads, proto conversion.
 
 Jobs run on a dedicated thread pool of ``max_running_jobs`` threads, never on the asyncio event loop, so
-health checks and GetModelInfo answer while jobs run. A job's events cross to the event loop through an
-``asyncio.Queue``; when the client cancels, disconnects or passes its deadline, the handler sets the job's stop
-flag, which the engine polls once per iteration; the job's slot (:mod:`nst_server.jobs`) is freed when its
-worker thread is done with it. A stream is never quiet for longer than ``heartbeat_s``: when neither the queue
-nor the engine gave anything to send for that long, a ``Heartbeat`` goes out (position, time waited). Failures
-end the job, never the server: out of memory is RESOURCE_EXHAUSTED, anything else INTERNAL. The interceptors
+health checks and GetModelInfo answer while jobs run; the model's loading and warm-up run on that pool too
+(:meth:`StyleTransferServicer.on_job_thread`). With ``max_batch_size > 1`` running jobs of equal size share
+their replica passes (:class:`~nst_server.batching.ReplicaBatcher`). A job's events cross to the event loop
+through an ``asyncio.Queue``; when the client cancels, disconnects or passes its deadline, the handler sets the
+job's stop flag, which the engine polls once per iteration; the job's slot (:mod:`nst_server.jobs`) is freed
+when its worker thread is done with it (after handing its free memory back to the OS). A stream is never quiet
+for longer than ``heartbeat_s``: when neither the queue nor the engine gave anything to send for that long, a
+``Heartbeat`` goes out (position, time waited). Failures end the job, never the server: invalid requests and
+inputs are INVALID_ARGUMENT (with ``google.rpc.BadRequest`` details), a full queue or out of memory
+RESOURCE_EXHAUSTED, a job stopped by the shutdown UNAVAILABLE, anything else INTERNAL. The interceptors
 (:mod:`nst_server.interceptors`) write one log line per call.
 """
 
