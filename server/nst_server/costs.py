@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 
-#: Speed lever (kept: see the README's "Benchmarks"): :func:`style_layer_cost` differentiates through its own
+#: Speed lever (kept: see docs/benchmarks.md): :func:`style_layer_cost` differentiates through its own
 #: backward, one matrix product ``(D + D^T) A``, where autograd through ``A A^T`` computes two. Same values.
 FAST_STYLE_GRADIENT = True
 #: Speed lever (issue 13): with bf16 activations, that backward product runs in bf16 (its result is cast to

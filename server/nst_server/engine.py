@@ -112,7 +112,7 @@ STOP_CONVERGED = "converged"
 #: Window of the convergence test, iterations.
 CONVERGENCE_WINDOW = 10
 
-# Speed levers, each kept because ``nst-benchmark`` measured a gain (README, "Benchmarks"). Module attributes, so
+# Speed levers, each kept because ``nst-benchmark`` measured a gain (docs/benchmarks.md). Module attributes, so
 # that the benchmark can switch them off to measure them; they change no result beyond float rounding.
 #: The replica's weights and the generated image in channels_last (NHWC), oneDNN's native layout on CPU (no
 #: reorder around each convolution) and the Tensor Cores' on CUDA. The weights are converted on first use.
