@@ -8,6 +8,9 @@ One client can serve from many replicas: a target that names several addresses (
 balancing and a retry policy for refusals that come before any response (RESOURCE_EXHAUSTED at admission,
 UNAVAILABLE while a replica loads or drains), through a gRPC service config (gRFC A6 "Client retries");
 :meth:`NSTClient.stylize` sends a job again when its stream breaks after ``JobAccepted`` (the replica died).
+
+The job's controls are :class:`nst_client.options.StylizeOptions`; :class:`nst_client.aio.AsyncNSTClient` is
+this client on asyncio (``grpc.aio``), built from the helpers here.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nst_client._proto.nst.v1 import style_transfer_pb2 as pb
 from nst_client._proto.nst.v1 import style_transfer_pb2_grpc as pb_grpc
-from nst_client.options import (CHOICES, IMAGE_FIELDS, Image, StylizeOptions, StylizeOverrides,  # noqa: F401
-                                build_request, merge_options, read_image_bytes)
+# Re-exported: ``from nst_client.client import CHOICES, build_request`` predates nst_client.options.
+from nst_client.options import (CHOICES, Image, StylizeOptions, StylizeOverrides, build_request,  # noqa: F401
+                                read_image_bytes)
 
 if TYPE_CHECKING:
     if sys.version_info >= (3, 11):
