@@ -3,6 +3,7 @@ depend on the painting's Gram magnitudes, the judge (nst-quality) and its tools.
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -109,6 +110,10 @@ def test_variant_and_pair_parsing(tmp_path):
     assert quality.parse_variant("defaults") == ("defaults", {})
     with pytest.raises(Exception, match="OPTION=VALUE"):
         quality.parse_variant("v:scales")
+    with pytest.raises(argparse.ArgumentTypeError, match="'iteratons'; did you mean 'iterations'"):
+        quality.parse_variant("v:iteratons=4")               # nst_client.StylizeOptions names it
+    with pytest.raises(argparse.ArgumentTypeError, match="optimizer must be one of"):
+        quality.parse_variant("v:optimizer=sgd")
     a, b = tmp_path / "a.png", tmp_path / "b.png"
     Image.new("RGB", (8, 8)).save(a)
     Image.new("RGB", (8, 8)).save(b)

@@ -72,6 +72,25 @@ def test_tls_client_with_the_ca_and_token_runs_a_job(tls_server, certificate, sm
         assert result.stop_reason == "STOP_REASON_ITERATIONS_DONE"
 
 
+def test_the_asyncio_client_speaks_tls_and_sends_the_token(tls_server, certificate, small_images):
+    import asyncio
+
+    from nst_client import AsyncNSTClient
+
+    async def run():
+        async with AsyncNSTClient(tls_server.target, tls_ca=certificate[0], token=TOKEN) as client:
+            assert await client.health() == "SERVING"
+            assert len((await client.model_info()).weights_sha256) == 64
+            result = await client.stylize(*small_images, max_side_px=32, iterations=2)
+        async with AsyncNSTClient(tls_server.target, tls_ca=certificate[0], token="wrong") as client:
+            with pytest.raises(NSTError) as error:
+                await client.model_info()
+        return result, error.value
+    result, error = asyncio.run(run())
+    assert result.stop_reason == "STOP_REASON_ITERATIONS_DONE"
+    assert error.code == grpc.StatusCode.UNAUTHENTICATED
+
+
 def test_plaintext_or_untrusting_clients_cannot_talk_to_the_tls_server(tls_server):
     with NSTClient(tls_server.target, token=TOKEN) as client:                     # no TLS
         assert _code(lambda: client.health(timeout_s=5)) in (grpc.StatusCode.UNAVAILABLE,

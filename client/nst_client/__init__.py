@@ -1,5 +1,8 @@
-"""Client of the ``nst.v1.StyleTransfer`` gRPC service: library, CLI (``nst``), and the generated stubs."""
+"""Client of the ``nst.v1.StyleTransfer`` gRPC service: library (:class:`NSTClient`, and
+:class:`AsyncNSTClient` on ``grpc.aio``), CLI (``nst``), and the generated stubs."""
 
-from nst_client.client import NSTClient, NSTError, Retry, StylizeResult, build_request
+from nst_client.aio import AsyncNSTClient
+from nst_client.client import NSTClient, NSTError, Retry, StylizeResult
+from nst_client.options import StylizeOptions, build_request
 
-__all__ = ["NSTClient", "NSTError", "Retry", "StylizeResult", "build_request"]
+__all__ = ["AsyncNSTClient", "NSTClient", "NSTError", "Retry", "StylizeOptions", "StylizeResult", "build_request"]

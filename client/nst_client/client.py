@@ -8,21 +8,35 @@ One client can serve from many replicas: a target that names several addresses (
 balancing and a retry policy for refusals that come before any response (RESOURCE_EXHAUSTED at admission,
 UNAVAILABLE while a replica loads or drains), through a gRPC service config (gRFC A6 "Client retries");
 :meth:`NSTClient.stylize` sends a job again when its stream breaks after ``JobAccepted`` (the replica died).
+
+The job's controls are :class:`nst_client.options.StylizeOptions`; :class:`nst_client.aio.AsyncNSTClient` is
+this client on asyncio (``grpc.aio``), built from the helpers here.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nst_client._proto.nst.v1 import style_transfer_pb2 as pb
 from nst_client._proto.nst.v1 import style_transfer_pb2_grpc as pb_grpc
+# Re-exported: ``from nst_client.client import CHOICES, build_request`` predates nst_client.options.
+from nst_client.options import (CHOICES, Image, StylizeOptions, StylizeOverrides, build_request,  # noqa: F401
+                                read_image_bytes)
+
+if TYPE_CHECKING:
+    if sys.version_info >= (3, 11):
+        from typing import Unpack
+    else:
+        from typing_extensions import Unpack
 
 #: Client receive limit for stream messages, bytes (results of large images exceed gRPC's 4 MiB default).
 MAX_RECEIVE_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -150,35 +164,6 @@ class StylizeResult:
             handle.write(self.image_png)
 
 
-def read_image_bytes(image: bytes | str | os.PathLike) -> bytes:
-    """Bytes as they are, or the contents of a file path."""
-    if isinstance(image, bytes | bytearray):
-        return bytes(image)
-    with open(image, "rb") as handle:
-        return handle.read()
-
-
-#: Option name -> (proto enum, value prefix); the allowed values are the enum's, lower-cased, without prefix.
-_ENUMS = {
-    "optimizer": (pb.Optimizer, "OPTIMIZER_"),
-    "preset": (pb.Preset, "PRESET_"),
-    "init": (pb.Init, "INIT_"),
-    "pooling": (pb.Pooling, "POOLING_"),
-    "color_control": (pb.ColorControl, "COLOR_CONTROL_"),
-    "precision": (pb.Precision, "PRECISION_"),
-    "normalization": (pb.Normalization, "NORMALIZATION_"),
-}
-#: Option name -> its allowed values, e.g. ``CHOICES["optimizer"] == ("lbfgs", "adam")``.
-CHOICES = {name: tuple(key[len(prefix):].lower() for key in enum.keys() if not key.endswith("_UNSPECIFIED"))
-           for name, (enum, prefix) in _ENUMS.items()}
-_OPTIONAL_SCALARS = ("content_weight", "style_weight", "seed", "learning_rate", "noise_ratio", "style_scale",
-                     "tv_weight", "convergence_tolerance", "scales", "pyramid_levels")
-_PLAIN_SCALARS = ("max_side_px", "iterations", "progress_every", "start_side_px", "preview_every",
-                  "preview_max_side_px", "lbfgs_history", "keep_content_alpha")
-
-Image = bytes | str | os.PathLike
-
-
 @dataclass(frozen=True)
 class Retry:
     """Why :meth:`NSTClient.stylize` sends a job again (handed to its ``on_retry``).
@@ -197,56 +182,146 @@ class Retry:
     wait_s: float
 
 
-def build_request(content: Image, style: Image | None = None, *,
-                  styles: list[tuple[Image, float]] | None = None,
-                  init_image: Image | None = None,
-                  content_layers: dict[str, float] | None = None,
-                  style_layers: dict[str, float] | None = None,
-                  **options) -> pb.StylizeRequest:
-    """A ``StylizeRequest``. Images are encoded bytes or file paths; options left out (or ``None``/0) take
-    the server's defaults (see the README's parameter table and ``proto/nst/v1/style_transfer.proto``).
+@dataclass(frozen=True)
+class _Connection:
+    """What both clients make their channel from (:func:`_connection`)."""
 
-    Args:
-        content: the content image.
-        style: a style image (blend weight 1); may be omitted when ``styles`` is given.
-        styles: more style images with their relative blend weights.
-        init_image: the initial image for ``init="image"``.
-        content_layers, style_layers: ``{layer: weight}``, e.g. ``{"relu4_2": 1.0}``.
-        **options: ``max_side_px``, ``iterations``, ``content_weight``, ``style_weight``, ``seed``,
-            ``learning_rate``, ``noise_ratio``, ``style_scale``, ``tv_weight``, ``convergence_tolerance``,
-            ``scales``, ``pyramid_levels``, ``progress_every``, ``start_side_px``, ``preview_every``, ``preview_max_side_px``,
-            ``lbfgs_history``, ``keep_content_alpha`` (bool), and the names ``optimizer`` (lbfgs, adam),
-            ``preset`` (seed, classic), ``init``
-            (noisy_content, content, random, image), ``pooling`` (max, avg), ``color_control`` (none,
-            luminance, match_style_colors), ``precision`` (auto, fp32, bf16, fp16), ``normalization``
-            (target, none).
-    Raises:
-        ValueError: an unknown option or option value. OSError: an image path cannot be read.
-    """
-    request = pb.StylizeRequest(content_image=read_image_bytes(content))
-    if style is not None:
-        request.style_image = read_image_bytes(style)
-    for image, weight in styles or ():
-        request.styles.add(image=read_image_bytes(image), blend_weight=weight)
-    if init_image is not None:
-        request.init_image = read_image_bytes(init_image)
-    for layer, weight in (content_layers or {}).items():
-        request.content_layers.add(layer=layer, weight=weight)
-    for layer, weight in (style_layers or {}).items():
-        request.style_layers.add(layer=layer, weight=weight)
-    for name, value in options.items():
-        if value is None:
-            continue
-        if name in _ENUMS:
-            if value not in CHOICES[name]:
-                raise ValueError(f"{name} must be one of {CHOICES[name]}, got {value!r}")
-            enum, prefix = _ENUMS[name]
-            setattr(request, name, enum.Value(prefix + value.upper()))
-        elif name in _OPTIONAL_SCALARS or name in _PLAIN_SCALARS:
-            setattr(request, name, value)
+    balanced: bool
+    arguments: list[tuple[str, str | int]]                 # gRPC channel arguments
+    credentials: grpc.ChannelCredentials | None            # None: a plain-text channel
+    metadata: tuple[tuple[str, str], ...] | None           # the token's authorization header
+
+
+def _connection(target: str, *, tls: bool, tls_ca: bytes | str | os.PathLike | None, tls_server_name: str | None,
+                token: str | None, balance: bool | None, max_resubmits: int, busy_retry_s: float,
+                keepalive_time_s: float, keepalive_timeout_s: float,
+                channel_options: Sequence[tuple[str, str | int]]) -> _Connection:
+    """Checks :class:`NSTClient`'s arguments and turns them into channel arguments, credentials and metadata
+    (shared with :class:`nst_client.aio.AsyncNSTClient`). Raises OSError and ValueError as NSTClient says."""
+    if max_resubmits < 0 or busy_retry_s < 0:
+        raise ValueError(f"max_resubmits and busy_retry_s must be >= 0, got {max_resubmits}, {busy_retry_s}")
+    if keepalive_time_s < 1 or keepalive_timeout_s <= 0:
+        raise ValueError(f"keepalive_time_s must be >= 1 s and keepalive_timeout_s > 0, got "
+                         f"{keepalive_time_s}, {keepalive_timeout_s}")
+    if token and not all(" " <= char <= "~" for char in token):
+        # gRPC refuses other header characters only when a call is made, as "INTERNAL: Invalid metadata".
+        raise ValueError("token: may hold printable ASCII characters only (it travels as the gRPC header "
+                         "'authorization: Bearer <token>'); this one holds others (a newline, non-ASCII)")
+    balanced = is_balanced_target(target) if balance is None else balance
+    options: dict[str, str | int] = {
+        "grpc.max_receive_message_length": MAX_RECEIVE_MESSAGE_BYTES,
+        "grpc.max_send_message_length": MAX_RECEIVE_MESSAGE_BYTES,
+        "grpc.keepalive_time_ms": round(keepalive_time_s * 1000),
+        "grpc.keepalive_timeout_ms": round(keepalive_timeout_s * 1000),
+        "grpc.keepalive_permit_without_calls": 1,
+        "grpc.http2.max_pings_without_data": 0,
+    }
+    if balanced:
+        # A token may mean a protected health service: no health watches then (refusals are still retried).
+        options["grpc.service_config"] = service_config(health_check=token is None)
+        options["grpc.enable_retries"] = 1
+        # A call is retried only while its request fits the retry buffer (gRPC's default: 256 KiB, less
+        # than one photo): let it hold the largest request we send.
+        options["grpc.per_rpc_retry_buffer_size"] = MAX_RECEIVE_MESSAGE_BYTES
+    if tls_server_name:
+        options["grpc.ssl_target_name_override"] = tls_server_name
+    options.update(dict(channel_options))
+    credentials = None
+    if tls or tls_ca is not None:
+        root = None
+        if isinstance(tls_ca, bytes | bytearray):
+            root = bytes(tls_ca)
+        elif tls_ca is not None:
+            with open(tls_ca, "rb") as handle:
+                root = handle.read()
+        credentials = grpc.ssl_channel_credentials(root)
+    metadata = (("authorization", f"Bearer {token}"),) if token else None
+    return _Connection(balanced, list(options.items()), credentials, metadata)
+
+
+def _health_status_name(reply: health_pb2.HealthCheckResponse) -> str:
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+def _not_serving(target: str, timeout_s: float) -> NSTError:
+    return NSTError(grpc.StatusCode.DEADLINE_EXCEEDED, f"{target} not SERVING after {timeout_s:.0f} s")
+
+
+class _Attempts:
+    """When :meth:`NSTClient.stylize` (and the asyncio client's) sends a job again: the deadline of all attempts
+    together, resubmissions of accepted jobs whose stream broke, and the backoff of refused ones."""
+
+    def __init__(self, timeout_s: float | None, max_resubmits: int, busy_retry_s: float) -> None:
+        now = time.monotonic()
+        self.deadline = None if timeout_s is None else now + timeout_s
+        self.busy_until = now + busy_retry_s
+        self.max_resubmits = max_resubmits
+        self.attempt, self.resubmits, self.backoff_s = 1, 0, 0.2
+
+    def remaining_s(self) -> float | None:
+        """The deadline of the next attempt, s (None: none)."""
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
+    def retry(self, error: NSTError, accepted: bool) -> Retry | None:
+        """The :class:`Retry` to make after ``error`` ended an attempt (``accepted``: it had its JobAccepted),
+        or None: give up and raise ``error``."""
+        now = time.monotonic()
+        if accepted and error.code in RESUBMIT_CODES and self.resubmits < self.max_resubmits:
+            self.resubmits, wait_s = self.resubmits + 1, 0.0
+        elif not accepted and error.code.name in RETRYABLE_CODES and now + self.backoff_s < self.busy_until:
+            wait_s, self.backoff_s = self.backoff_s, min(2 * self.backoff_s, 2.0)
         else:
-            raise ValueError(f"unknown option {name!r}")
-    return request
+            return None
+        if self.deadline is not None and now + wait_s >= self.deadline:
+            return None
+        self.attempt += 1
+        return Retry(attempt=self.attempt, error=error, accepted=accepted, wait_s=wait_s)
+
+
+class _JobReader:
+    """Reads one attempt's ``StylizeResponse`` messages into a :class:`StylizeResult` (shared by both clients):
+    the JobAccepted, Progress (and ``on_progress``), Heartbeat (``on_heartbeat``), ImageChunk pieces joined
+    into the Result's PNG."""
+
+    def __init__(self, attempt: int, on_progress: Callable | None, on_heartbeat: Callable | None) -> None:
+        self.attempt, self.on_progress, self.on_heartbeat = attempt, on_progress, on_heartbeat
+        self.accepted: pb.JobAccepted | None = None
+        self.progress: list[pb.Progress] = []
+        self.chunks: list[bytes] = []
+        self.final: StylizeResult | None = None
+
+    def feed(self, message: pb.StylizeResponse):
+        """Take one message; returns what the callback it went to returned (None when none was called)."""
+        kind = message.WhichOneof("event")
+        if kind == "accepted":
+            self.accepted = message.accepted
+        elif kind == "progress":
+            self.progress.append(message.progress)
+            if self.on_progress is not None:
+                return self.on_progress(message.progress)
+        elif kind == "heartbeat":
+            if self.on_heartbeat is not None:
+                return self.on_heartbeat(message.heartbeat)
+        elif kind == "image_chunk":
+            self.chunks.append(message.image_chunk.data)
+        elif kind == "result":
+            result = message.result
+            job = self.accepted or pb.JobAccepted()
+            self.final = StylizeResult(
+                job_id=job.job_id, image_png=b"".join(self.chunks) if self.chunks else result.image_png,
+                width_px=result.width_px, height_px=result.height_px, content_cost=result.costs.content,
+                style_cost=result.costs.style, total_cost=result.costs.total, iterations=result.iterations,
+                best_iteration=result.best_iteration, stop_reason=STOP_REASONS[result.stop_reason],
+                elapsed_ms=result.elapsed_ms, progress=self.progress, precision=result.precision,
+                attempts=self.attempt, replica=job.replica)
+        return None
+
+    def result(self) -> StylizeResult:
+        """The job's result once the stream has ended. Raises NSTError (UNKNOWN) when none came."""
+        if self.final is None:
+            raise NSTError(grpc.StatusCode.UNKNOWN, "the stream ended without a result")
+        return self.final
+
 
 
 class NSTClient:
@@ -289,50 +364,19 @@ class NSTClient:
                  busy_retry_s: float = 0.0, keepalive_time_s: float = KEEPALIVE_TIME_S,
                  keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
                  channel_options: Sequence[tuple[str, str | int]] = ()) -> None:
-        if max_resubmits < 0 or busy_retry_s < 0:
-            raise ValueError(f"max_resubmits and busy_retry_s must be >= 0, got {max_resubmits}, {busy_retry_s}")
-        if keepalive_time_s < 1 or keepalive_timeout_s <= 0:
-            raise ValueError(f"keepalive_time_s must be >= 1 s and keepalive_timeout_s > 0, got "
-                             f"{keepalive_time_s}, {keepalive_timeout_s}")
+        connection = _connection(target, tls=tls, tls_ca=tls_ca, tls_server_name=tls_server_name, token=token,
+                                 balance=balance, max_resubmits=max_resubmits, busy_retry_s=busy_retry_s,
+                                 keepalive_time_s=keepalive_time_s, keepalive_timeout_s=keepalive_timeout_s,
+                                 channel_options=channel_options)
         self.target = target
         self.timeout_s = timeout_s
         self.max_resubmits, self.busy_retry_s = max_resubmits, busy_retry_s
-        self.balanced = is_balanced_target(target) if balance is None else balance
-        options: dict[str, str | int] = {
-            "grpc.max_receive_message_length": MAX_RECEIVE_MESSAGE_BYTES,
-            "grpc.max_send_message_length": MAX_RECEIVE_MESSAGE_BYTES,
-            "grpc.keepalive_time_ms": round(keepalive_time_s * 1000),
-            "grpc.keepalive_timeout_ms": round(keepalive_timeout_s * 1000),
-            "grpc.keepalive_permit_without_calls": 1,
-            "grpc.http2.max_pings_without_data": 0,
-        }
-        if self.balanced:
-            # A token may mean a protected health service: no health watches then (refusals are still retried).
-            options["grpc.service_config"] = service_config(health_check=token is None)
-            options["grpc.enable_retries"] = 1
-            # A call is retried only while its request fits the retry buffer (gRPC's default: 256 KiB, less
-            # than one photo): let it hold the largest request we send.
-            options["grpc.per_rpc_retry_buffer_size"] = MAX_RECEIVE_MESSAGE_BYTES
-        if tls_server_name:
-            options["grpc.ssl_target_name_override"] = tls_server_name
-        options.update(dict(channel_options))
-        channel_args = list(options.items())
-        if tls or tls_ca is not None:
-            root = None
-            if isinstance(tls_ca, bytes | bytearray):
-                root = bytes(tls_ca)
-            elif tls_ca is not None:
-                with open(tls_ca, "rb") as handle:
-                    root = handle.read()
-            self._channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root),
-                                                options=channel_args)
+        self.balanced = connection.balanced
+        if connection.credentials is not None:
+            self._channel = grpc.secure_channel(target, connection.credentials, options=connection.arguments)
         else:
-            self._channel = grpc.insecure_channel(target, options=channel_args)
-        if token and not all(" " <= char <= "~" for char in token):
-            # gRPC refuses other header characters only when a call is made, as "INTERNAL: Invalid metadata".
-            raise ValueError("token: may hold printable ASCII characters only (it travels as the gRPC header "
-                             "'authorization: Bearer <token>'); this one holds others (a newline, non-ASCII)")
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+            self._channel = grpc.insecure_channel(target, options=connection.arguments)
+        self._metadata = connection.metadata
         self._stub = pb_grpc.StyleTransferStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -352,11 +396,10 @@ class NSTClient:
                                        metadata=self._metadata)
         except grpc.RpcError as error:
             raise NSTError.from_rpc_error(error) from None
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        return _health_status_name(reply)
 
     def wait_until_serving(self, timeout_s: float = 120.0) -> None:
         """Block until health is SERVING. Raises :class:`NSTError` (DEADLINE_EXCEEDED) after ``timeout_s``."""
-        import time
         deadline = time.monotonic() + timeout_s
         while True:
             try:
@@ -366,8 +409,7 @@ class NSTClient:
             except (NSTError, grpc.FutureTimeoutError):
                 pass
             if time.monotonic() >= deadline:
-                raise NSTError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                               f"{self.target} not SERVING after {timeout_s:.0f} s")
+                raise _not_serving(self.target, timeout_s)
             time.sleep(0.2)
 
     def model_info(self, timeout_s: float = 5.0) -> pb.ModelInfo:
@@ -392,11 +434,12 @@ class NSTClient:
         finally:
             call.cancel()
 
-    def stylize(self, content: bytes | str | os.PathLike, style: bytes | str | os.PathLike, *,
+    def stylize(self, content: Image, style: Image | None, options: StylizeOptions | None = None, *,
+                styles: Sequence[tuple[Image, float]] | None = None, init_image: Image | None = None,
                 on_progress: Callable[[pb.Progress], None] | None = None,
                 on_heartbeat: Callable[[pb.Heartbeat], None] | None = None,
                 on_retry: Callable[[Retry], None] | None = None,
-                timeout_s: float | None = None, **options) -> StylizeResult:
+                timeout_s: float | None = None, **overrides: Unpack[StylizeOverrides]) -> StylizeResult:
         """Run one job to completion, sending it again where another attempt can succeed.
 
         A stream that breaks after ``JobAccepted`` with UNAVAILABLE (the replica was killed, the connection lost,
@@ -407,73 +450,37 @@ class NSTClient:
         many sends it took.
 
         Args:
-            content, style: encoded image bytes or file paths.
+            content, style: encoded image bytes or file paths (``style`` may be None when ``styles`` is given).
+            options: the job's controls (:class:`StylizeOptions`); None: the server's defaults.
+            styles: more style images with their relative blend weights.
+            init_image: the initial image for ``init="image"``.
             on_progress: called with each ``nst.v1.Progress`` as it arrives (iterations start again from 1
                 after a resubmission).
             on_heartbeat: called with each ``nst.v1.Heartbeat`` (queue position, time waited).
             on_retry: called with a :class:`Retry` before each new attempt.
             timeout_s: deadline for the whole job, all attempts together, seconds.
-            **options: :func:`build_request` keywords (``max_side_px``, ``iterations``, ``content_weight`` …).
+            **overrides: :class:`StylizeOptions` fields applied over ``options`` (``max_side_px=256,
+                iterations=200`` …).
         Raises:
-            NSTError: the server refused or failed the job, or the last attempt's stream broke. ValueError,
-                OSError: from :func:`build_request`.
+            NSTError: the server refused or failed the job, or the last attempt's stream broke. TypeError: an
+                override names no option (before anything is sent), or a value of the wrong type. ValueError: a
+                value out of its proto type's range or an unknown enum value. OSError: an image cannot be read.
         """
-        request = build_request(content, style, **options)
-        timeout_s = timeout_s if timeout_s is not None else self.timeout_s
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        busy_until = time.monotonic() + self.busy_retry_s
-        attempt, resubmits, backoff_s = 1, 0, 0.2
+        request = build_request(content, style, options, styles=styles, init_image=init_image, **overrides)
+        attempts = _Attempts(timeout_s if timeout_s is not None else self.timeout_s, self.max_resubmits,
+                             self.busy_retry_s)
         while True:
-            accepted = []
+            reader = _JobReader(attempts.attempt, on_progress, on_heartbeat)
             try:
-                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-                return self._stylize_once(request, remaining, accepted, attempt, on_progress, on_heartbeat)
+                # Read to the end of the stream, past the Result: leaving early would cancel the call, and the
+                # server would count a delivered job as cancelled.
+                for message in self.stream(request, timeout_s=attempts.remaining_s()):
+                    reader.feed(message)
+                return reader.result()
             except NSTError as error:
-                now = time.monotonic()
-                if accepted and error.code in RESUBMIT_CODES and resubmits < self.max_resubmits:
-                    resubmits, wait_s = resubmits + 1, 0.0
-                elif not accepted and error.code.name in RETRYABLE_CODES and now + backoff_s < busy_until:
-                    wait_s, backoff_s = backoff_s, min(2 * backoff_s, 2.0)
-                else:
+                retry = attempts.retry(error, accepted=reader.accepted is not None)
+                if retry is None:
                     raise
-                if deadline is not None and now + wait_s >= deadline:
-                    raise
-                attempt += 1
                 if on_retry is not None:
-                    on_retry(Retry(attempt=attempt, error=error, accepted=bool(accepted), wait_s=wait_s))
-                time.sleep(wait_s)
-
-    def _stylize_once(self, request: pb.StylizeRequest, timeout_s: float | None, accepted: list, attempt: int,
-                      on_progress, on_heartbeat) -> StylizeResult:
-        """One attempt: read the stream to its end; ``accepted`` gets the JobAccepted when it arrives."""
-        progress, final, chunks = [], None, []
-        # Read to the end of the stream, past the Result: leaving early would cancel the call, and the server
-        # would count a delivered job as cancelled.
-        for message in self.stream(request, timeout_s=timeout_s):
-            kind = message.WhichOneof("event")
-            if kind == "accepted":
-                accepted.append(message.accepted)
-            elif kind == "progress":
-                progress.append(message.progress)
-                if on_progress is not None:
-                    on_progress(message.progress)
-            elif kind == "heartbeat":
-                if on_heartbeat is not None:
-                    on_heartbeat(message.heartbeat)
-            elif kind == "image_chunk":
-                chunks.append(message.image_chunk.data)
-            elif kind == "result":
-                result = message.result
-                if chunks:
-                    result.image_png = b"".join(chunks)
-                job = accepted[0] if accepted else pb.JobAccepted()
-                final = StylizeResult(
-                    job_id=job.job_id, image_png=result.image_png, width_px=result.width_px,
-                    height_px=result.height_px, content_cost=result.costs.content, style_cost=result.costs.style,
-                    total_cost=result.costs.total, iterations=result.iterations,
-                    best_iteration=result.best_iteration, stop_reason=STOP_REASONS[result.stop_reason],
-                    elapsed_ms=result.elapsed_ms, progress=progress, precision=result.precision,
-                    attempts=attempt, replica=job.replica)
-        if final is None:
-            raise NSTError(grpc.StatusCode.UNKNOWN, "the stream ended without a result")
-        return final
+                    on_retry(retry)
+                time.sleep(retry.wait_s)

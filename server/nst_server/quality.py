@@ -117,7 +117,7 @@ def _value(text: str):
 
 def parse_variant(text: str) -> tuple[str, dict]:
     """``NAME`` or ``NAME:option=value,option=value`` -> (name, build_request options); values are ints,
-    floats or enum names (``precision=fp32``)."""
+    floats or enum names (``precision=fp32``), checked against ``nst_client.StylizeOptions``."""
     name, _, spec = text.partition(":")
     if not name:
         raise argparse.ArgumentTypeError(f"a variant needs a name: {text!r}")
@@ -127,6 +127,11 @@ def parse_variant(text: str) -> tuple[str, dict]:
         if not sep:
             raise argparse.ArgumentTypeError(f"variant option {item!r} is not OPTION=VALUE")
         options[key.strip().replace("-", "_")] = _value(value.strip())
+    from nst_client.options import StylizeOptions
+    try:       # a misspelt or ill-typed option is a usage error naming it, before any server starts
+        StylizeOptions().replace(**options)
+    except (TypeError, ValueError) as error:
+        raise argparse.ArgumentTypeError(f"variant {name!r}: {error}") from None
     return name, options
 
 

@@ -1,0 +1,198 @@
+"""Python client of the ``nst.v1.StyleTransfer`` gRPC API on ``grpc.aio`` (asyncio): :class:`AsyncNSTClient`.
+
+It is :class:`nst_client.NSTClient` with coroutines: the same arguments, methods, results
+(:class:`~nst_client.StylizeResult`) and errors (:class:`~nst_client.NSTError`, with the same ``code``,
+``details`` and ``field_violations``), built from the same helpers (connection settings, resend policy, the
+reader that assembles a result from the stream). Many jobs can run at once on one client::
+
+    async with AsyncNSTClient("127.0.0.1:50051", timeout_s=300) as client:
+        results = await asyncio.gather(client.stylize(c1, s, max_side_px=256),
+                                       client.stylize(c2, s, StylizeOptions(iterations=100)))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import os
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from nst_client._proto.nst.v1 import style_transfer_pb2 as pb
+from nst_client._proto.nst.v1 import style_transfer_pb2_grpc as pb_grpc
+from nst_client.client import (KEEPALIVE_TIME_S, KEEPALIVE_TIMEOUT_S, NSTError, Retry, StylizeResult, _Attempts,
+                               _connection, _health_status_name, _JobReader, _not_serving)
+from nst_client.options import Image, StylizeOptions, StylizeOverrides, build_request
+
+if TYPE_CHECKING:
+    if sys.version_info >= (3, 11):
+        from typing import Unpack
+    else:
+        from typing_extensions import Unpack
+
+async def _call(callback: Callable | None, argument) -> None:
+    if callback is not None:
+        outcome = callback(argument)
+        if inspect.isawaitable(outcome):
+            await outcome
+
+
+class AsyncNSTClient:
+    """An asyncio channel to one server or to many replicas; use as ``async with``, or ``await close()``.
+
+    The arguments are :class:`nst_client.NSTClient`'s, with the same meaning: TLS (``tls``, ``tls_ca``,
+    ``tls_server_name``), the bearer ``token`` sent as metadata on every call, round robin and gRPC retries of
+    refusals for balanced targets (``balance``), resubmission of jobs whose stream broke after ``JobAccepted``
+    (``max_resubmits``), resending of refused jobs (``busy_retry_s``), keepalive, ``channel_options``, and the
+    default deadline of :meth:`stylize` (``timeout_s``, all attempts together).
+
+    What differs from the synchronous client:
+
+    * Create it inside the event loop that uses it (a ``grpc.aio`` channel belongs to one loop), and close it
+      with ``await client.close()`` or ``async with``.
+    * Every method is a coroutine, except :meth:`stream`, an async generator.
+    * :meth:`stylize`'s callbacks may be plain functions or coroutine functions (then awaited, which holds the
+      stream: keep them short).
+    * Image file paths are read on the event loop's thread (pass bytes to keep large reads off it).
+
+    Raises:
+        OSError: ``tls_ca`` names a file that cannot be read. ValueError: a negative ``max_resubmits`` or
+            ``busy_retry_s``, a keepalive time under 1 s, or a token with characters a header cannot hold.
+    """
+
+    def __init__(self, target: str, timeout_s: float | None = None, *, tls: bool = False,
+                 tls_ca: bytes | str | os.PathLike | None = None, tls_server_name: str | None = None,
+                 token: str | None = None, balance: bool | None = None, max_resubmits: int = 2,
+                 busy_retry_s: float = 0.0, keepalive_time_s: float = KEEPALIVE_TIME_S,
+                 keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
+                 channel_options: Sequence[tuple[str, str | int]] = ()) -> None:
+        connection = _connection(target, tls=tls, tls_ca=tls_ca, tls_server_name=tls_server_name, token=token,
+                                 balance=balance, max_resubmits=max_resubmits, busy_retry_s=busy_retry_s,
+                                 keepalive_time_s=keepalive_time_s, keepalive_timeout_s=keepalive_timeout_s,
+                                 channel_options=channel_options)
+        self.target = target
+        self.timeout_s = timeout_s
+        self.max_resubmits, self.busy_retry_s = max_resubmits, busy_retry_s
+        self.balanced = connection.balanced
+        if connection.credentials is not None:
+            self._channel = grpc.aio.secure_channel(target, connection.credentials, options=connection.arguments)
+        else:
+            self._channel = grpc.aio.insecure_channel(target, options=connection.arguments)
+        self._metadata = connection.metadata
+        self._stub = pb_grpc.StyleTransferStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    async def __aenter__(self) -> "AsyncNSTClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self, grace_s: float | None = None) -> None:
+        """Close the channel; calls still in flight are cancelled (after ``grace_s`` seconds, if given)."""
+        await self._channel.close(grace_s)
+
+    async def health(self, service: str = "", timeout_s: float = 5.0) -> str:
+        """The server's health status name (``SERVING``, ``NOT_SERVING`` …). Raises :class:`NSTError`."""
+        try:
+            reply = await self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s,
+                                             metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise NSTError.from_rpc_error(error) from None
+        return _health_status_name(reply)
+
+    async def wait_until_serving(self, timeout_s: float = 120.0) -> None:
+        """Wait until health is SERVING. Raises :class:`NSTError` (DEADLINE_EXCEEDED) after ``timeout_s``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            try:
+                await asyncio.wait_for(self._channel.channel_ready(), timeout=max(0.1, deadline - loop.time()))
+                if await self.health() == "SERVING":
+                    return
+            except (NSTError, asyncio.TimeoutError):
+                pass
+            if loop.time() >= deadline:
+                raise _not_serving(self.target, timeout_s)
+            await asyncio.sleep(0.2)
+
+    async def model_info(self, timeout_s: float = 5.0) -> pb.ModelInfo:
+        """``GetModelInfo``. Raises :class:`NSTError`."""
+        try:
+            return await self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout_s,
+                                                 metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise NSTError.from_rpc_error(error) from None
+
+    async def stream(self, request: pb.StylizeRequest,
+                     timeout_s: float | None = None) -> AsyncIterator[pb.StylizeResponse]:
+        """The raw response stream of one job, an async generator (``async for message in client.stream(r)``).
+
+        Leaving it early cancels the job on the server: ``break`` (the generator is closed when it is dropped,
+        within an event loop turn), ``await stream.aclose()`` (at once; ``contextlib.aclosing`` does it), or the
+        reading task being cancelled.
+
+        Raises:
+            NSTError: the call failed (status code, the server's message and field violations).
+        """
+        call = self._stub.Stylize(request, timeout=timeout_s if timeout_s is not None else self.timeout_s,
+                                  metadata=self._metadata)
+        try:
+            async for message in call:
+                yield message
+        except grpc.RpcError as error:
+            raise NSTError.from_rpc_error(error) from None
+        finally:
+            call.cancel()
+
+    async def stylize(self, content: Image, style: Image | None, options: StylizeOptions | None = None, *,
+                      styles: Sequence[tuple[Image, float]] | None = None, init_image: Image | None = None,
+                      on_progress: Callable[[pb.Progress], None | Awaitable[None]] | None = None,
+                      on_heartbeat: Callable[[pb.Heartbeat], None | Awaitable[None]] | None = None,
+                      on_retry: Callable[[Retry], None | Awaitable[None]] | None = None,
+                      timeout_s: float | None = None, **overrides: Unpack[StylizeOverrides]) -> StylizeResult:
+        """Run one job to completion, sending it again where another attempt can succeed, as
+        :meth:`nst_client.NSTClient.stylize` does (same arguments, same resend rules, same result).
+
+        Cancelling the task that awaits it cancels the job on the server.
+
+        Args:
+            content, style: encoded image bytes or file paths (``style`` may be None when ``styles`` is given).
+            options: the job's controls (:class:`StylizeOptions`); None: the server's defaults.
+            styles: more style images with their relative blend weights.
+            init_image: the initial image for ``init="image"``.
+            on_progress, on_heartbeat, on_retry: called with each ``nst.v1.Progress``, each ``nst.v1.Heartbeat``,
+                and a :class:`Retry` before each new attempt; coroutine functions are awaited.
+            timeout_s: deadline for the whole job, all attempts together, seconds.
+            **overrides: :class:`StylizeOptions` fields applied over ``options``.
+        Raises:
+            NSTError: the server refused or failed the job, or the last attempt's stream broke. TypeError: an
+                override names no option (before anything is sent), or a value of the wrong type. ValueError: a
+                value out of its proto type's range or an unknown enum value. OSError: an image cannot be read.
+        """
+        request = build_request(content, style, options, styles=styles, init_image=init_image, **overrides)
+        attempts = _Attempts(timeout_s if timeout_s is not None else self.timeout_s, self.max_resubmits,
+                             self.busy_retry_s)
+        while True:
+            reader = _JobReader(attempts.attempt, on_progress, on_heartbeat)
+            try:
+                # Read to the end of the stream, past the Result (leaving early would cancel the call, and the
+                # server would count a delivered job as cancelled); closed at once if a callback raises.
+                async with contextlib.aclosing(self.stream(request, timeout_s=attempts.remaining_s())) as stream:
+                    async for message in stream:
+                        outcome = reader.feed(message)
+                        if inspect.isawaitable(outcome):
+                            await outcome
+                return reader.result()
+            except NSTError as error:
+                retry = attempts.retry(error, accepted=reader.accepted is not None)
+                if retry is None:
+                    raise
+                await _call(on_retry, retry)
+                await asyncio.sleep(retry.wait_s)
