@@ -15,19 +15,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
 import grpc
 import grpc.aio
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from nst_client._proto.nst.v1 import style_transfer_pb2 as pb
-from nst_client._proto.nst.v1 import style_transfer_pb2_grpc as pb_grpc
-from nst_client.client import (KEEPALIVE_TIME_S, KEEPALIVE_TIMEOUT_S, NSTError, Retry, StylizeResult, _Attempts,
-                               _connection, _health_status_name, _JobReader, _not_serving)
+from nst_client.client import (NSTError, Retry, StylizeResult, _Attempts, _Client, _health_status_name, _JobReader,
+                               _not_serving)
 from nst_client.options import Image, StylizeOptions, StylizeOverrides, build_request
 
 if TYPE_CHECKING:
@@ -43,7 +41,7 @@ async def _call(callback: Callable | None, argument) -> None:
             await outcome
 
 
-class AsyncNSTClient:
+class AsyncNSTClient(_Client):
     """An asyncio channel to one server or to many replicas; use as ``async with``, or ``await close()``.
 
     The arguments are :class:`nst_client.NSTClient`'s, with the same meaning: TLS (``tls``, ``tls_ca``,
@@ -66,27 +64,7 @@ class AsyncNSTClient:
             ``busy_retry_s``, a keepalive time under 1 s, or a token with characters a header cannot hold.
     """
 
-    def __init__(self, target: str, timeout_s: float | None = None, *, tls: bool = False,
-                 tls_ca: bytes | str | os.PathLike | None = None, tls_server_name: str | None = None,
-                 token: str | None = None, balance: bool | None = None, max_resubmits: int = 2,
-                 busy_retry_s: float = 0.0, keepalive_time_s: float = KEEPALIVE_TIME_S,
-                 keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
-                 channel_options: Sequence[tuple[str, str | int]] = ()) -> None:
-        connection = _connection(target, tls=tls, tls_ca=tls_ca, tls_server_name=tls_server_name, token=token,
-                                 balance=balance, max_resubmits=max_resubmits, busy_retry_s=busy_retry_s,
-                                 keepalive_time_s=keepalive_time_s, keepalive_timeout_s=keepalive_timeout_s,
-                                 channel_options=channel_options)
-        self.target = target
-        self.timeout_s = timeout_s
-        self.max_resubmits, self.busy_retry_s = max_resubmits, busy_retry_s
-        self.balanced = connection.balanced
-        if connection.credentials is not None:
-            self._channel = grpc.aio.secure_channel(target, connection.credentials, options=connection.arguments)
-        else:
-            self._channel = grpc.aio.insecure_channel(target, options=connection.arguments)
-        self._metadata = connection.metadata
-        self._stub = pb_grpc.StyleTransferStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+    _channels = grpc.aio
 
     async def __aenter__(self) -> "AsyncNSTClient":
         return self

@@ -324,7 +324,37 @@ class _JobReader:
 
 
 
-class NSTClient:
+class _Client:
+    """What both clients hold: the channel made from :func:`_connection`'s settings, the stubs, the call
+    metadata and the resend policy. ``_channels`` is the module that opens the channel: ``grpc`` (blocking
+    calls) or ``grpc.aio`` (asyncio). The arguments are documented on :class:`NSTClient`."""
+
+    _channels = grpc
+
+    def __init__(self, target: str, timeout_s: float | None = None, *, tls: bool = False,
+                 tls_ca: bytes | str | os.PathLike | None = None, tls_server_name: str | None = None,
+                 token: str | None = None, balance: bool | None = None, max_resubmits: int = 2,
+                 busy_retry_s: float = 0.0, keepalive_time_s: float = KEEPALIVE_TIME_S,
+                 keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
+                 channel_options: Sequence[tuple[str, str | int]] = ()) -> None:
+        connection = _connection(target, tls=tls, tls_ca=tls_ca, tls_server_name=tls_server_name, token=token,
+                                 balance=balance, max_resubmits=max_resubmits, busy_retry_s=busy_retry_s,
+                                 keepalive_time_s=keepalive_time_s, keepalive_timeout_s=keepalive_timeout_s,
+                                 channel_options=channel_options)
+        self.target = target
+        self.timeout_s = timeout_s
+        self.max_resubmits, self.busy_retry_s = max_resubmits, busy_retry_s
+        self.balanced = connection.balanced
+        if connection.credentials is not None:
+            self._channel = self._channels.secure_channel(target, connection.credentials, options=connection.arguments)
+        else:
+            self._channel = self._channels.insecure_channel(target, options=connection.arguments)
+        self._metadata = connection.metadata
+        self._stub = pb_grpc.StyleTransferStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+
+class NSTClient(_Client):
     """A channel to one server or to many replicas; use as a context manager, or call :meth:`close`.
 
     Args:
@@ -358,27 +388,6 @@ class NSTClient:
             ``busy_retry_s``, or a keepalive time under 1 s.
     """
 
-    def __init__(self, target: str, timeout_s: float | None = None, *, tls: bool = False,
-                 tls_ca: bytes | str | os.PathLike | None = None, tls_server_name: str | None = None,
-                 token: str | None = None, balance: bool | None = None, max_resubmits: int = 2,
-                 busy_retry_s: float = 0.0, keepalive_time_s: float = KEEPALIVE_TIME_S,
-                 keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
-                 channel_options: Sequence[tuple[str, str | int]] = ()) -> None:
-        connection = _connection(target, tls=tls, tls_ca=tls_ca, tls_server_name=tls_server_name, token=token,
-                                 balance=balance, max_resubmits=max_resubmits, busy_retry_s=busy_retry_s,
-                                 keepalive_time_s=keepalive_time_s, keepalive_timeout_s=keepalive_timeout_s,
-                                 channel_options=channel_options)
-        self.target = target
-        self.timeout_s = timeout_s
-        self.max_resubmits, self.busy_retry_s = max_resubmits, busy_retry_s
-        self.balanced = connection.balanced
-        if connection.credentials is not None:
-            self._channel = grpc.secure_channel(target, connection.credentials, options=connection.arguments)
-        else:
-            self._channel = grpc.insecure_channel(target, options=connection.arguments)
-        self._metadata = connection.metadata
-        self._stub = pb_grpc.StyleTransferStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
 
     def __enter__(self) -> "NSTClient":
         return self
