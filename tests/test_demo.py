@@ -33,12 +33,26 @@ def test_sample_paintings_ship_with_the_package(name):
     assert SAMPLE_PAINTINGS[name] in readme and "public domain" in readme
 
 
-def test_unknown_painting_is_a_usage_error(tmp_path):
+@pytest.mark.parametrize("args, message", [
+    (["--style", "mona_lisa"], "--style 'mona_lisa' is neither a sample painting (van_gogh, great_wave)"),
+    (["--style", "{text}"], "--style {text}: not an image Pillow reads"),
+    (["--size", "0"], "--size must be between 16 and 1024 px, got 0"),
+    (["--iterations", "-5"], "--iterations must be between 1 and 2000, got -5"),
+    (["-o", "{tmp}/missing/x.png"], "-o {tmp}/missing/x.png: the folder {tmp}/missing does not exist"),
+    (["-o", "{text}/x.png"], "-o {text}/x.png: {text} is not a folder"),
+    (["-o", "{tmp}/x.txt"], "-o {tmp}/x.txt: .txt is not a picture format the CLI writes"),
+    (["--side-by-side", "{tmp}/missing/s.png"], "--side-by-side {tmp}/missing/s.png: the folder"),
+])
+def test_bad_arguments_are_refused_before_any_work(tmp_path, args, message):
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    fill = {"tmp": str(tmp_path), "text": str(text)}
     run = subprocess.run([sys.executable, "-m", "nst_server.demo", "--model", str(tmp_path / "m.onnx"),
-                          "--style", "mona_lisa"], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 2
-    assert "--style 'mona_lisa' is neither a sample painting (van_gogh, great_wave)" in run.stderr
-    assert not (tmp_path / "m.onnx").exists()          # refused before the export
+                          *[a.format(**fill) for a in args]], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert f"nst-demo: error: {message.format(**fill)}" in run.stderr
+    assert "Traceback" not in run.stderr
+    assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "missing").exists()   # before the export
 
 
 def test_side_by_side_puts_three_images_in_a_row(tmp_path):

@@ -23,9 +23,17 @@ import time
 from importlib.resources import files
 from pathlib import Path
 
+from PIL import Image as PILImage
+
 from nst_client import NSTClient
 from nst_client.cli import main as client_main
+from nst_client.output import check_output
 from nst_export.onnx_export import DEFAULT_MODEL_PATH
+from nst_export.vgg import MIN_SIDE_PX
+from nst_server.servicer import ServerLimits
+
+#: The limits of the server the demo starts (nst-server's defaults).
+LIMITS = ServerLimits()
 
 SAMPLE_CONTENT = "chelsea.png"
 #: The paintings in ``nst_server/samples``: name -> file.
@@ -66,18 +74,16 @@ def side_by_side(paths: list[Path], output: Path, height_px: int | None = None, 
 
     Returns ``output`` (PNG, 8-bit RGB). Raises OSError when an image cannot be read or the file written.
     """
-    from PIL import Image
-
     images = []
     if height_px is None:
-        with Image.open(paths[-1]) as last:
+        with PILImage.open(paths[-1]) as last:
             height_px = last.height
     for path in paths:
-        with Image.open(path) as image:
+        with PILImage.open(path) as image:
             image = image.convert("RGB")
             width = max(1, round(image.width * height_px / image.height))
-            images.append(image.resize((width, height_px), Image.Resampling.LANCZOS))
-    sheet = Image.new("RGB", (sum(i.width for i in images) + gap_px * (len(images) - 1), height_px), "white")
+            images.append(image.resize((width, height_px), PILImage.Resampling.LANCZOS))
+    sheet = PILImage.new("RGB", (sum(i.width for i in images) + gap_px * (len(images) - 1), height_px), "white")
     x = 0
     for image in images:
         sheet.paste(image, (x, 0))
@@ -134,8 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--side-by-side", default=None, metavar="PNG",
                         help="content | style | result in one picture (default: the output's name + "
                              "_side_by_side.png; 'none': not written)")
-    parser.add_argument("--size", type=int, default=256, help="longest side, px (default: %(default)s)")
-    parser.add_argument("--iterations", type=int, default=200, help="default: %(default)s")
+    parser.add_argument("--size", type=int, default=256,
+                        help=f"longest side of the result, {MIN_SIDE_PX}..{LIMITS.max_side_px} px "
+                             "(default: %(default)s; 128 for a quick look)")
+    parser.add_argument("--iterations", type=int, default=200,
+                        help=f"1..{LIMITS.max_iterations} (default: %(default)s; 60 for a quick look)")
     args = parser.parse_args(argv)
     if args.style in SAMPLE_PAINTINGS:
         style_name = args.style
@@ -144,9 +153,27 @@ def main(argv: list[str] | None = None) -> int:
     else:
         parser.error(f"--style {args.style!r} is neither a sample painting ({', '.join(SAMPLE_PAINTINGS)}) "
                      "nor an image file")
+    if not MIN_SIDE_PX <= args.size <= LIMITS.max_side_px:
+        parser.error(f"--size must be between {MIN_SIDE_PX} and {LIMITS.max_side_px} px, got {args.size}")
+    if not 1 <= args.iterations <= LIMITS.max_iterations:
+        parser.error(f"--iterations must be between 1 and {LIMITS.max_iterations}, got {args.iterations}")
     output = Path(args.output or f"out/demo_chelsea_{style_name}.png")
     sheet = None if args.side_by_side == "none" else Path(
         args.side_by_side or output.with_name(output.stem + "_side_by_side.png"))
+    # Everything that can be refused is refused here, before minutes of export and optimisation.
+    try:
+        if args.style not in SAMPLE_PAINTINGS:
+            with PILImage.open(args.style) as image:
+                image.verify()
+        for path, option in ((output, "-o"), (sheet, "--side-by-side")):
+            if path is not None:
+                if path.parent == Path("out"):          # the default folder is made; a named one must exist
+                    path.parent.mkdir(exist_ok=True)
+                check_output(path, option=option)
+    except (OSError, SyntaxError) as error:             # Pillow: not an image it reads
+        parser.error(f"--style {args.style}: not an image Pillow reads ({error})")
+    except ValueError as error:
+        parser.error(str(error))
 
     model = Path(args.model)
     if not model.is_file():
@@ -159,7 +186,6 @@ def main(argv: list[str] | None = None) -> int:
 
     content = sample_image(SAMPLE_CONTENT)
     style = sample_painting(args.style) if args.style in SAMPLE_PAINTINGS else Path(args.style)
-    output.parent.mkdir(parents=True, exist_ok=True)
     print("[2/3] starting nst-server", flush=True)
     process, target = start_server(model)
     try:
@@ -169,9 +195,11 @@ def main(argv: list[str] | None = None) -> int:
                             "--size", str(args.size), "--iterations", str(args.iterations)])
     finally:
         exit_code = stop_server(process)
+    if code != 0:
+        print(f"nst-server stopped (exit code {exit_code}); the job failed (nst exit code {code}), no result")
+        return code
     print(f"nst-server stopped (exit code {exit_code}); result: {os.path.abspath(output)}")
-    if code == 0 and sheet is not None:
-        sheet.parent.mkdir(parents=True, exist_ok=True)
+    if sheet is not None:
         side_by_side([content, style, output], sheet)
         print(f"content | style | result: {os.path.abspath(sheet)}")
     return code
