@@ -182,3 +182,12 @@ def test_options_must_be_stylize_options(small_images):
 def test_the_cli_passes_only_option_names():
     from nst_client import cli
     assert set(cli._OPTIONS) <= {f.name for f in dataclasses.fields(StylizeOptions)}
+
+
+def test_result_repr_leaves_out_the_png_and_the_progress():
+    from nst_client import StylizeResult
+    result = StylizeResult("job", b"\x89PNG" + bytes(10_000), 64, 48, 1.0, 2.0, 3.0, 20, 19,
+                           "STOP_REASON_ITERATIONS_DONE", 5.0, [pb.Progress(iteration=i) for i in range(20)])
+    text = repr(result)
+    assert len(text) < 400 and "PNG" not in text and "iteration: " not in text
+    assert "width_px=64" in text and "stop_reason='STOP_REASON_ITERATIONS_DONE'" in text

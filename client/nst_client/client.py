@@ -20,7 +20,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import grpc
@@ -140,10 +140,10 @@ def _field_violations(error: grpc.RpcError) -> list[tuple[str, str]]:
 
 @dataclass(frozen=True)
 class StylizeResult:
-    """The final image and its costs (see ``nst.v1.Result``)."""
+    """The final image and its costs (see ``nst.v1.Result``); its repr leaves out the PNG and the progress."""
 
     job_id: str
-    image_png: bytes
+    image_png: bytes = field(repr=False)
     width_px: int
     height_px: int
     content_cost: float
@@ -153,7 +153,7 @@ class StylizeResult:
     best_iteration: int
     stop_reason: str
     elapsed_ms: float
-    progress: list[pb.Progress]
+    progress: list[pb.Progress] = field(repr=False)
     precision: str = ""                 # the replica's precision the job ran at ("fp32", "bf16", "fp16")
     attempts: int = 1                   # times the job was sent (client side: refusals and broken streams)
     replica: str = ""                   # HOSTNAME/PID of the server that delivered it (JobAccepted.replica)
