@@ -1,6 +1,8 @@
 """Weights loaders, the preprocessing fold, and the exported ONNX file."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -93,3 +95,31 @@ def test_onnx_axes_are_dynamic(onnx_path, shape):
 def test_vgg_rejects_unknown_pooling():
     with pytest.raises(ValueError, match="pooling"):
         VGG19Features(pooling="median")
+
+
+_HIDE_TORCH = """
+import importlib.abc, sys
+class Hide(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "torch":
+            raise ModuleNotFoundError(name)
+sys.meta_path.insert(0, Hide())
+"""
+
+
+@pytest.mark.parametrize("module, extra", [("nst_export", "export"), ("nst_server", "server"),
+                                           ("nst_server.demo", "server")])
+def test_a_missing_extra_is_named_with_its_install_command(module, extra):
+    """The bare install is the client alone: the export and server packages say which extra they need."""
+    run = subprocess.run([sys.executable, "-c", _HIDE_TORCH + f"import {module}"], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 1
+    last = run.stderr.strip().splitlines()[-1]
+    assert last == (f"ModuleNotFoundError: torch not installed: this needs `pip install -e \".[{extra}]\"` "
+                    f"(or `pip install \"nst-inference[{extra}]\"`)"), run.stderr
+
+
+def test_the_client_imports_without_torch():
+    run = subprocess.run([sys.executable, "-c", _HIDE_TORCH + "import nst_client, nst_client.cli, nst_client.aio"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr

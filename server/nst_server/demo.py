@@ -49,7 +49,7 @@ def sample_image(name: str) -> Path:
     try:
         path = Path(str(files("skimage") / "data" / name))
     except ModuleNotFoundError:
-        raise FileNotFoundError("scikit-image is not installed; `pip install -e .[samples]`") from None
+        raise FileNotFoundError('scikit-image (the content photo) is not installed: `pip install -e ".[samples]"`') from None
     if not path.is_file():
         raise FileNotFoundError(f"{name} is not in this scikit-image install ({path})")
     return path
@@ -161,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     sheet = None if args.side_by_side == "none" else Path(
         args.side_by_side or output.with_name(output.stem + "_side_by_side.png"))
     # Everything that can be refused is refused here, before minutes of export and optimisation.
+    try:
+        sample_image(SAMPLE_CONTENT)
+    except FileNotFoundError as error:
+        parser.error(str(error))
     try:
         if args.style not in SAMPLE_PAINTINGS:
             with PILImage.open(args.style) as image:
