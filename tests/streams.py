@@ -39,6 +39,18 @@ class TimedStream:
             self.done.set()
             self._channel.close()
 
+    @property
+    def responses(self) -> list:
+        """The StylizeResponse messages so far, without their arrival times."""
+        return [message for _, message in list(self.messages)]
+
+    def kinds(self) -> list[str]:
+        """The event kind of every message so far (``accepted``, ``progress``, ``result`` …)."""
+        return [message.WhichOneof("event") for message in self.responses]
+
+    def progress_count(self) -> int:
+        return self.kinds().count("progress")
+
     def of_kind(self, kind: str) -> list[tuple[float, object]]:
         """``(arrival time, inner message)`` of every message of one kind (``heartbeat``, ``progress`` …)."""
         return [(at, getattr(m, kind)) for at, m in list(self.messages) if m.WhichOneof("event") == kind]
