@@ -120,3 +120,17 @@ def test_serving_cpu_counts_the_main_thread_and_not_the_worker():
     assert after[pid][1] - before[pid][1] >= 0.12
     assert any(tid not in before and seconds >= 0.35 for tid, (_, seconds) in after.items())   # the worker's
     assert 0.12 <= serving_cpu_s(pid, before, after) < 0.35
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads /proc (Linux)")
+def test_voluntary_switches_count_a_threads_sleeps():
+    """nst-benchmark's compute-thread figure reads voluntary_ctxt_switches per thread: a thread that sleeps 5
+    times has slept at least 5 times more."""
+    from nst_bench.measure import voluntary_switches
+
+    tid = threading.get_native_id()
+    before = voluntary_switches(os.getpid())
+    for _ in range(5):
+        time.sleep(0.002)
+    after = voluntary_switches(os.getpid())
+    assert after[tid] - before[tid] >= 5

@@ -1,5 +1,5 @@
 """Speed levers change no result: channels_last, the one-product style gradient, the style Gram cache; and the
-server keeps one OpenMP thread team."""
+server runs its jobs on the thread that loaded the model (one OpenMP thread team)."""
 
 import io
 from pathlib import Path
@@ -104,41 +104,28 @@ def test_style_cache_serves_the_second_job(models, small_images, monkeypatch):
     assert len(models._nst_style_cache) == 2                    # three keys seen, the oldest evicted
 
 
-def _voluntary_switches(pid: int) -> dict[int, int]:
-    """``{tid: voluntary context switches}`` of each live thread of ``pid`` (proc(5) ``status``)."""
-    switches = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            status = (task / "status").read_text()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        switches[int(task.name)] = next(int(line.split()[1]) for line in status.splitlines()
-                                        if line.startswith("voluntary_ctxt_switches"))
-    return switches
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads each thread's CPU time from Linux /proc")
+def test_server_jobs_run_on_the_thread_that_loaded_the_model(onnx_path, small_images, tmp_path):
+    """The server loads, warms up and runs jobs on the same thread, so the process keeps one OpenMP thread team
+    (GNU OpenMP keeps one per thread that starts a parallel region; with loading on another thread the team's
+    threads slept at every barrier: several hundred futex sleeps per iteration, seen with the old server).
 
-
-@pytest.mark.skipif(not Path("/proc/self/task").is_dir() or torch.get_num_threads() < 2
-                    or "OpenMP" not in torch.__config__.parallel_info(),
-                    reason="needs Linux /proc and PyTorch's OpenMP backend with 2+ threads")
-def test_server_job_threads_spin_at_openmp_barriers(onnx_path, small_images, tmp_path):
-    """The server loads, warms up and runs jobs on the same thread, so the process keeps one OpenMP team and
-    GNU OpenMP lets its threads spin at barriers. With loading on another thread the team's threads slept
-    at every barrier instead (several hundred futex sleeps per iteration, seen with the old server)."""
+    What holds on every CPU: the thread that did the most work while loading and warming up (the main thread
+    aside) is the one that does the most work in a job, and the job starts no thread of its own. How often the
+    team sleeps is a figure of the CPU and is measured by ``nst-benchmark`` (compute threads' voluntary context
+    switches per iteration), not asserted here."""
     from nst_client import NSTClient
     from nst_bench.measure import thread_cpu_s
 
-    iterations = 6
     server = serving.start(onnx_path, tmp_path / "server.log", ["--max-running-jobs", "1"])
     try:
+        loaded = thread_cpu_s(server.pid)                   # after load and warm-up: SERVING
         with NSTClient(server.target) as client:
-            client.stylize(*small_images, max_side_px=96, iterations=iterations)    # the job thread's first
-            before, cpu_before = _voluntary_switches(server.pid), thread_cpu_s(server.pid)
-            client.stylize(*small_images, max_side_px=96, iterations=iterations)
-            after, cpu_after = _voluntary_switches(server.pid), thread_cpu_s(server.pid)
+            client.stylize(*small_images, max_side_px=96, iterations=6)
+            after = thread_cpu_s(server.pid)
     finally:
         server.stop()
-    # The compute threads: the job thread and its OpenMP team, the threads that used the most CPU.
-    used = sorted(cpu_after, key=lambda tid: cpu_after[tid][1] - cpu_before.get(tid, ("", 0.0))[1], reverse=True)
-    team = used[:torch.get_num_threads()]
-    sleeps = [(after.get(tid, 0) - before.get(tid, 0)) / iterations for tid in team]
-    assert max(sleeps) < 30, f"voluntary context switches per iteration of the compute threads: {sleeps}"
+    loader = max((tid for tid in loaded if tid != server.pid), key=lambda tid: loaded[tid][1])
+    worker = max(after, key=lambda tid: after[tid][1] - loaded.get(tid, ("", 0.0))[1])
+    assert worker == loader, (f"the job's busiest thread {worker} is not the loading thread {loader}: "
+                              f"{ {tid: (loaded.get(tid, ('', 0.0))[1], after[tid][1]) for tid in after} }")

@@ -23,6 +23,9 @@ Figures (JSON in the output folder, times in seconds):
   iterations' clocks), and the ratios tutorial/engine and server/engine;
 * the CPU time the server's serving threads (event loop, gRPC) spend per iteration of (c), over the engine's
   per-iteration time (:func:`serving_cpu_s`; Linux only);
+* the voluntary context switches per iteration of (c)'s compute threads (the job's thread and its OpenMP team:
+  how often they sleep at barriers; :func:`compute_thread_sleeps`; Linux only), a figure of the CPU and the
+  OpenMP runtime;
 * time to quality: the wall time from the job's start until the total cost J (the seed's costs, the same
   function for all three) first reaches the cost (a) reaches after ``--ttq-iterations`` evaluations; (b) also
   in the precision ``auto`` picks on this machine when that is not fp32, and with ``--ttq-scales``
@@ -62,8 +65,9 @@ from nst_server.model import StyleModels
 from nst_server.precision import default_precision
 
 from nst_bench.inputs import DEFAULT_CONTENT, DEFAULT_STYLE, encoded, image_paths, load_image
-from nst_bench.measure import (Trace, batched_jobs, iteration_flops, lever_ablation, matmul_flops_per_s, peak_rss,
-                               replica_pass_s, run_engine, run_server, serving_cpu_s, thread_cpu_s)
+from nst_bench.measure import (Trace, batched_jobs, compute_thread_sleeps, iteration_flops, lever_ablation,
+                               matmul_flops_per_s, peak_rss, replica_pass_s, run_engine, run_server, serving_cpu_s,
+                               thread_cpu_s, voluntary_switches)
 from nst_bench.report import (add_matmul_again, add_ratios, add_speed, batching, bf16_pass, bf16_runs, log, machine,
                               time_to_quality, write)
 from nst_bench.tutorial import run_tutorial
@@ -161,6 +165,7 @@ def _speed(run: _Run) -> None:
     args, inputs, settings = run.args, run.inputs, run.settings
     speed: dict[str, list[Trace]] = {"tutorial": [], "engine": [], "server": []}
     serving: list[float] = []          # the server's serving threads' CPU seconds per iteration, each run
+    sleeps: list[list[float]] = []     # voluntary context switches per iteration of its compute threads, each run
     for _ in range(max(1, args.repeats)):
         log("(a) tutorial loop")
         speed["tutorial"].append(run_tutorial(run.models, run.content_image, run.style_image, settings,
@@ -169,13 +174,21 @@ def _speed(run: _Run) -> None:
         speed["engine"].append(run_engine(run.models, inputs, settings))
         if run.server:
             log("(c) server through gRPC")
-            before = thread_cpu_s(run.process.pid)
+            pid = run.process.pid
+            before, switches_before = thread_cpu_s(pid), voluntary_switches(pid)
             speed["server"].append(run_server(run.server, run.content_bytes, run.style_bytes, settings))
-            serving.append(serving_cpu_s(run.process.pid, before, thread_cpu_s(run.process.pid)) / args.iterations)
+            after, switches_after = thread_cpu_s(pid), voluntary_switches(pid)
+            serving.append(serving_cpu_s(pid, before, after) / args.iterations)
+            sleeps.append(compute_thread_sleeps(pid, before, after, switches_before, switches_after,
+                                                torch.get_num_threads(), args.iterations))
     report = run.report
     per_iteration = add_speed(report, speed, run.warm, report["iteration_flops"], report["matmul_fp32_flop_per_s"])
     add_matmul_again(report, per_iteration, matmul_flops_per_s(args.matmul_n, repeats=5, device=run.device))
     add_ratios(report, per_iteration, serving)
+    if sleeps and sleeps[-1]:
+        report["server"]["compute_thread_voluntary_switches_per_iteration"] = sleeps
+        log(f"server: compute threads' voluntary context switches per iteration {sleeps} "
+            f"(amx_bf16 {report['machine']['amx_bf16']}, avx512_bf16 {report['machine']['avx512_bf16']})")
     run.save()
 
 

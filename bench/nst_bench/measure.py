@@ -114,6 +114,37 @@ def thread_cpu_s(pid: int) -> dict[int, tuple[str, float]]:
     return threads
 
 
+def voluntary_switches(pid: int) -> dict[int, int]:
+    """``{tid: voluntary context switches so far}`` of each live thread of process ``pid`` (proc(5): the
+    ``voluntary_ctxt_switches`` line of ``/proc/PID/task/TID/status``: how often the thread slept, e.g. in a
+    futex at an OpenMP barrier); empty where there is no ``/proc``. Threads that end while it reads are left out."""
+    switches: dict[int, int] = {}
+    with contextlib.suppress(FileNotFoundError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            switches[int(tid)] = next(int(line.split()[1]) for line in status.splitlines()
+                                      if line.startswith("voluntary_ctxt_switches"))
+    return switches
+
+
+def compute_thread_sleeps(pid: int, cpu_before: dict[int, tuple[str, float]], cpu_after: dict[int, tuple[str, float]],
+                          switches_before: dict[int, int], switches_after: dict[int, int], threads: int,
+                          iterations: int) -> list[float]:
+    """Voluntary context switches per iteration of a job's compute threads (the ``threads`` threads of ``pid``
+    that used the most CPU between the two readings: the job's thread and its OpenMP team), most CPU first.
+
+    A figure of the machine, not a contract: how often the team's threads sleep at barriers depends on the CPU
+    (AMX kernels finish a layer sooner than AVX-512 ones, so threads meet at more barriers per second), the
+    OpenMP runtime and the kernels oneDNN picks. Seen: 38 per iteration at 96 px on a 2-core Xeon with AMX;
+    several hundred when loading ran on another thread than the jobs (docs/benchmarks.md)."""
+    used = sorted(cpu_after, key=lambda tid: cpu_after[tid][1] - cpu_before.get(tid, ("", 0.0))[1], reverse=True)
+    return [(switches_after.get(tid, 0) - switches_before.get(tid, 0)) / max(1, iterations)
+            for tid in used[:threads]]
+
+
 def serving_cpu_s(pid: int, before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> float:
     """CPU seconds the server spent serving rather than computing between two :func:`thread_cpu_s` readings.
 
