@@ -155,6 +155,23 @@ def warm_up(models: StyleModels) -> None:
     sum(out.float().sum() for out in engine.batch_pass(models)(image, key)).backward()
 
 
+class ClosedCallFilter(logging.Filter):
+    """On gRPC's asyncio server logger (``grpc._cython.cygrpc``): a message that was in flight when its client
+    closed the call (cancelled, went away, or never read it and then left) fails inside gRPC with
+    ``ExecuteBatchError``, which gRPC logs at ERROR with a traceback whenever the client's close has not reached
+    it yet (a race). Nothing failed on the server: such a record becomes one INFO line without the traceback.
+    Every other record passes unchanged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and type(exc).__name__ == "ExecuteBatchError":
+            record.msg, record.args = "%s (the client closed the call while a message was in flight)", (
+                record.getMessage(),)
+            record.exc_info, record.exc_text, record.stack_info = None, None, None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
 def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     """TLS credentials from ``tls_cert_path``/``tls_key_path``, or None for plaintext.
 
@@ -182,6 +199,9 @@ async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> Non
         nst_server.model.ModelFileError: the model file is missing or invalid.
     """
     credentials = server_credentials(config)
+    grpc_log = logging.getLogger("grpc._cython.cygrpc")
+    if not any(isinstance(f, ClosedCallFilter) for f in grpc_log.filters):
+        grpc_log.addFilter(ClosedCallFilter())
     interceptors: list[grpc.aio.ServerInterceptor] = [RpcLogInterceptor()]
     if config.auth_token:
         interceptors.append(BearerTokenInterceptor(config.auth_token, protect_health=config.auth_health))

@@ -8,11 +8,20 @@ import logging
 import os
 import sys
 
+from nst_client._argtypes import integer, number
+from nst_client._console import tolerate_console
 from nst_export.onnx_export import DEFAULT_MODEL_PATH
-from nst_server.app import ServerConfig, serve
+from nst_export.vgg import MIN_SIDE_PX
+from nst_server.app import MAX_DURATION_S, ServerConfig, serve
 from nst_server.jobs import FAULT_INJECT_ENV, parse_fault_injection
 from nst_server.model import ModelFileError
-from nst_server.servicer import ServerLimits
+from nst_server.servicer import HEARTBEAT_S_RANGE, MAX_BATCH_WAIT_MS, ServerLimits
+
+#: Ranges of the flags (argparse refuses the rest with a usage error naming the flag): ports; gRPC's integer
+#: channel arguments (message sizes, int32); intra-op threads.
+PORT = integer(0, 65535)
+INT32_BYTES = integer(1, 2**31 - 1, " bytes")
+MAX_THREADS = 1024
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,32 +30,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default=str(DEFAULT_MODEL_PATH), help="ONNX file from nst-export "
                         "(default: %(default)s, or $NST_MODEL)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
-    parser.add_argument("--port", type=int, default=50051, help="port; 0 picks a free one (default: %(default)s)")
+    parser.add_argument("--port", type=PORT, default=50051,
+                        help="port, 0..65535; 0 picks a free one (default: %(default)s)")
     parser.add_argument("--providers", default=None,
                         help="comma-separated execution providers to try in order "
                              "(default: TensorrtExecutionProvider,CUDAExecutionProvider,CPUExecutionProvider)")
-    parser.add_argument("--max-side-px", type=int, default=limits.max_side_px,
+    parser.add_argument("--max-side-px", type=integer(MIN_SIDE_PX), default=limits.max_side_px,
                         help="largest output side a job may ask for, px (default: %(default)s)")
-    parser.add_argument("--max-iterations", type=int, default=limits.max_iterations)
-    parser.add_argument("--max-running-jobs", type=int, default=limits.max_running_jobs,
+    parser.add_argument("--max-iterations", type=integer(1), default=limits.max_iterations)
+    parser.add_argument("--max-running-jobs", type=integer(1), default=limits.max_running_jobs,
                         help="N: jobs optimised at once (default: %(default)s)")
-    parser.add_argument("--max-queued-jobs", type=int, default=limits.max_queued_jobs,
+    parser.add_argument("--max-queued-jobs", type=integer(0), default=limits.max_queued_jobs,
                         help="Q: jobs waiting; beyond N+Q new jobs get RESOURCE_EXHAUSTED (default: %(default)s)")
-    parser.add_argument("--max-batch-size", type=int, default=limits.max_batch_size,
+    parser.add_argument("--max-batch-size", type=integer(1), default=limits.max_batch_size,
                         help="B: running jobs of equal size, pooling and precision share one replica pass, up to B "
                              "at a time; needs --max-running-jobs >= 2 (default: %(default)s, every job alone)")
-    parser.add_argument("--batch-wait-ms", type=float, default=limits.batch_wait_ms,
-                        help="the longest a job waits each iteration for the others of its batch, ms "
-                             "(default: %(default)s)")
-    parser.add_argument("--max-input-pixels", type=int, default=limits.max_input_pixels,
+    parser.add_argument("--batch-wait-ms", type=number(0, MAX_BATCH_WAIT_MS, " ms"), default=limits.batch_wait_ms,
+                        help="the longest a job waits each iteration for the others of its batch, "
+                             f"0..{MAX_BATCH_WAIT_MS:.10g} ms (default: %(default)s)")
+    parser.add_argument("--max-input-pixels", type=integer(MIN_SIDE_PX * MIN_SIDE_PX),
+                        default=limits.max_input_pixels,
                         help="pixel budget of each input image, checked before decoding (default: %(default)s)")
-    parser.add_argument("--max-receive-message-bytes", type=int, default=64 * 1024 * 1024)
-    parser.add_argument("--result-chunk-bytes", type=int, default=limits.result_chunk_bytes,
+    parser.add_argument("--max-receive-message-bytes", type=INT32_BYTES, default=64 * 1024 * 1024,
+                        help="largest request, 1..2147483647 bytes (default: %(default)s)")
+    parser.add_argument("--result-chunk-bytes", type=INT32_BYTES, default=limits.result_chunk_bytes,
                         help="result PNGs larger than this are streamed as ImageChunk messages of this size, "
                              "bytes (default: %(default)s; keep it under the clients' 4 MiB receive limit)")
-    parser.add_argument("--grace-s", type=float, default=10.0,
-                        help="on SIGTERM/SIGINT, running and waiting jobs get this long, s; then they end with "
-                             "UNAVAILABLE (default: %(default)s)")
+    parser.add_argument("--grace-s", type=number(0, MAX_DURATION_S, " s"), default=10.0,
+                        help=f"on SIGTERM/SIGINT, running and waiting jobs get this long, 0..{MAX_DURATION_S:.10g} s; "
+                             "then they end with UNAVAILABLE (default: %(default)s)")
     parser.add_argument("--tls-cert", default=None, help="PEM certificate (chain) of the server; with --tls-key: TLS")
     parser.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     parser.add_argument("--auth-token", default=os.environ.get("NST_AUTH_TOKEN") or None,
@@ -54,31 +66,39 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: $NST_AUTH_TOKEN; prefer the variable, a command line is visible in ps)")
     parser.add_argument("--auth-health", action="store_true",
                         help="also require the token for grpc.health.v1.Health (by default health stays open)")
-    parser.add_argument("--metrics-port", type=int, default=None,
-                        help="serve Prometheus /metrics over HTTP on this port; 0 picks a free one (default: off)")
+    parser.add_argument("--metrics-port", type=PORT, default=None,
+                        help="serve Prometheus /metrics over HTTP on this port, 0..65535; 0 picks a free one "
+                             "(default: off)")
     parser.add_argument("--metrics-host", default="127.0.0.1", help="address of /metrics (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="intra-op threads of torch and onnxruntime (default: the CPUs this process may use: "
+    parser.add_argument("--threads", type=integer(1, MAX_THREADS), default=None,
+                        help=f"intra-op threads of torch and onnxruntime, 1..{MAX_THREADS} (default: the CPUs this "
+                             "process may use: "
                              "its CPU affinity, lowered to its cgroup CPU quota rounded down)")
-    parser.add_argument("--heartbeat-s", type=float, default=limits.heartbeat_s,
+    parser.add_argument("--heartbeat-s", type=number(*HEARTBEAT_S_RANGE, " s"), default=limits.heartbeat_s,
                         help="a Stylize stream is never quiet longer than this: a Heartbeat (queue position, time "
                              "waited) goes out while the job waits and between sparse Progress messages, s "
                              "(default: %(default)s; keep it under proxies' idle timeouts)")
+    parser.add_argument("--send-timeout-s", type=float, default=limits.send_timeout_s,
+                        help="a Stylize message the client does not take for this long (it stopped reading) ends "
+                             "the call with DEADLINE_EXCEEDED and frees the job's slot, s (default: %(default)s)")
     config = ServerConfig(model_path="")
-    parser.add_argument("--keepalive-time-s", type=float, default=config.keepalive_time_s,
+    keepalive = number(0.001, MAX_DURATION_S, " s")         # gRPC's int32 milliseconds
+    age = number(0, MAX_DURATION_S, " s")
+    parser.add_argument("--keepalive-time-s", type=keepalive, default=config.keepalive_time_s,
                         help="ping a connection that was quiet this long, s (default: %(default)s)")
-    parser.add_argument("--keepalive-timeout-s", type=float, default=config.keepalive_timeout_s,
+    parser.add_argument("--keepalive-timeout-s", type=keepalive, default=config.keepalive_timeout_s,
                         help="close a connection whose ping is not answered within this, s (default: %(default)s)")
-    parser.add_argument("--min-ping-interval-s", type=float, default=config.min_ping_interval_s,
+    parser.add_argument("--min-ping-interval-s", type=keepalive, default=config.min_ping_interval_s,
                         help="clients may send keepalive pings this often, also without calls; more often gets "
                              "GOAWAY too_many_pings, s (default: %(default)s; gRPC's own default is 300)")
-    parser.add_argument("--max-connection-age-s", type=float, default=config.max_connection_age_s,
+    parser.add_argument("--max-connection-age-s", type=age, default=config.max_connection_age_s,
                         help="send GOAWAY to connections older than this (+-10%%) so that clients reconnect and "
                              "spread over new replicas, s; 0: never (default: %(default)s)")
-    parser.add_argument("--max-connection-age-grace-s", type=float, default=config.max_connection_age_grace_s,
+    parser.add_argument("--max-connection-age-grace-s", type=age, default=config.max_connection_age_grace_s,
                         help="calls open on such a connection get this long to end; make it longer than the "
                              "longest job, waiting included, s (default: %(default)s)")
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default="INFO", type=str.upper,
+                        choices=("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"), help="(default: %(default)s)")
     return parser
 
 
@@ -95,7 +115,7 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
                             max_input_pixels=args.max_input_pixels, max_running_jobs=args.max_running_jobs,
                             max_queued_jobs=args.max_queued_jobs, result_chunk_bytes=args.result_chunk_bytes,
                             max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
-                            heartbeat_s=args.heartbeat_s),
+                            heartbeat_s=args.heartbeat_s, send_timeout_s=args.send_timeout_s),
         max_receive_message_bytes=args.max_receive_message_bytes, grace_s=args.grace_s,
         tls_cert_path=args.tls_cert, tls_key_path=args.tls_key, auth_token=args.auth_token,
         auth_health=args.auth_health, metrics_host=args.metrics_host, metrics_port=args.metrics_port,
@@ -108,6 +128,7 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    tolerate_console()      # `nst-server | head -1` or a full log disk never stops serving (before basicConfig)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -17,8 +17,8 @@ import torch
 
 from nst_server import metrics
 
-#: Values of ``Job.stopped_by``.
-STOP_CLIENT, STOP_DEADLINE, STOP_SHUTDOWN = "client", "deadline", "shutdown"
+#: Values of ``Job.stopped_by``; ``send_timeout``: the client stopped reading (``--send-timeout-s``).
+STOP_CLIENT, STOP_DEADLINE, STOP_SHUTDOWN, STOP_SEND_TIMEOUT = "client", "deadline", "shutdown", "send_timeout"
 
 #: Environment variable of the fault-injection hook (tests only; see :func:`parse_fault_injection`).
 FAULT_INJECT_ENV = "NST_FAULT_INJECT"
@@ -96,6 +96,8 @@ class Job:
         fault: injected fault kind (``oom``, ``error``) or None; see :func:`parse_fault_injection`.
         future: the worker's future (event loop side), once submitted.
         result_sent: the Result message has been handed to gRPC (a cancel after that still counts as completed).
+        undeliverable: a message waited longer than ``--send-timeout-s`` for the client to take it; the job is
+            stopped and its slot freed.
     """
 
     job_id: str
@@ -109,6 +111,7 @@ class Job:
     fault: str | None = None
     future: asyncio.Future | None = None
     result_sent: bool = False
+    undeliverable: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _last_poll: float | None = field(default=None, repr=False)
     _polls: int = field(default=0, repr=False)

@@ -14,7 +14,9 @@ All metrics live in prometheus-client's default registry, next to its process co
   (1: every worker busy, nothing waiting), the per-pod metric the HorizontalPodAutoscaler of ``deploy/k8s``
   scales on.
 - ``nst_job_cancels_total{reason}``: jobs stopped before their end: ``client`` (cancel or dropped connection),
-  ``deadline`` (the client's deadline passed), ``shutdown`` (still running when the shutdown grace ended).
+  ``deadline`` (the client's deadline passed), ``shutdown`` (still running when the shutdown grace ended),
+  ``send_timeout`` (the client stopped reading: a message waited longer than ``--send-timeout-s``; such calls
+  count as ``nst_jobs_total{outcome="send_timeout"}`` at that moment).
 - ``nst_replica_batch_jobs``: jobs served by each replica pass of the batcher (``--max-batch-size`` > 1);
   its ``_count`` is the passes, its ``_sum`` the job iterations they served.
 - ``nst_rpcs_total{method,code}``: every RPC (health and reflection included) by final status code.
@@ -26,7 +28,7 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 #: ``outcome`` label values of ``nst_jobs_total``.
 OUTCOMES = ("completed", "cancelled", "deadline_exceeded", "refused_busy", "refused_unavailable",
-            "invalid_argument", "out_of_memory", "failed", "shutdown")
+            "invalid_argument", "out_of_memory", "failed", "shutdown", "send_timeout")
 
 JOBS = Counter("nst_jobs", "Stylize calls by outcome", ["outcome"])
 QUEUE_SECONDS = Histogram("nst_job_queue_seconds", "Time from admission to a worker picking the job up, s",
@@ -45,7 +47,7 @@ RPCS = Counter("nst_rpcs", "RPCs by method and final status code", ["method", "c
 
 for _outcome in OUTCOMES:                     # export zeros, so that rates exist before the first event
     JOBS.labels(_outcome)
-for _reason in ("client", "deadline", "shutdown"):
+for _reason in ("client", "deadline", "shutdown", "send_timeout"):
     CANCELS.labels(_reason)
 
 

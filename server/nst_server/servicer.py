@@ -17,6 +17,8 @@ RESOURCE_EXHAUSTED, a job stopped by the shutdown UNAVAILABLE, anything else INT
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import importlib.metadata
 import logging
 import os
@@ -44,7 +46,8 @@ from nst_server import engine, metrics
 from nst_server.batching import ReplicaBatcher
 from nst_server.images import ImageInputError
 from nst_server.interceptors import annotate, deadline_passed
-from nst_server.jobs import STOP_CLIENT, STOP_DEADLINE, STOP_SHUTDOWN, Admission, Job, ServerBusy, is_out_of_memory
+from nst_server.jobs import (STOP_CLIENT, STOP_DEADLINE, STOP_SEND_TIMEOUT, STOP_SHUTDOWN, Admission, Job, ServerBusy,
+                             is_out_of_memory)
 from nst_server.messages import (DEFAULT_RESULT_CHUNK_BYTES, RequestError, decode_inputs, settings_from_request,
                                  to_proto)
 from nst_server.model import StyleModels, release_free_memory
@@ -58,6 +61,13 @@ MAX_BATCH_WAIT_MS = 3_600_000.0
 
 #: Range of ``--heartbeat-s``, s: at least 10 ms (a stream of heartbeats), at most an hour.
 HEARTBEAT_S_RANGE = (0.01, 3600.0)
+
+#: Range of ``--send-timeout-s``, s: at least 10 ms, at most a day.
+SEND_TIMEOUT_S_RANGE = (0.01, 86400.0)
+
+#: A job's events wait in a queue for its stream; with this many there already (the client reads slower than
+#: the job runs), a Progress goes in without its preview, so that what a slow reader holds stays bounded.
+MAX_QUEUED_EVENTS_WITH_PREVIEWS = 16
 
 
 @dataclass(frozen=True)
@@ -77,9 +87,12 @@ class ServerLimits:
             :data:`MAX_BATCH_WAIT_MS`).
         heartbeat_s: the longest a Stylize stream stays quiet, s: a ``Heartbeat`` goes out whenever nothing else
             was sent for this long, while the job waits and while it runs (:data:`HEARTBEAT_S_RANGE`).
+        send_timeout_s: the longest one Stylize message may wait for the client to take it (HTTP/2 flow
+            control: a client that stopped reading), s; then the job is stopped, its slot freed, and the call ends
+            with DEADLINE_EXCEEDED (:data:`SEND_TIMEOUT_S_RANGE`).
     Raises:
-        ValueError: ``max_batch_size``, ``batch_wait_ms`` or ``heartbeat_s`` out of range (the message names the
-            flag).
+        ValueError: ``max_batch_size``, ``batch_wait_ms``, ``heartbeat_s`` or ``send_timeout_s`` out of range (the
+            message names the flag).
     """
 
     max_side_px: int = 1024
@@ -91,6 +104,7 @@ class ServerLimits:
     max_batch_size: int = 1
     batch_wait_ms: float = 20.0
     heartbeat_s: float = 10.0
+    send_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         for flag, value, low in (("--max-side-px", self.max_side_px, MIN_SIDE_PX),
@@ -110,6 +124,9 @@ class ServerLimits:
         low, high = HEARTBEAT_S_RANGE
         if not low <= self.heartbeat_s <= high:
             raise ValueError(f"--heartbeat-s must be between {low:g} and {high:g} s, got {self.heartbeat_s}")
+        low, high = SEND_TIMEOUT_S_RANGE
+        if not low <= self.send_timeout_s <= high:
+            raise ValueError(f"--send-timeout-s must be between {low:g} and {high:g} s, got {self.send_timeout_s}")
 
 
 _DONE = object()
@@ -208,6 +225,8 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
         annotate(job=job_id)
         job: Job | None = None
         outcome = "failed"
+        peer = context.peer()
+        loop = asyncio.get_running_loop()
         try:
             if not self.accepting:
                 raise _Abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
@@ -221,10 +240,20 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
                 job = self.admission.admit(job_id, request.seed if request.HasField("seed") else None)
             except ServerBusy as exc:
                 raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
-            yield pb.StylizeResponse(accepted=pb.JobAccepted(job_id=job_id, queue_position=job.queue_position,
-                                                             replica=self.replica))
-            async for message in self._run(job, request, settings):
-                yield message
+            async with contextlib.aclosing(self._run(job, request, settings)) as messages:
+                async for message in messages:
+                    # A yield returns once gRPC has handed the message to the transport, which waits for the
+                    # client's flow-control window: a client that stopped reading holds it here.
+                    timer = loop.call_later(self.limits.send_timeout_s, self._undeliverable, job, peer)
+                    try:
+                        yield message
+                    finally:
+                        timer.cancel()
+                    if job.undeliverable:
+                        raise _Abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                     f"job {job_id}: the server could not deliver a message for "
+                                     f"{self.limits.send_timeout_s:g} s (--send-timeout-s): the client stopped "
+                                     f"reading; the job was stopped after {job.iterations} iterations")
             outcome = "completed"
         except _Abort as exc:
             outcome = _outcome(exc.code, admitted=job is not None)
@@ -241,14 +270,29 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
                 job.request_stop(reason)
             raise
         finally:
-            metrics.JOBS.labels(outcome).inc()
+            if job is None or not job.undeliverable:     # else counted when the send timed out
+                metrics.JOBS.labels(outcome).inc()
             if job is not None:
                 job.stop.set()                          # whatever ended the call, the worker stops too
                 annotate(iterations=job.iterations, queue_position=job.queue_position)
                 self.admission.release_when_idle(job)
 
+    def _undeliverable(self, job: Job, peer: str) -> None:
+        """Event loop, ``send_timeout_s`` after a message of ``job`` was handed to gRPC and not taken by the client:
+        stop the job and free its slot now (the call itself ends when the client reads again or goes away: gRPC's
+        asyncio server cannot cancel a call whose message is still in flight)."""
+        job.undeliverable = True
+        job.request_stop(STOP_SEND_TIMEOUT)
+        self.admission.release_when_idle(job)
+        metrics.JOBS.labels("send_timeout").inc()
+        annotate(send_timeout="true")
+        log.warning("job %s could not deliver a message to peer=%s for %g s (--send-timeout-s): the client stopped "
+                    "reading; the job is stopped after %d iterations and its slot freed", job.job_id, peer,
+                    self.limits.send_timeout_s, job.iterations)
+
     async def _run(self, job: Job, request: pb.StylizeRequest, settings: engine.StyleTransferSettings):
-        """Run ``job`` on a worker thread; yield its stream messages.
+        """Run ``job`` on a worker thread; yield its stream messages, ``JobAccepted`` first (once the work is
+        submitted, so that a client slow to take it delays nothing).
 
         Raises:
             _Abort: INVALID_ARGUMENT (inputs), RESOURCE_EXHAUSTED (out of memory), INTERNAL (any other
@@ -271,6 +315,9 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
                 for event in engine.stylize(self.models, inputs, settings, should_stop=job.should_stop,
                                              batcher=self.batcher):
                     job.count_iterations(event.iteration if isinstance(event, engine.Progress) else event.iterations)
+                    if (isinstance(event, engine.Progress) and event.preview_png
+                            and queue.qsize() >= MAX_QUEUED_EVENTS_WITH_PREVIEWS):
+                        event = dataclasses.replace(event, preview_png=b"")     # a slow reader: skip this preview
                     put(event)
                     if job.stop.is_set():         # nobody waits for the rest; skip the final costing
                         break
@@ -282,6 +329,8 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
                 put(_DONE)
 
         job.future = loop.run_in_executor(self._executor, work)
+        yield pb.StylizeResponse(accepted=pb.JobAccepted(job_id=job_id, queue_position=job.queue_position,
+                                                         replica=self.replica))
         delivered = False
         heartbeat_s = self.limits.heartbeat_s
         last_sent = time.perf_counter()              # JobAccepted went out just before
