@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from nst_client._files import atomic_open, atomic_path, atomic_write_text
 from nst_client.client import NSTClient, NSTError, build_request
 
 #: Percentiles reported for each latency, in percent.
@@ -197,8 +198,13 @@ CSV_COLUMNS = ("concurrency", "jobs", "completed", "errors", "wall_s", "jobs_per
 
 
 def write_csv(levels: list[LevelReport], path: str | Path) -> None:
-    """One row per level; ``errors`` as ``CODE:count;…``; times in seconds."""
-    with open(path, "w", newline="") as handle:
+    """One row per level; ``errors`` as ``CODE:count;…``; times in seconds. Written atomically (a temporary file
+    renamed over ``path``: an older file survives a failed write).
+
+    Raises:
+        OSError: the file could not be written (``path`` unchanged).
+    """
+    with atomic_open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(CSV_COLUMNS)
         for level in levels:
@@ -210,10 +216,12 @@ def write_csv(levels: list[LevelReport], path: str | Path) -> None:
 
 
 def write_plot(levels: list[LevelReport], path: str | Path, title: str = "") -> None:
-    """PNG: throughput (jobs/s, iterations/s) and latency percentiles (s) against concurrency.
+    """PNG: throughput (jobs/s, iterations/s) and latency percentiles (s) against concurrency, written
+    atomically (a temporary file renamed over ``path``: an older file survives a failed write).
 
     Raises:
         RuntimeError: matplotlib is not installed (``pip install nst-inference[bench]``).
+        OSError: the file could not be written (``path`` unchanged).
     """
     try:
         import matplotlib
@@ -245,8 +253,11 @@ def write_plot(levels: list[LevelReport], path: str | Path, title: str = "") -> 
     right.legend(fontsize=8)
     if title:
         figure.suptitle(title)
-    figure.savefig(path, format="png", dpi=110)
-    plt.close(figure)
+    try:
+        with atomic_path(path) as temporary:
+            figure.savefig(temporary, format="png", dpi=110)
+    finally:
+        plt.close(figure)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -308,7 +319,7 @@ def run(args: argparse.Namespace, client: NSTClient) -> int:
         "time_unit": "s",
     }
     if args.output_json:
-        Path(args.output_json).write_text(json.dumps(report_dict(reports, meta), indent=2))
+        atomic_write_text(args.output_json, json.dumps(report_dict(reports, meta), indent=2))
     if args.output_csv:
         write_csv(reports, args.output_csv)
     if args.plot:

@@ -199,7 +199,7 @@ def _stylize(args: argparse.Namespace, client: NSTClient, fmt: str) -> int:
         if progress.preview_png and not preview_failed:
             preview = target.with_suffix(f".preview{progress.iteration:04d}{target.suffix}")
             try:
-                preview.write_bytes(output.encode(progress.preview_png, fmt, quality))
+                output.atomic_write_bytes(preview, output.encode(progress.preview_png, fmt, quality))
             except OSError as exc:       # a preview is not worth the job: say so once and go on
                 preview_failed.append(exc)
                 print(f"nst: previews are no longer saved: {exc}", file=sys.stderr)

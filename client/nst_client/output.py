@@ -8,6 +8,7 @@ falls back to a file in the temporary folder, whose path the CLI prints, when wr
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import tempfile
@@ -15,6 +16,8 @@ import time
 from pathlib import Path
 
 from PIL import Image
+
+from nst_client._files import atomic_write_bytes
 
 #: Suffix -> Pillow format of the pictures the CLI writes.
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF"}
@@ -92,18 +95,28 @@ def encode(png: bytes, fmt: str, quality: int = DEFAULT_QUALITY) -> bytes:
 def write_image(png: bytes, path: str | os.PathLike, fmt: str, quality: int = DEFAULT_QUALITY
                 ) -> tuple[Path, OSError | None]:
     """Write the picture to ``path`` in ``fmt``; when that fails, write the PNG to a new file in the temporary
-    folder instead.
+    folder instead. Both writes are atomic (:mod:`nst_client._files`): a failed write leaves an older file at
+    ``path`` as it was and no partial or temporary file behind.
 
     Returns:
         ``(path written, None)``, or ``(fallback path, the error that stopped the first write)``.
     Raises:
-        OSError: the fallback could not be written either.
+        OSError: the fallback could not be written either; its message names both errors and says that the
+            result was not saved.
     """
     try:
-        Path(path).write_bytes(encode(png, fmt, quality))
-        return Path(path), None
+        return atomic_write_bytes(path, encode(png, fmt, quality)), None
     except OSError as error:
         handle, fallback = tempfile.mkstemp(prefix=f"nst-result-{time.strftime('%Y%m%d-%H%M%S')}-", suffix=".png")
-        with os.fdopen(handle, "wb") as file:
-            file.write(png)
+        os.close(handle)                    # the name is taken; the bytes go in atomically
+        try:
+            atomic_write_bytes(fallback, png)
+        except BaseException as fallback_error:
+            with contextlib.suppress(OSError):
+                os.unlink(fallback)
+            if not isinstance(fallback_error, OSError):
+                raise
+            raise OSError(fallback_error.errno, f"cannot write {path} ({error}), nor a fallback file in "
+                          f"{os.path.dirname(fallback)} ({fallback_error.strerror or fallback_error}); "
+                          "the result was not saved") from fallback_error
         return Path(fallback), error
