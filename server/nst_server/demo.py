@@ -26,6 +26,7 @@ from pathlib import Path
 from PIL import Image as PILImage
 
 from nst_client import NSTClient
+from nst_client._files import atomic_path
 from nst_client.cli import main as client_main
 from nst_client.output import check_output
 from nst_export.onnx_export import DEFAULT_MODEL_PATH
@@ -72,7 +73,9 @@ def side_by_side(paths: list[Path], output: Path, height_px: int | None = None, 
     """Write the images at ``paths`` in one row, each resized (Lanczos) to ``height_px`` high (default: the
     last image's height), ``gap_px`` of white between them.
 
-    Returns ``output`` (PNG, 8-bit RGB). Raises OSError when an image cannot be read or the file written.
+    Returns ``output`` (PNG, 8-bit RGB), written atomically: a temporary file renamed over ``output``, so a
+    failed write leaves an older file there as it was. Raises OSError when an image cannot be read or the file
+    written.
     """
     images = []
     if height_px is None:
@@ -88,7 +91,8 @@ def side_by_side(paths: list[Path], output: Path, height_px: int | None = None, 
     for image in images:
         sheet.paste(image, (x, 0))
         x += image.width + gap_px
-    sheet.save(output)
+    with atomic_path(output) as temporary:
+        sheet.save(temporary)                        # the temporary name keeps the suffix: the same format
     return output
 
 

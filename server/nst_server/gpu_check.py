@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from nst_client._files import atomic_open, atomic_write_text
+
 #: Benchmark options on a GPU (512 px, N = 300) and in the CPU smoke mode.
 GPU_BENCHMARK = ["--size", "512", "--iterations", "50", "--warmup-iterations", "5", "--ttq-iterations", "300",
                  "--repeats", "2", "--bf16-iterations", "50", "--batch-size-px", "256", "--rss-size", "512",
@@ -105,8 +107,10 @@ def session_timings(model_path: Path, providers: list[str], side: int, repeats: 
 
 
 def _run(command: list[str], log: Path, timeout_s: float) -> int:
-    """Run ``command`` with stdout and stderr to ``log``; 124 when it ran past ``timeout_s``."""
-    with log.open("w") as handle:
+    """Run ``command`` with stdout and stderr to ``log``; 124 when it ran past ``timeout_s``. The log is written
+    to a temporary file beside it and renamed into place when the command ends (an earlier log stays whole
+    until then, and stays when this one cannot be written or the run is interrupted)."""
+    with atomic_open(log, "w") as handle:
         try:
             return subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT,
                                   timeout=max(1.0, timeout_s)).returncode
@@ -133,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         providers, side, target = args.session_child
         figures = session_timings(Path(args.model), providers.split(","), int(side),
                                   trt_cache=Path(target).parent / "trt_cache")
-        Path(target).write_text(json.dumps(figures, indent=2))
+        atomic_write_text(target, json.dumps(figures, indent=2))
         return 0
     started = time.monotonic()
     out = Path(args.output)
@@ -158,11 +162,11 @@ def main(argv: list[str] | None = None) -> int:
                                       "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
         _log(f"{name}: {'ok' if summary['steps'][name]['ok'] else 'FAILED'} "
              f"({summary['steps'][name]['seconds']:.1f} s, {left():.0f} s left)")
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
 
     def machine() -> None:
         import onnxruntime
-        (out / "machine.json").write_text(json.dumps({
+        atomic_write_text(out / "machine.json", json.dumps({
             "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
             "available_providers": onnxruntime.get_available_providers(),
             "cuda_device": torch.cuda.get_device_name() if cuda else None,
@@ -180,13 +184,13 @@ def main(argv: list[str] | None = None) -> int:
 
     def parity_step() -> bool:
         figures = parity(model_path, ((64, 64), (96, 136)) if smoke else ((64, 64), (512, 384)))
-        (out / "parity.json").write_text(json.dumps(figures, indent=2))
+        atomic_write_text(out / "parity.json", json.dumps(figures, indent=2))
         tests = Path(__file__).resolve().parents[2] / "tests" / "test_parity.py"
         if tests.is_file():
             code = _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests)],
                         out / "parity_pytest.txt", min(120.0, left()))
             figures["pytest_exit_code"] = code
-            (out / "parity.json").write_text(json.dumps(figures, indent=2))
+            atomic_write_text(out / "parity.json", json.dumps(figures, indent=2))
             return figures["passed"] and code == 0
         return figures["passed"]
 
@@ -239,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         summary["steps"]["bench"] = {"ok": False, "error": "skipped: out of time budget"}
     summary["seconds"] = time.monotonic() - started
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     ok = all(entry.get("ok") for entry in summary["steps"].values())
     _log(f"{'all steps ok' if ok else 'some steps FAILED'} in {summary['seconds']:.0f} s; see {out / 'summary.json'}")
     return 0 if ok else 1

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from nst_client._files import atomic_path, atomic_write_text
 from nst_server import costs, engine
 from nst_server.images import resize_to_max_side, to_tensor
 from nst_server.model import StyleModels
@@ -257,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
                                                       **options)
                     job_s = time.perf_counter() - started
                     image = Image.open(io.BytesIO(result.image_png)).convert("RGB")
-                    image.save(out / f"{content_path.stem}_{style_path.stem}_{variant}.png")
+                    with atomic_path(out / f"{content_path.stem}_{style_path.stem}_{variant}.png") as temporary:
+                        image.save(temporary, format="PNG")
                     judged = [judge(models, content, style, image, size) for size in eval_sizes]
                     report["jobs"].append({"pair": name, "variant": variant, "options": options, "job_s": job_s,
                                            "server": variant_servers.get(variant, target),
@@ -276,10 +278,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if process is not None:
             stop_server(process)
-    (out / "quality.json").write_text(json.dumps(report, indent=2))
+    atomic_write_text(out / "quality.json", json.dumps(report, indent=2))
     table = _markdown(report, reference)
-    (out / "quality.md").write_text(table)
-    contact_sheet(sheet_rows).save(out / "contact_sheet.png")
+    atomic_write_text(out / "quality.md", table)
+    with atomic_path(out / "contact_sheet.png") as temporary:
+        contact_sheet(sheet_rows).save(temporary, format="PNG")
     print(table)
     return 0
 
