@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from nst_client._files import atomic_write_text
 from nst_server.precision import cpu_flags, native_bf16
 
 from nst_bench.measure import Trace
@@ -30,9 +31,14 @@ def log(message: str) -> None:
 
 
 def write(folder: Path, report: dict) -> Path:
-    """``report`` as ``folder / benchmark.json`` (indented; NaN and numpy numbers through ``float``)."""
+    """``report`` as ``folder / benchmark.json`` (indented; NaN and numpy numbers through ``float``), written
+    atomically: a temporary file renamed over the last version, which a failed write leaves as it was.
+
+    Raises:
+        OSError: the file could not be written.
+    """
     path = folder / REPORT_NAME
-    path.write_text(json.dumps(report, indent=2, default=float))
+    atomic_write_text(path, json.dumps(report, indent=2, default=float))
     return path
 
 
