@@ -17,6 +17,7 @@ from pathlib import Path
 import onnx
 import torch
 
+from nst_client._files import atomic_path
 from nst_export.vgg import MIN_SIDE_PX, OUTPUT_LAYERS
 from nst_export.weights import WeightSet, build_vgg19
 
@@ -29,7 +30,10 @@ DEFAULT_MODEL_PATH = Path(os.environ.get("NST_MODEL", "models/vgg19_nst.onnx"))
 
 def export_onnx(weights: WeightSet, path: str | os.PathLike, pooling: str = "max",
                 trace_side_px: int = 64) -> Path:
-    """Write the feature stack carrying ``weights`` to ``path`` (atomically: a temp file, then rename).
+    """Write the feature stack carrying ``weights`` to ``path`` atomically: traced in a temporary folder beside
+    it, saved to a temporary file there, fsync-ed and renamed over ``path`` (keeping an older file's permission
+    bits). Any failure, ``KeyboardInterrupt`` included, leaves an older ``path`` as it was and no temporary
+    file or folder behind.
 
     Args:
         weights: from :func:`nst_export.weights.load_weights`.
@@ -38,7 +42,8 @@ def export_onnx(weights: WeightSet, path: str | os.PathLike, pooling: str = "max
         trace_side_px: side of the dummy image used for tracing (any value >= 16; axes stay dynamic).
 
     Returns: the path written.
-    Raises: onnx.checker.ValidationError if the traced graph fails the full check.
+    Raises: onnx.checker.ValidationError if the traced graph fails the full check; OSError when the file
+        cannot be written.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -68,9 +73,8 @@ def export_onnx(weights: WeightSet, path: str | os.PathLike, pooling: str = "max
         proto.producer_name = "nst_export"
         proto.doc_string = "VGG-19 feature stack (conv1_1..relu5_1) for Gatys et al. neural style transfer"
         onnx.checker.check_model(proto, full_check=True)
-        final = Path(tmp) / "final.onnx"
-        onnx.save(proto, str(final))
-        os.replace(final, path)
+        with atomic_path(path) as final:
+            onnx.save(proto, str(final))
     return path
 
 
