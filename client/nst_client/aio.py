@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2
 
 from nst_client._proto.nst.v1 import style_transfer_pb2 as pb
 from nst_client.client import (NSTError, Retry, StylizeResult, _Attempts, _Client, _health_status_name, _JobReader,
-                               _not_serving)
+                               _not_serving, check_timeout)
 from nst_client.options import Image, StylizeOptions, StylizeOverrides, build_request
 
 if TYPE_CHECKING:
@@ -60,8 +60,10 @@ class AsyncNSTClient(_Client):
     * Image file paths are read on the event loop's thread (pass bytes to keep large reads off it).
 
     Raises:
-        OSError: ``tls_ca`` names a file that cannot be read. ValueError: a negative ``max_resubmits`` or
-            ``busy_retry_s``, a keepalive time under 1 s, or a token with characters a header cannot hold.
+        OSError: ``tls_ca`` names a file that cannot be read. ValueError: a target in none of the forms
+            :class:`~nst_client.NSTClient` takes (``::1:50051``: write ``[::1]:50051``; no port), a number out of
+            its range (NaN, negative ``max_resubmits`` or ``busy_retry_s``, a keepalive time under 1 s, a
+            ``timeout_s`` of 0), or a token with characters a header cannot hold; the message names the argument.
     """
 
     _channels = grpc.aio
@@ -76,37 +78,47 @@ class AsyncNSTClient(_Client):
         """Close the channel; calls still in flight are cancelled (after ``grace_s`` seconds, if given)."""
         await self._channel.close(grace_s)
 
-    async def health(self, service: str = "", timeout_s: float = 5.0) -> str:
-        """The server's health status name (``SERVING``, ``NOT_SERVING`` …). Raises :class:`NSTError`."""
+    async def health(self, service: str = "", timeout_s: float | None = 5.0) -> str:
+        """The server's health status name (``SERVING``, ``NOT_SERVING`` …); ``timeout_s`` > 0 s (None or inf:
+        no deadline). Raises :class:`NSTError`; ValueError for a ``timeout_s`` out of range."""
+        timeout = check_timeout(timeout_s)
         try:
-            reply = await self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s,
+            reply = await self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout,
                                              metadata=self._metadata)
         except grpc.RpcError as error:
-            raise NSTError.from_rpc_error(error) from None
+            raise self._error(error) from None
         return _health_status_name(reply)
 
-    async def wait_until_serving(self, timeout_s: float = 120.0) -> None:
-        """Wait until health is SERVING. Raises :class:`NSTError` (DEADLINE_EXCEEDED) after ``timeout_s``."""
+    async def wait_until_serving(self, timeout_s: float | None = 120.0) -> None:
+        """Wait until health is SERVING; ``timeout_s`` > 0 s (None or inf: no limit).
+
+        Raises:
+            NSTError: DEADLINE_EXCEEDED after ``timeout_s``. ValueError: ``timeout_s`` out of range.
+        """
+        limit = check_timeout(timeout_s)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
+        deadline = None if limit is None else loop.time() + limit
         while True:
             try:
-                await asyncio.wait_for(self._channel.channel_ready(), timeout=max(0.1, deadline - loop.time()))
+                wait = None if deadline is None else max(0.1, deadline - loop.time())
+                await asyncio.wait_for(self._channel.channel_ready(), timeout=wait)
                 if await self.health() == "SERVING":
                     return
             except (NSTError, asyncio.TimeoutError):
                 pass
-            if loop.time() >= deadline:
-                raise _not_serving(self.target, timeout_s)
+            if deadline is not None and loop.time() >= deadline:
+                raise _not_serving(self.target, limit, self.proxy)
             await asyncio.sleep(0.2)
 
-    async def model_info(self, timeout_s: float = 5.0) -> pb.ModelInfo:
-        """``GetModelInfo``. Raises :class:`NSTError`."""
+    async def model_info(self, timeout_s: float | None = 5.0) -> pb.ModelInfo:
+        """``GetModelInfo``; ``timeout_s`` > 0 s (None or inf: no deadline). Raises :class:`NSTError`; ValueError
+        for a ``timeout_s`` out of range."""
+        timeout = check_timeout(timeout_s)
         try:
-            return await self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout_s,
+            return await self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout,
                                                  metadata=self._metadata)
         except grpc.RpcError as error:
-            raise NSTError.from_rpc_error(error) from None
+            raise self._error(error) from None
 
     async def stream(self, request: pb.StylizeRequest,
                      timeout_s: float | None = None) -> AsyncIterator[pb.StylizeResponse]:
@@ -117,15 +129,15 @@ class AsyncNSTClient(_Client):
         reading task being cancelled.
 
         Raises:
-            NSTError: the call failed (status code, the server's message and field violations).
+            NSTError: the call failed (status code, the server's message and field violations). ValueError:
+                ``timeout_s`` out of range (as the client's).
         """
-        call = self._stub.Stylize(request, timeout=timeout_s if timeout_s is not None else self.timeout_s,
-                                  metadata=self._metadata)
+        call = self._stub.Stylize(request, timeout=self._timeout(timeout_s), metadata=self._metadata)
         try:
             async for message in call:
                 yield message
         except grpc.RpcError as error:
-            raise NSTError.from_rpc_error(error) from None
+            raise self._error(error) from None
         finally:
             call.cancel()
 
@@ -147,7 +159,8 @@ class AsyncNSTClient(_Client):
             init_image: the initial image for ``init="image"``.
             on_progress, on_heartbeat, on_retry: called with each ``nst.v1.Progress``, each ``nst.v1.Heartbeat``,
                 and a :class:`Retry` before each new attempt; coroutine functions are awaited.
-            timeout_s: deadline for the whole job, all attempts together, seconds.
+            timeout_s: deadline for the whole job, all attempts together, seconds, > 0 (None: the client's
+                ``timeout_s``; ``math.inf`` or more than :data:`~nst_client.client.MAX_TIMEOUT_S`: none).
             **overrides: :class:`StylizeOptions` fields applied over ``options``.
         Raises:
             NSTError: the server refused or failed the job, or the last attempt's stream broke. TypeError: an

@@ -15,8 +15,12 @@ this client on asyncio (``grpc.aio``), built from the helpers here.
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import math
+import numbers
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -95,8 +99,217 @@ def service_config(max_attempts: int = RETRY_MAX_ATTEMPTS, health_check: bool = 
 
 def is_balanced_target(target: str) -> bool:
     """True for a target that can name several servers: several addresses (``ipv4:A:P,B:P``) or a resolver
-    scheme (``dns:``, ``ipv4:``, ``ipv6:``). A plain ``host:port`` is one server."""
-    return "," in target or target.startswith(("dns:", "ipv4:", "ipv6:"))
+    scheme (``dns:``, ``ipv4:``, ``ipv6:``, in any case: RFC 3986 schemes are case-insensitive, and so is gRPC).
+    A plain ``host:port`` is one server."""
+    scheme, _ = _split_scheme(target)
+    return "," in target or scheme in ("dns", "ipv4", "ipv6")
+
+
+#: Target URI schemes gRPC (grpcio) resolves; any other ``word:`` prefix is a host name (``localhost:50051``).
+TARGET_SCHEMES = ("dns", "ipv4", "ipv6", "unix", "unix-abstract", "vsock", "xds", "google-c2p")
+#: The forms a target may take, for error messages.
+TARGET_FORMS = ("HOST:PORT (127.0.0.1:50051, nst.example.com:50051, [::1]:50051), "
+                "ipv4:HOST:PORT,HOST:PORT,…, ipv6:[ADDRESS]:PORT,…, dns:///NAME:PORT or unix:PATH")
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):(.*)", re.DOTALL)
+
+
+def _split_scheme(target: str) -> tuple[str, str]:
+    """``(scheme in lower case, the rest)`` of a target with a scheme gRPC resolves, else ``("", target)``."""
+    match = _SCHEME.fullmatch(target)
+    if match and match.group(1).lower() in TARGET_SCHEMES:
+        return match.group(1).lower(), match.group(2)
+    return "", target
+
+
+def _host_port(text: str, target: str, literal: str | None = None) -> tuple[str, int]:
+    """``(host, port)`` of one ``HOST:PORT`` or ``[IPV6]:PORT`` of ``target``; ``literal``: the host must be an
+    address of that version (``"ipv4"``/``"ipv6"``). Raises ValueError naming the expected form."""
+    where = f"target {target!r}" + (f": {text!r}" if text != target else "")
+    if text.startswith("["):
+        host, bracket, port = text[1:].partition("]")
+        if not bracket or not port.startswith(":"):
+            raise ValueError(f"{where} has no port; give [ADDRESS]:PORT, e.g. [::1]:50051")
+        port = port[1:]
+        try:
+            ipaddress.IPv6Address(host.split("%", 1)[0])
+        except ValueError:
+            raise ValueError(f"{where}: {host!r} in brackets is not an IPv6 address; e.g. [::1]:50051") from None
+        if literal == "ipv4":
+            raise ValueError(f"{where}: an ipv4: target lists IPv4 addresses, e.g. ipv4:127.0.0.1:50051")
+    else:
+        if text.count(":") > 1:
+            raise ValueError(f"{where}: an IPv6 address needs brackets and a port, e.g. [::1]:50051 "
+                             "(ipv6:[::1]:50051 with the scheme)")
+        host, colon, port = text.rpartition(":")
+        if not colon:
+            raise ValueError(f"{where} has no port; give HOST:PORT, e.g. {text or '127.0.0.1'}:50051")
+        if literal == "ipv6":
+            raise ValueError(f"{where}: an ipv6: target lists bracketed IPv6 addresses, e.g. ipv6:[::1]:50051")
+        if literal == "ipv4":
+            try:
+                ipaddress.IPv4Address(host)
+            except ValueError:
+                raise ValueError(f"{where}: {host!r} is not an IPv4 address (an ipv4: target lists addresses, "
+                                 "e.g. ipv4:10.0.0.1:50051,10.0.0.2:50051; use dns:///NAME:PORT for names)") from None
+    if not host:
+        raise ValueError(f"{where} has no host; give HOST:PORT, e.g. 127.0.0.1{text}")
+    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError(f"{where}: the port must be a number between 1 and 65535, got {port!r}; "
+                         "give HOST:PORT, e.g. 127.0.0.1:50051")
+    return host, int(port)
+
+
+def target_hosts(target: str) -> list[str]:
+    """The hosts a gRPC target names: one for ``host:port`` and ``dns:``, each address of ``ipv4:``/``ipv6:``
+    lists, none for ``unix:``, ``vsock:`` and the other schemes (no host name to connect to).
+
+    Raises:
+        ValueError: a form gRPC would misread or not resolve, naming the form expected: a bare IPv6 address
+            (``::1:50051``: write ``[::1]:50051``), no port (``127.0.0.1``: HOST:PORT), a port outside 1..65535,
+            several plain addresses (``a:1,b:2``: ``ipv4:a:1,b:2``), a URL (``http://…``), whitespace, an empty
+            target.
+    """
+    if not isinstance(target, str):
+        raise TypeError(f"target must be a str such as '127.0.0.1:50051', got {type(target).__name__}")
+    if not target or any(char.isspace() for char in target):
+        raise ValueError(f"target {target!r}: expected {TARGET_FORMS}, without spaces")
+    scheme, rest = _split_scheme(target)
+    if scheme in ("ipv4", "ipv6"):
+        return [_host_port(item, target, literal=scheme)[0] for item in rest.split(",")]
+    if scheme == "dns":
+        path = rest
+        if rest.startswith("//"):                     # dns://[DNS-SERVER]/NAME:PORT
+            _, slash, path = rest[2:].partition("/")
+            if not slash:
+                raise ValueError(f"target {target!r}: expected dns:///NAME:PORT (three slashes) or dns:NAME:PORT")
+        if "," in path:
+            raise ValueError(f"target {target!r}: a dns: target names one NAME:PORT; list addresses as "
+                             "ipv4:HOST:PORT,HOST:PORT")
+        return [_host_port(path, target)[0]]
+    if scheme:                                        # unix:, unix-abstract:, vsock:, xds: …
+        if not rest.strip("/"):
+            raise ValueError(f"target {target!r}: the {scheme}: scheme needs a path or name after it")
+        return []
+    match = _SCHEME.fullmatch(target)
+    if match and match.group(2).startswith("//"):
+        raise ValueError(f"target {target!r}: {match.group(1)}:// is not a gRPC target scheme; expected "
+                         f"{TARGET_FORMS}")
+    if "," in target:
+        raise ValueError(f"target {target!r}: several servers are written ipv4:HOST:PORT,HOST:PORT (or "
+                         "ipv6:[ADDRESS]:PORT,…); a plain target is one HOST:PORT")
+    return [_host_port(target, target)[0]]
+
+
+def check_target(target: str) -> str:
+    """``target`` when it is a form the client connects to as meant (:func:`target_hosts`), else ValueError
+    naming the expected form (TypeError: not a str)."""
+    target_hosts(target)
+    return target
+
+
+def _is_loopback_host(host: str) -> bool:
+    host = host.split("%", 1)[0].rstrip(".").lower()
+    if host == "localhost" or host.endswith(".localhost"):           # RFC 6761: always the loopback interface
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback                  # 127.0.0.0/8, ::1
+    except ValueError:
+        return False
+
+
+def is_loopback_target(target: str) -> bool:
+    """True when every host ``target`` names is the loopback interface (127.0.0.0/8, ::1, ``localhost``);
+    False for other targets and for ``unix:`` (never proxied) and malformed ones."""
+    try:
+        hosts = target_hosts(target)
+    except (TypeError, ValueError):
+        return False
+    return bool(hosts) and all(_is_loopback_host(host) for host in hosts)
+
+
+#: The environment variables gRPC reads the HTTP CONNECT proxy from, in its order (the first one set wins; set
+#: and empty: no proxy), and those of its exemptions (gRPC's doc/environment_variables.md and "Default HTTP Proxy
+#: Mapper User Guide for gRPC Core").
+PROXY_VARIABLES = ("grpc_proxy", "https_proxy", "http_proxy")
+NO_PROXY_VARIABLES = ("no_grpc_proxy", "no_proxy")
+
+
+def _exempt(host: str, entries: str) -> bool:
+    """gRPC's no_proxy rule: an entry the host name ends with (case-insensitive), or a CIDR range holding it."""
+    for entry in (item.strip() for item in entries.split(",")):
+        if not entry:
+            continue
+        if host.lower().endswith(entry.lower()):
+            return True
+        try:
+            if ipaddress.ip_address(host.split("%", 1)[0]) in ipaddress.ip_network(entry, strict=False):
+                return True
+        except ValueError:
+            continue
+    return False
+
+
+def proxy_in_use(target: str, channel_options: Sequence[tuple[str, str | int]] = (),
+                 environ: dict[str, str] | None = None) -> tuple[str, str] | None:
+    """``(where it was set, proxy URI)`` of the HTTP CONNECT proxy gRPC sends calls to ``target`` through, e.g.
+    ``("$http_proxy", "http://127.0.0.1:3128")``, or None: direct. Follows gRPC's rules: the
+    ``grpc.http_proxy`` channel argument, else the first of :data:`PROXY_VARIABLES` that is set; none for
+    ``grpc.enable_http_proxy`` 0 (which the clients set for loopback targets), ``unix:``/``vsock:`` targets, or
+    hosts that ``no_grpc_proxy``/``no_proxy`` exempt."""
+    environ = os.environ if environ is None else environ
+    options = dict(channel_options)
+    if not options.get("grpc.enable_http_proxy", 1):
+        return None
+    if "grpc.http_proxy" in options:
+        where, uri = "the channel argument grpc.http_proxy", str(options["grpc.http_proxy"])
+    else:
+        where, uri = next(((f"${name}", environ[name]) for name in PROXY_VARIABLES if name in environ), ("", ""))
+    if not uri:
+        return None
+    scheme, _ = _split_scheme(target)
+    if scheme in ("unix", "unix-abstract", "vsock"):
+        return None
+    exemptions = next((environ[name] for name in NO_PROXY_VARIABLES if name in environ), None)
+    if exemptions is not None:
+        try:
+            hosts = target_hosts(target)
+        except (TypeError, ValueError):
+            hosts = []
+        if len(hosts) == 1 and _exempt(hosts[0], exemptions):
+            return None
+    return where, uri
+
+
+#: Deadlines longer than this are no deadline, s (about 31.7 years). gRPC keeps a call's deadline as int64
+#: nanoseconds of the wall clock, so one more than about 7.4e9 s away (2^63 ns less the time since 1970)
+#: overflows and the call fails at once with DEADLINE_EXCEEDED, never reaching the server.
+MAX_TIMEOUT_S = 1e9
+#: Keepalive times above this are no keepalive pings, s: gRPC takes int32 milliseconds (INT_MAX: off).
+MAX_KEEPALIVE_S = (2**31 - 1) / 1000.0
+
+
+def _real(value, argument: str) -> float:
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{argument} must be a number of seconds, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if math.isnan(value):
+        raise ValueError(f"{argument} must be a number of seconds, got NaN")
+    return value
+
+
+def check_timeout(value: float | None, argument: str = "timeout_s") -> float | None:
+    """A deadline argument as gRPC takes it, s: None (no deadline) for None, ``math.inf`` and anything above
+    :data:`MAX_TIMEOUT_S`; else ``value``.
+
+    Raises:
+        ValueError: NaN, zero or negative (the message names ``argument``). TypeError: not a number.
+    """
+    if value is None:
+        return None
+    value = _real(value, argument)
+    if value <= 0:
+        raise ValueError(f"{argument} must be > 0 s (None or inf: no deadline), got {value!r}")
+    return None if value > MAX_TIMEOUT_S else value
 
 
 class NSTError(Exception):
@@ -113,8 +326,19 @@ class NSTError(Exception):
         self.field_violations = list(field_violations or [])
 
     @classmethod
-    def from_rpc_error(cls, error: grpc.RpcError) -> "NSTError":
-        return cls(error.code(), error.details() or "", _field_violations(error))
+    def from_rpc_error(cls, error: grpc.RpcError, proxy: tuple[str, str] | None = None) -> "NSTError":
+        """The error of a failed call; ``proxy`` (:func:`proxy_in_use`): the call went through that HTTP proxy,
+        which an UNAVAILABLE's message then names (gRPC's names only the proxy's address)."""
+        code, details = error.code(), error.details() or ""
+        if proxy is not None and code == grpc.StatusCode.UNAVAILABLE:
+            details += _proxy_note(proxy)
+        return cls(code, details, _field_violations(error))
+
+
+def _proxy_note(proxy: tuple[str, str]) -> str:
+    where, uri = proxy
+    return (f" (the call went through the HTTP proxy {uri}, set by {where}; to connect directly, add the "
+            "server's host to $no_grpc_proxy or $no_proxy, or unset it)")
 
 
 def _field_violations(error: grpc.RpcError) -> list[tuple[str, str]]:
@@ -188,6 +412,7 @@ class _Connection:
 
     balanced: bool
     arguments: list[tuple[str, str | int]]                 # gRPC channel arguments
+    proxy: tuple[str, str] | None                          # the HTTP proxy the calls go through (proxy_in_use)
     credentials: grpc.ChannelCredentials | None            # None: a plain-text channel
     metadata: tuple[tuple[str, str], ...] | None           # the token's authorization header
 
@@ -197,12 +422,19 @@ def _connection(target: str, *, tls: bool, tls_ca: bytes | str | os.PathLike | N
                 keepalive_time_s: float, keepalive_timeout_s: float,
                 channel_options: Sequence[tuple[str, str | int]]) -> _Connection:
     """Checks :class:`NSTClient`'s arguments and turns them into channel arguments, credentials and metadata
-    (shared with :class:`nst_client.aio.AsyncNSTClient`). Raises OSError and ValueError as NSTClient says."""
-    if max_resubmits < 0 or busy_retry_s < 0:
-        raise ValueError(f"max_resubmits and busy_retry_s must be >= 0, got {max_resubmits}, {busy_retry_s}")
-    if keepalive_time_s < 1 or keepalive_timeout_s <= 0:
-        raise ValueError(f"keepalive_time_s must be >= 1 s and keepalive_timeout_s > 0, got "
-                         f"{keepalive_time_s}, {keepalive_timeout_s}")
+    (shared with :class:`nst_client.aio.AsyncNSTClient`). Raises OSError, TypeError and ValueError as NSTClient
+    says."""
+    check_target(target)
+    if not isinstance(max_resubmits, numbers.Integral) or isinstance(max_resubmits, bool):
+        raise TypeError(f"max_resubmits must be an int, got {type(max_resubmits).__name__} {max_resubmits!r}")
+    if max_resubmits < 0:
+        raise ValueError(f"max_resubmits must be >= 0, got {max_resubmits}")
+    if _real(busy_retry_s, "busy_retry_s") < 0:
+        raise ValueError(f"busy_retry_s must be >= 0 s (inf: until the deadline), got {busy_retry_s!r}")
+    if not _real(keepalive_time_s, "keepalive_time_s") >= 1:
+        raise ValueError(f"keepalive_time_s must be >= 1 s (inf: no keepalive pings), got {keepalive_time_s!r}")
+    if not _real(keepalive_timeout_s, "keepalive_timeout_s") > 0:
+        raise ValueError(f"keepalive_timeout_s must be > 0 s, got {keepalive_timeout_s!r}")
     if token and not all(" " <= char <= "~" for char in token):
         # gRPC refuses other header characters only when a call is made, as "INTERNAL: Invalid metadata".
         raise ValueError("token: may hold printable ASCII characters only (it travels as the gRPC header "
@@ -211,8 +443,8 @@ def _connection(target: str, *, tls: bool, tls_ca: bytes | str | os.PathLike | N
     options: dict[str, str | int] = {
         "grpc.max_receive_message_length": MAX_RECEIVE_MESSAGE_BYTES,
         "grpc.max_send_message_length": MAX_RECEIVE_MESSAGE_BYTES,
-        "grpc.keepalive_time_ms": round(keepalive_time_s * 1000),
-        "grpc.keepalive_timeout_ms": round(keepalive_timeout_s * 1000),
+        "grpc.keepalive_time_ms": round(min(keepalive_time_s, MAX_KEEPALIVE_S) * 1000),     # INT_MAX: off
+        "grpc.keepalive_timeout_ms": round(min(keepalive_timeout_s, MAX_KEEPALIVE_S) * 1000),
         "grpc.keepalive_permit_without_calls": 1,
         "grpc.http2.max_pings_without_data": 0,
     }
@@ -225,6 +457,9 @@ def _connection(target: str, *, tls: bool, tls_ca: bytes | str | os.PathLike | N
         options["grpc.per_rpc_retry_buffer_size"] = MAX_RECEIVE_MESSAGE_BYTES
     if tls_server_name:
         options["grpc.ssl_target_name_override"] = tls_server_name
+    if is_loopback_target(target):
+        # Health checks, the demo and tests call 127.0.0.1: never through the proxy of $http_proxy & co.
+        options["grpc.enable_http_proxy"] = 0
     options.update(dict(channel_options))
     credentials = None
     if tls or tls_ca is not None:
@@ -236,15 +471,17 @@ def _connection(target: str, *, tls: bool, tls_ca: bytes | str | os.PathLike | N
                 root = handle.read()
         credentials = grpc.ssl_channel_credentials(root)
     metadata = (("authorization", f"Bearer {token}"),) if token else None
-    return _Connection(balanced, list(options.items()), credentials, metadata)
+    return _Connection(balanced, list(options.items()), proxy_in_use(target, list(options.items())), credentials,
+                       metadata)
 
 
 def _health_status_name(reply: health_pb2.HealthCheckResponse) -> str:
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 
-def _not_serving(target: str, timeout_s: float) -> NSTError:
-    return NSTError(grpc.StatusCode.DEADLINE_EXCEEDED, f"{target} not SERVING after {timeout_s:.0f} s")
+def _not_serving(target: str, timeout_s: float, proxy: tuple[str, str] | None = None) -> NSTError:
+    return NSTError(grpc.StatusCode.DEADLINE_EXCEEDED, f"{target} not SERVING after {timeout_s:.0f} s"
+                    + (_proxy_note(proxy) if proxy is not None else ""))
 
 
 class _Attempts:
@@ -253,14 +490,15 @@ class _Attempts:
 
     def __init__(self, timeout_s: float | None, max_resubmits: int, busy_retry_s: float) -> None:
         now = time.monotonic()
+        timeout_s = check_timeout(timeout_s)
         self.deadline = None if timeout_s is None else now + timeout_s
         self.busy_until = now + busy_retry_s
         self.max_resubmits = max_resubmits
         self.attempt, self.resubmits, self.backoff_s = 1, 0, 0.2
 
     def remaining_s(self) -> float | None:
-        """The deadline of the next attempt, s (None: none)."""
-        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+        """The deadline of the next attempt, s (None: none; at least 1 ms, which expires at once)."""
+        return None if self.deadline is None else max(0.001, self.deadline - time.monotonic())
 
     def retry(self, error: NSTError, accepted: bool) -> Retry | None:
         """The :class:`Retry` to make after ``error`` ended an attempt (``accepted``: it had its JobAccepted),
@@ -342,9 +580,10 @@ class _Client:
                                  keepalive_time_s=keepalive_time_s, keepalive_timeout_s=keepalive_timeout_s,
                                  channel_options=channel_options)
         self.target = target
-        self.timeout_s = timeout_s
+        self.timeout_s = check_timeout(timeout_s)
         self.max_resubmits, self.busy_retry_s = max_resubmits, busy_retry_s
         self.balanced = connection.balanced
+        self.proxy = connection.proxy
         if connection.credentials is not None:
             self._channel = self._channels.secure_channel(target, connection.credentials, options=connection.arguments)
         else:
@@ -353,15 +592,27 @@ class _Client:
         self._stub = pb_grpc.StyleTransferStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
+    def _error(self, error: grpc.RpcError) -> NSTError:
+        """``error`` as :class:`NSTError`, naming the HTTP proxy of an UNAVAILABLE call that went through one."""
+        return NSTError.from_rpc_error(error, self.proxy)
+
+    def _timeout(self, timeout_s: float | None, argument: str = "timeout_s") -> float | None:
+        """A call's deadline, s: ``timeout_s`` (checked: :func:`check_timeout`), else the client's default."""
+        return check_timeout(timeout_s, argument) if timeout_s is not None else self.timeout_s
+
 
 class NSTClient(_Client):
     """A channel to one server or to many replicas; use as a context manager, or call :meth:`close`.
 
     Args:
-        target: any gRPC target: ``host:port``; several addresses ``ipv4:127.0.0.1:5001,127.0.0.1:5002``;
-            ``dns:///nst-headless.NAMESPACE.svc:50051`` (every address the name resolves to).
-        timeout_s: default deadline for :meth:`stylize` calls, seconds (``None``: no deadline); it covers every
-            attempt of a job.
+        target: a gRPC target: ``host:port`` (``127.0.0.1:50051``, ``nst.example.com:50051``, IPv6 in
+            brackets: ``[::1]:50051``); several addresses ``ipv4:127.0.0.1:5001,127.0.0.1:5002`` (or
+            ``ipv6:[::1]:5001,…``); ``dns:///nst-headless.NAMESPACE.svc:50051`` (every address the name resolves
+            to); ``unix:PATH``. Schemes in any case. Loopback targets (127.0.0.0/8, ``::1``, ``localhost``) are
+            never called through an HTTP proxy ($grpc_proxy, $https_proxy, $http_proxy); an UNAVAILABLE call that
+            went through one says so (:func:`proxy_in_use`).
+        timeout_s: default deadline for :meth:`stylize` calls, seconds, > 0 (``None``, ``math.inf`` or more than
+            :data:`MAX_TIMEOUT_S`: no deadline); it covers every attempt of a job.
         tls: connect with TLS, verifying the server against the system's root certificates (or ``tls_ca``).
         tls_ca: PEM bytes or file path of the CA (or the self-signed certificate) that signed the server's
             certificate; implies ``tls``.
@@ -383,9 +634,15 @@ class NSTClient(_Client):
             instead of waiting forever. Servers must allow it (nst-server: ``--min-ping-interval-s``, 5 s).
         channel_options: more gRPC channel arguments, e.g. ``[("grpc.keepalive_time_ms", 10000)]``; they
             override the ones above.
+
+        Ranges: ``max_resubmits`` an int >= 0; ``busy_retry_s`` >= 0 (``math.inf``: until the deadline);
+        ``keepalive_time_s`` >= 1 (``math.inf`` or above :data:`MAX_KEEPALIVE_S`: no pings);
+        ``keepalive_timeout_s`` > 0.
     Raises:
-        OSError: ``tls_ca`` names a file that cannot be read. ValueError: a negative ``max_resubmits`` or
-            ``busy_retry_s``, or a keepalive time under 1 s.
+        OSError: ``tls_ca`` names a file that cannot be read. ValueError: ``target`` is not one of the forms
+            above (a bare IPv6 address ``::1:50051``, no port: the message names the form expected), or a number
+            out of its range (NaN, negative, a ``timeout_s`` of 0, a keepalive time under 1 s), naming the
+            argument. TypeError: a number argument that is not a number.
     """
 
 
@@ -398,48 +655,58 @@ class NSTClient(_Client):
     def close(self) -> None:
         self._channel.close()
 
-    def health(self, service: str = "", timeout_s: float = 5.0) -> str:
-        """The server's health status name (``SERVING``, ``NOT_SERVING`` …). Raises :class:`NSTError`."""
+    def health(self, service: str = "", timeout_s: float | None = 5.0) -> str:
+        """The server's health status name (``SERVING``, ``NOT_SERVING`` …); ``timeout_s`` > 0 s (None or inf:
+        no deadline). Raises :class:`NSTError`; ValueError for a ``timeout_s`` out of range."""
+        timeout = check_timeout(timeout_s)
         try:
-            reply = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s,
+            reply = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout,
                                        metadata=self._metadata)
         except grpc.RpcError as error:
-            raise NSTError.from_rpc_error(error) from None
+            raise self._error(error) from None
         return _health_status_name(reply)
 
-    def wait_until_serving(self, timeout_s: float = 120.0) -> None:
-        """Block until health is SERVING. Raises :class:`NSTError` (DEADLINE_EXCEEDED) after ``timeout_s``."""
-        deadline = time.monotonic() + timeout_s
+    def wait_until_serving(self, timeout_s: float | None = 120.0) -> None:
+        """Block until health is SERVING; ``timeout_s`` > 0 s (None or inf: no limit).
+
+        Raises:
+            NSTError: DEADLINE_EXCEEDED after ``timeout_s``. ValueError: ``timeout_s`` out of range.
+        """
+        limit = check_timeout(timeout_s)
+        deadline = None if limit is None else time.monotonic() + limit
         while True:
             try:
-                grpc.channel_ready_future(self._channel).result(timeout=max(0.1, deadline - time.monotonic()))
+                wait = None if deadline is None else max(0.1, deadline - time.monotonic())
+                grpc.channel_ready_future(self._channel).result(timeout=wait)
                 if self.health() == "SERVING":
                     return
             except (NSTError, grpc.FutureTimeoutError):
                 pass
-            if time.monotonic() >= deadline:
-                raise _not_serving(self.target, timeout_s)
+            if deadline is not None and time.monotonic() >= deadline:
+                raise _not_serving(self.target, limit, self.proxy)
             time.sleep(0.2)
 
-    def model_info(self, timeout_s: float = 5.0) -> pb.ModelInfo:
-        """``GetModelInfo``. Raises :class:`NSTError`."""
+    def model_info(self, timeout_s: float | None = 5.0) -> pb.ModelInfo:
+        """``GetModelInfo``; ``timeout_s`` > 0 s (None or inf: no deadline). Raises :class:`NSTError`; ValueError
+        for a ``timeout_s`` out of range."""
+        timeout = check_timeout(timeout_s)
         try:
-            return self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout_s, metadata=self._metadata)
+            return self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as error:
-            raise NSTError.from_rpc_error(error) from None
+            raise self._error(error) from None
 
     def stream(self, request: pb.StylizeRequest, timeout_s: float | None = None) -> Iterator[pb.StylizeResponse]:
         """The raw response stream of one job. Closing the iterator early cancels the job.
 
         Raises:
-            NSTError: the call failed (status code and the server's message).
+            NSTError: the call failed (status code and the server's message). ValueError: ``timeout_s`` out of
+                range (as the client's).
         """
-        call = self._stub.Stylize(request, timeout=timeout_s if timeout_s is not None else self.timeout_s,
-                                  metadata=self._metadata)
+        call = self._stub.Stylize(request, timeout=self._timeout(timeout_s), metadata=self._metadata)
         try:
             yield from call
         except grpc.RpcError as error:
-            raise NSTError.from_rpc_error(error) from None
+            raise self._error(error) from None
         finally:
             call.cancel()
 
@@ -467,13 +734,15 @@ class NSTClient(_Client):
                 after a resubmission).
             on_heartbeat: called with each ``nst.v1.Heartbeat`` (queue position, time waited).
             on_retry: called with a :class:`Retry` before each new attempt.
-            timeout_s: deadline for the whole job, all attempts together, seconds.
+            timeout_s: deadline for the whole job, all attempts together, seconds, > 0 (None: the client's
+                ``timeout_s``; ``math.inf`` or more than :data:`MAX_TIMEOUT_S`: none).
             **overrides: :class:`StylizeOptions` fields applied over ``options`` (``max_side_px=256,
                 iterations=200`` …).
         Raises:
             NSTError: the server refused or failed the job, or the last attempt's stream broke. TypeError: an
                 override names no option (before anything is sent), or a value of the wrong type. ValueError: a
-                value out of its proto type's range or an unknown enum value. OSError: an image cannot be read.
+                value out of its proto type's range or an unknown enum value, or ``timeout_s`` out of range.
+                OSError: an image cannot be read.
         """
         request = build_request(content, style, options, styles=styles, init_image=init_image, **overrides)
         attempts = _Attempts(timeout_s if timeout_s is not None else self.timeout_s, self.max_resubmits,
