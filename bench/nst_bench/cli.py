@@ -284,6 +284,8 @@ def _peak_memory(run: _Run) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from nst_client._console import tolerate_console
+    tolerate_console()      # a closed or full stdout/stderr does not stop the benchmark
     parser = build_parser()
     args = parser.parse_args(argv)
     try:       # a usage error naming the option, before any export, load or run (was a traceback mid-run)

@@ -26,6 +26,7 @@ from pathlib import Path
 from PIL import Image as PILImage
 
 from nst_client import NSTClient
+from nst_client._console import tolerate_console
 from nst_client._files import atomic_path
 from nst_client.cli import main as client_main
 from nst_client.output import check_output
@@ -133,6 +134,7 @@ def stop_server(process: subprocess.Popen, timeout_s: float = 30.0) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    tolerate_console()      # a closed or full stdout/stderr does not fail the demo
     parser = argparse.ArgumentParser(prog="nst-demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(DEFAULT_MODEL_PATH), help="ONNX file (exported if missing)")

@@ -120,6 +120,8 @@ def _run(command: list[str], log: Path, timeout_s: float) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from nst_client._console import tolerate_console
+    tolerate_console()      # a closed or full stdout/stderr does not stop the check
     parser = argparse.ArgumentParser(prog="nst-gpu-check", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("output", help="folder for the figures (created)")

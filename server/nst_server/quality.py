@@ -207,7 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from nst_client import NSTClient
+    from nst_client._console import tolerate_console
     from nst_server.demo import start_server, stop_server
+
+    tolerate_console()      # a closed or full stdout/stderr does not stop the run
 
     parser = build_parser()
     args = parser.parse_args(argv)
