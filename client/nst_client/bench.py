@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from nst_client._files import atomic_open, atomic_path, atomic_write_text
+from nst_client._argtypes import integer, timeout
 from nst_client.client import NSTClient, NSTError, build_request
 
 #: Percentiles reported for each latency, in percent.
@@ -264,15 +265,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``nst bench`` options (the server/TLS/token ones are added by the CLI)."""
     parser.add_argument("--content", default=None, help="content image file (default: a synthetic one)")
     parser.add_argument("--style", default=None, help="style image file (default: a synthetic one)")
-    parser.add_argument("--size", dest="max_side_px", type=int, default=256, help="max_side_px (default: %(default)s)")
-    parser.add_argument("--iterations", type=int, default=20, help="iterations per job (default: %(default)s)")
+    uint32 = integer(0, 2**32 - 1)                       # the request fields' proto type
+    parser.add_argument("--size", dest="max_side_px", type=uint32, default=256,
+                        help="max_side_px, px (default: %(default)s)")
+    parser.add_argument("--iterations", type=uint32, default=20, help="iterations per job (default: %(default)s)")
     parser.add_argument("--precision", default=None, help="fp32, bf16 or fp16 (default: the server's)")
     parser.add_argument("--concurrency", default="1,2,4", help="levels, comma-separated (default: %(default)s)")
-    parser.add_argument("--jobs-per-level", type=int, default=0,
+    parser.add_argument("--jobs-per-level", type=integer(0), default=0,
                         help="measured jobs per level (default: 2 x concurrency, at least 4)")
-    parser.add_argument("--warmup-jobs", type=int, default=1,
+    parser.add_argument("--warmup-jobs", type=integer(0), default=1,
                         help="jobs run once before the sweep, not measured (default: %(default)s)")
-    parser.add_argument("--timeout-s", type=float, default=None, help="deadline of each job, s")
+    parser.add_argument("--timeout-s", type=timeout, default=None,
+                        help="deadline of each job, s, > 0; inf (or more than 1e9): none (default: none)")
     parser.add_argument("--output-json", default=None, metavar="FILE", help="write the figures as JSON")
     parser.add_argument("--output-csv", default=None, metavar="FILE", help="write one CSV row per level")
     parser.add_argument("--plot", default=None, metavar="PNG", help="plot throughput and latency (matplotlib)")

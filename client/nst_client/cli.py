@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -23,7 +24,9 @@ from tqdm import tqdm
 
 from nst_client import bench as bench_module
 from nst_client import output
-from nst_client.client import CHOICES, NSTClient, NSTError
+from nst_client._argtypes import finite, integer, seconds, timeout
+from nst_client._console import tolerate_console
+from nst_client.client import CHOICES, NSTClient, NSTError, check_target
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 
@@ -46,18 +49,31 @@ def _unsigned(bits: int):
 UINT32, UINT64 = _unsigned(32), _unsigned(64)
 
 
+def server_target(text: str) -> str:
+    """argparse type of ``--server``: a gRPC target in a form the client connects to as meant
+    (:func:`nst_client.client.check_target`: ``[::1]:50051``, not ``::1:50051``; a port always)."""
+    try:
+        return check_target(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+server_target.__name__ = "target"
+
+
 def _add_server(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--server", default=DEFAULT_SERVER,
-                        help="gRPC target of nst-server: HOST:PORT, or replicas as ipv4:HOST:PORT,HOST:PORT,… or "
-                             "dns:///NAME:PORT, balanced round robin with retries (default: %(default)s)")
+    parser.add_argument("--server", default=DEFAULT_SERVER, type=server_target,
+                        help="gRPC target of nst-server: HOST:PORT (IPv6 as [::1]:50051), or replicas as "
+                             "ipv4:HOST:PORT,HOST:PORT,… or dns:///NAME:PORT, balanced round robin with retries; "
+                             "loopback targets never go through $http_proxy & co. (default: %(default)s)")
     parser.add_argument("--balance", action="store_true", default=None,
                         help="round robin and retries for a plain HOST:PORT too (a name with several addresses)")
-    parser.add_argument("--max-resubmits", type=int, default=2,
+    parser.add_argument("--max-resubmits", type=integer(0), default=2,
                         help="send a job again at most this many times when its replica is lost mid-stream "
                              "(default: %(default)s)")
-    parser.add_argument("--busy-retry-s", type=float, default=0.0,
+    parser.add_argument("--busy-retry-s", type=seconds, default=0.0,
                         help="keep sending a job that every replica refuses (busy, loading, draining) for up to "
-                             "this long, s (default: %(default)s: fail at once)")
+                             "this long, s; inf: until --timeout-s (default: %(default)s: fail at once)")
     parser.add_argument("--tls", action="store_true",
                         help="connect with TLS, verifying the server against the system's root certificates")
     parser.add_argument("--tls-ca", default=None, metavar="PEM",
@@ -87,26 +103,26 @@ def build_parser() -> argparse.ArgumentParser:
     stylize.add_argument("--preset", choices=CHOICES["preset"], default=None,
                          help="seed: the seed's course recipe (Adam, alpha 10, beta 40, its costs as they are); "
                               "classic: this service's defaults before normalised multi-scale costs")
-    stylize.add_argument("--content-weight", type=float, default=None, help="alpha (server default 1)")
-    stylize.add_argument("--style-weight", type=float, default=None,
+    stylize.add_argument("--content-weight", type=finite, default=None, help="alpha (server default 1)")
+    stylize.add_argument("--style-weight", type=finite, default=None,
                          help="beta (server default 15, on normalised costs: see --normalization)")
     stylize.add_argument("--normalization", choices=CHOICES["normalization"], default=None,
                          help="target: alpha and beta weigh relative errors (server default); none: the seed's "
                               "J = alpha J_content + beta J_style as it is")
     stylize.add_argument("--pyramid-levels", type=UINT32, default=None,
                          help="costs at this many sizes of the image, half an octave apart (server default 3)")
-    stylize.add_argument("--tv-weight", type=float, default=None, help="total variation weight")
+    stylize.add_argument("--tv-weight", type=finite, default=None, help="total variation weight")
     stylize.add_argument("--content-layers", default=None, metavar="LAYER:W,…", help="e.g. relu4_2:1")
     stylize.add_argument("--style-layers", default=None, metavar="LAYER:W,…",
                          help="e.g. relu1_1:0.2,relu2_1:0.2,relu3_1:0.2,relu4_1:0.2,relu5_1:0.2")
-    stylize.add_argument("--style-scale", type=float, default=None, help="style size relative to the output")
+    stylize.add_argument("--style-scale", type=finite, default=None, help="style size relative to the output")
     stylize.add_argument("--pooling", choices=CHOICES["pooling"], default=None)
     stylize.add_argument("--optimizer", choices=CHOICES["optimizer"], default=None, help="server default: lbfgs")
-    stylize.add_argument("--learning-rate", type=float, default=None, help="Adam step, pixel levels (0..255)")
+    stylize.add_argument("--learning-rate", type=finite, default=None, help="Adam step, pixel levels (0..255)")
     stylize.add_argument("--lbfgs-history", type=UINT32, default=0)
     stylize.add_argument("--init", choices=CHOICES["init"], default=None)
     stylize.add_argument("--init-image", default=None, help="initial image file (with --init image)")
-    stylize.add_argument("--noise-ratio", type=float, default=None, help="noise share of the initial image, 0..1")
+    stylize.add_argument("--noise-ratio", type=finite, default=None, help="noise share of the initial image, 0..1")
     stylize.add_argument("--color-control", choices=CHOICES["color_control"], default=None,
                          help="keep the content's colours: luminance or match_style_colors")
     stylize.add_argument("--scales", type=UINT32, default=None,
@@ -116,11 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="auto (server default): bf16 where the hardware runs it natively, else fp32")
     stylize.add_argument("--keep-content-alpha", action="store_true",
                          help="RGBA result carrying the content's transparency")
-    stylize.add_argument("--convergence-tolerance", type=float, default=None)
+    stylize.add_argument("--convergence-tolerance", type=finite, default=None)
     stylize.add_argument("--seed", type=UINT64, default=None, help="seed of the initial noise")
     stylize.add_argument("--preview-every", type=UINT32, default=0, metavar="N",
                          help="save a preview every N iterations next to OUTPUT (OUTPUT.previewNNNN.SUFFIX)")
-    stylize.add_argument("--timeout-s", type=float, default=None, help="deadline for the whole job, seconds")
+    stylize.add_argument("--timeout-s", type=timeout, default=None,
+                         help="deadline for the whole job, s, > 0; inf (or more than 1e9): none (default: none)")
     stylize.add_argument("--quiet", action="store_true", help="no progress bar")
 
     info = commands.add_parser("info", help="print the server's model information as JSON")
@@ -141,12 +158,17 @@ _OPTIONS = ("max_side_px", "iterations", "preset", "content_weight", "style_weig
 
 
 def _file_weight(text: str) -> tuple[str, float]:
+    """``FILE[:WEIGHT]`` of ``--style``; a suffix that is no number belongs to the file name. Raises ValueError
+    for a weight that is not finite (``nan``, ``inf``)."""
     path, sep, weight = text.rpartition(":")
     if sep and path:
         try:
-            return path, float(weight)
+            value = float(weight)
         except ValueError:
-            pass
+            return text, 1.0
+        if not math.isfinite(value):
+            raise ValueError(f"--style {text}: the blend weight must be a finite number, got {weight!r}")
+        return path, value
     return text, 1.0
 
 
@@ -160,6 +182,8 @@ def _layer_weights(text: str | None, option: str) -> dict[str, float] | None:
             layers[layer.strip()] = float(weight) if sep else 1.0
         except ValueError:
             raise ValueError(f"{option}: {item!r} is not LAYER:WEIGHT") from None
+        if not math.isfinite(layers[layer.strip()]):
+            raise ValueError(f"{option}: {item!r}: the weight must be a finite number")
     return layers
 
 
@@ -237,6 +261,7 @@ def _stylize(args: argparse.Namespace, client: NSTClient, fmt: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    tolerate_console()      # a closed or full stdout/stderr never fails a job whose picture was written
     args = build_parser().parse_args(argv)
     try:
         fmt = _check_stylize_outputs(args) if args.command == "stylize" else ""
