@@ -118,10 +118,16 @@ class RpcLogInterceptor(grpc.aio.ServerInterceptor):
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     """Refuses calls without ``authorization: Bearer <token>`` metadata with UNAUTHENTICATED.
 
+    The header is read as HTTP reads credentials (RFC 9110 section 11.4, RFC 6750 section 2.1): the key and the
+    auth scheme in any case (``bearer``, ``BEARER``), one or more spaces after the scheme, spaces and tabs
+    around the value ignored; the token itself is case-sensitive and compared in constant time.
+
     Args:
         token: the expected token (compared in constant time).
         protect_health: also check ``grpc.health.v1.Health`` calls; by default health stays open, so that
             load balancers and orchestrators can probe without a secret. Reflection is always checked.
+    Raises:
+        ValueError: an empty token, or one with characters other than printable ASCII.
     """
 
     def __init__(self, token: str, protect_health: bool = False) -> None:
@@ -130,14 +136,17 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         if not all(" " <= char <= "~" for char in token):
             raise ValueError("--auth-token: may hold printable ASCII characters only: no client can send others "
                              "in the gRPC header 'authorization: Bearer <token>'")
-        self._expected = f"Bearer {token}".encode()
+        self._expected = token.encode()
         self.protect_health = protect_health
 
     def _authorized(self, metadata) -> bool:
         for key, value in metadata or ():
-            if key == "authorization":
+            if key.lower() == "authorization":
                 given = value.encode() if isinstance(value, str) else value
-                return hmac.compare_digest(given, self._expected)
+                scheme, _, token = given.strip(b" \t").partition(b" ")
+                exact = hmac.compare_digest(given, b"Bearer " + self._expected)    # a token with edge spaces
+                return exact or (scheme.lower() == b"bearer"
+                                 and hmac.compare_digest(token.lstrip(b" "), self._expected))
         return False
 
     async def intercept_service(self, continuation, handler_call_details):
