@@ -85,3 +85,98 @@ def test_a_reader_that_waits_stalls_no_job_and_holds_few_previews(onnx_path, sma
     with_preview = sum(bool(p.preview_png) for p in progress)
     assert 0 < with_preview <= MAX_QUEUED_EVENTS_WITH_PREVIEWS + 1, with_preview
     _no_traceback(server.log())
+
+
+def _has_ipv6_loopback() -> bool:
+    import socket
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def _server_command(onnx_path, *args: str) -> list[str]:
+    import sys
+    return [sys.executable, "-m", "nst_server.cli", "--model", str(onnx_path), *args]
+
+
+def _run_server(onnx_path, *args: str):
+    import subprocess
+    return subprocess.run(_server_command(onnx_path, *args), capture_output=True, text=True, timeout=120)
+
+
+def test_a_port_another_grpc_server_listens_on_is_refused(onnx_path):
+    """grpcio's own server (SO_REUSEPORT, its default) holds port P: nst-server --port P used to print "listening"
+    and share the port (health answered SERVING and UNIMPLEMENTED by turns); now it exits 2 naming the flag and
+    the address, before loading the model."""
+    from concurrent import futures
+    other = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    port = other.add_insecure_port("127.0.0.1:0")
+    other.start()
+    try:
+        run = _run_server(onnx_path, "--port", str(port))
+    finally:
+        other.stop(None)
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert f"127.0.0.1:{port}" in run.stderr and "--port" in run.stderr and "listening" not in run.stdout
+    assert "Traceback" not in run.stderr
+
+
+def test_a_taken_metrics_port_is_refused_naming_the_flag(onnx_path):
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = _run_server(onnx_path, "--port", "0", "--metrics-port", str(port))
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert "--metrics-port" in run.stderr and f"127.0.0.1:{port}" in run.stderr and "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:50051", "[127.0.0.1]", "dns:///localhost", "", "no such host"])
+def test_host_forms_that_name_no_address_are_refused_at_start(onnx_path, host):
+    run = _run_server(onnx_path, "--host", host, "--port", "0")
+    assert run.returncode == 2 and "--host" in run.stderr and "[::1]" in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="this machine has no IPv6 loopback (::1)")
+@pytest.mark.parametrize("host", ["::1", "[::1]", "::"])
+def test_ipv6_hosts_listen_as_meant(onnx_path, tmp_path, host):
+    """--host ::1 and --host :: exited 2 "cannot listen on ::1:50303" (the address joined unbracketed); now they
+    listen, and the printed address is one a client can use."""
+    server = serving.start(onnx_path, tmp_path / "server.log", ["--host", host])
+    try:
+        assert server.target.startswith("[::") and server.target.rsplit(":", 1)[1].isdigit(), server.target
+        port = server.target.rsplit(":", 1)[1]
+        with NSTClient(f"[::1]:{port}") as client:
+            assert client.health() == "SERVING"
+    finally:
+        assert server.stop() == 0
+
+
+def test_a_shutdown_with_open_health_watches_logs_no_error(onnx_path, tmp_path):
+    """30 grpc.health.v1.Health/Watch streams open (balanced clients hold one per replica), then SIGTERM: the
+    server exits 0, each watcher sees NOT_SERVING and then its stream end, and the log holds no error and no
+    traceback (some shutdowns logged "Exception not handled … CancelledError" for every stream)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    server = serving.start(onnx_path, tmp_path / "server.log")
+    channel = grpc.insecure_channel(server.target)
+    stub = health_pb2_grpc.HealthStub(channel)
+    watches = [stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=60) for _ in range(30)]
+    try:
+        assert all(next(watch).status == health_pb2.HealthCheckResponse.SERVING for watch in watches)
+        assert server.stop() == 0
+        for watch in watches:
+            seen = []
+            with pytest.raises(grpc.RpcError):
+                for reply in watch:
+                    seen.append(reply.status)
+            assert seen in ([], [health_pb2.HealthCheckResponse.NOT_SERVING]), seen
+    finally:
+        channel.close()
+        server.stop()
+    _no_traceback(server.log())

@@ -4,7 +4,9 @@ bearer token, one log line per RPC, Prometheus metrics, graceful shutdown."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import re
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +42,10 @@ class ServerConfig:
 
     Attributes:
         model_path: the ``.onnx`` file written by ``nst-export``.
-        host, port: where to listen; port 0 picks a free port (the bound port is logged and printed).
+        host, port: where to listen (:func:`listen_address`: an IPv4 or IPv6 address, with or without brackets, a
+            host name, the wildcards ``0.0.0.0`` and ``::``, or ``unix:PATH``); port 0 picks a free port (the
+            bound port is logged and printed). The port must be this server's own: gRPC's default
+            ``SO_REUSEPORT`` is off, so a port another process listens on is refused at start.
         providers: execution providers to try in order (default TensorRT, CUDA, CPU).
         limits: per-job and admission limits.
         max_receive_message_bytes: gRPC receive limit for requests, bytes.
@@ -94,6 +99,12 @@ class ServerConfig:
     max_connection_age_grace_s: float = 86400.0
 
     def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"--port must be between 0 and 65535, got {self.port}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"--metrics-port must be between 0 and 65535, got {self.metrics_port}")
+        listen_address(self.host, self.port)                     # raises ValueError naming --host
+        listen_address(self.metrics_host, self.metrics_port or 0, flag="--metrics-host", unix=False)
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"--threads must be at least 1, got {self.threads}")
         for flag, value in (("--keepalive-time-s", self.keepalive_time_s),
@@ -117,6 +128,9 @@ class ServerConfig:
             ("grpc.http2.min_ping_interval_without_data_ms", _ms(self.min_ping_interval_s)),
             ("grpc.http2.max_ping_strikes", 2),
             ("grpc.http2.max_pings_without_data", 0),       # our own keepalive pings go on over quiet streams
+            # gRPC sets SO_REUSEPORT by default: a second server on a taken port then "binds" and the kernel
+            # splits the connections between the two. Off: a port that is not ours fails at start.
+            ("grpc.so_reuseport", 0),
         ]
         if self.max_connection_age_s > 0:
             options += [("grpc.max_connection_age_ms", _ms(self.max_connection_age_s)),
@@ -126,6 +140,42 @@ class ServerConfig:
 
 #: Longest duration a time flag accepts, s (gRPC takes int32 milliseconds: about 24.8 days).
 MAX_DURATION_S = (2**31 - 1) / 1000.0
+
+
+#: A host name (RFC 1123 labels: letters, digits, hyphens; dots between; an optional final dot).
+_HOST_NAME = re.compile(r"(?=.{1,253}\.?$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                        r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?")
+
+#: What ``--host`` accepts, for error messages.
+HOST_FORMS = ("an IPv4 address (127.0.0.1; 0.0.0.0: every IPv4 interface), an IPv6 address with or without brackets "
+              "(::1 or [::1]; :: every interface), a host name (localhost), or unix:PATH; the port goes in --port")
+
+
+def listen_address(host: str, port: int, flag: str = "--host", unix: bool = True) -> str:
+    """The gRPC listening address of ``host`` and ``port``: ``HOST:PORT``, ``[IPv6]:PORT`` (bracketed, as gRPC
+    needs; an IPv6 zone ``fe80::1%eth0`` is kept), or ``unix:PATH`` / ``unix-abstract:NAME`` as given (no port).
+
+    Raises:
+        ValueError: naming ``flag``, ``host`` and the forms accepted (:data:`HOST_FORMS`): an empty host, one with
+            a port or a scheme in it (``127.0.0.1:50051``, ``dns:///x``), brackets around something other than
+            an IPv6 address, or characters no host name has.
+    """
+    text = host.strip()
+    if unix and text.startswith(("unix:", "unix-abstract:")) and text.partition(":")[2]:
+        return text
+    bracketed = text.startswith("[") and text.endswith("]")
+    literal = text[1:-1] if bracketed else text
+    try:
+        address = ipaddress.ip_address(literal)
+    except ValueError:
+        address = None
+    if address is not None and address.version == 6:
+        return f"[{literal}]:{port}"
+    if address is not None and not bracketed:
+        return f"{literal}:{port}"
+    if not bracketed and _HOST_NAME.fullmatch(text):
+        return f"{text}:{port}"
+    raise ValueError(f"{flag} {host!r} is not an address to listen on: expected {HOST_FORMS}")
 
 
 def _ms(seconds: float) -> int:
@@ -156,20 +206,49 @@ def warm_up(models: StyleModels) -> None:
 
 
 class ClosedCallFilter(logging.Filter):
-    """On gRPC's asyncio server logger (``grpc._cython.cygrpc``): a message that was in flight when its client
-    closed the call (cancelled, went away, or never read it and then left) fails inside gRPC with
-    ``ExecuteBatchError``, which gRPC logs at ERROR with a traceback whenever the client's close has not reached
-    it yet (a race). Nothing failed on the server: such a record becomes one INFO line without the traceback.
-    Every other record passes unchanged."""
+    """On gRPC's asyncio server logger (``grpc._cython.cygrpc``): calls that end because a side closed them are
+    logged by gRPC at ERROR with a traceback, though nothing failed: a message in flight when its client closed
+    the call (cancelled, went away, or never read it and then left) fails with ``ExecuteBatchError`` whenever
+    the client's close has not reached gRPC yet (a race), and a stream still open when ``server.stop`` ends the
+    grace cancels with ``CancelledError`` ("Exception not handled by _handle_exceptions"). Such a record becomes
+    one INFO line without the traceback; every other record passes unchanged."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if exc is not None and type(exc).__name__ == "ExecuteBatchError":
-            record.msg, record.args = "%s (the client closed the call while a message was in flight)", (
-                record.getMessage(),)
+        if exc is not None and (type(exc).__name__ == "ExecuteBatchError" or isinstance(exc, asyncio.CancelledError)):
+            why = ("the client closed the call while a message was in flight" if type(exc).__name__ ==
+                   "ExecuteBatchError" else "the call was cancelled")
+            record.msg, record.args = f"%s ({why})", (record.getMessage(),)
             record.exc_info, record.exc_text, record.stack_info = None, None, None
             record.levelno, record.levelname = logging.INFO, "INFO"
         return True
+
+
+class HealthServicer(health.aio.HealthServicer):
+    """grpcio-health-checking's asyncio servicer, whose ``Watch`` streams can be ended cleanly: after
+    :meth:`end_watches` each open and new watch ends with UNAVAILABLE "shutting down" (its client has seen
+    NOT_SERVING first, from ``enter_graceful_shutdown``), instead of being cancelled by ``server.stop``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._ending = asyncio.Event()
+
+    def end_watches(self) -> None:
+        self._ending.set()
+
+    async def Watch(self, request, context) -> None:
+        watch = asyncio.ensure_future(super().Watch(request, context))
+        ending = asyncio.ensure_future(self._ending.wait())
+        try:
+            await asyncio.wait({watch, ending}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ending.cancel()
+            if not watch.done():
+                watch.cancel()
+                await asyncio.gather(watch, return_exceptions=True)
+        if watch.done() and not watch.cancelled() and watch.exception() is not None:
+            raise watch.exception()
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
 
 
 def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
@@ -208,7 +287,7 @@ async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> Non
         if credentials is None:
             log.warning("a bearer token without TLS travels in clear text; use --tls-cert/--tls-key off localhost")
     server = grpc.aio.server(interceptors=interceptors, options=config.grpc_options())
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -222,20 +301,30 @@ async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> Non
     metrics.MAX_RUNNING.set(config.limits.max_running_jobs)
     metrics.MAX_QUEUED.set(config.limits.max_queued_jobs)
     pb_grpc.add_StyleTransferServicer_to_server(servicer, server)
-    address = f"{config.host}:{config.port}"
+    address = listen_address(config.host, config.port)
     try:
         port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError as exc:          # grpc: "Failed to bind to address …" (taken, unknown host, bad TLS files)
         tls = f"; TLS from --tls-cert {config.tls_cert_path} and --tls-key {config.tls_key_path}" if credentials else ""
-        raise ValueError(f"cannot listen on {address} (--host, --port{tls}): {exc}") from None
+        raise ValueError(f"cannot listen on {address} (--host {config.host}, --port {config.port}{tls}): the port "
+                         f"is taken by another process, or the host is not an address of this machine ({exc})"
+                         ) from None
+    bound = address if address.startswith("unix") else f"{address.rsplit(':', 1)[0]}:{port}"
     if config.metrics_port is not None:
-        metrics_port = start_metrics_server(config.metrics_host, config.metrics_port)
-        print(f"nst-server metrics on http://{config.metrics_host}:{metrics_port}/metrics", flush=True)
+        metrics_host = config.metrics_host.strip().removeprefix("[").removesuffix("]")
+        try:
+            metrics_port = start_metrics_server(metrics_host, config.metrics_port)
+        except OSError as exc:
+            await server.stop(None)
+            raise ValueError(f"cannot serve metrics on {listen_address(metrics_host, config.metrics_port)} "
+                             f"(--metrics-host {config.metrics_host}, --metrics-port {config.metrics_port}): "
+                             f"{exc.strerror or exc}") from None
+        metrics_address = listen_address(metrics_host, metrics_port, unix=False)
+        print(f"nst-server metrics on http://{metrics_address}/metrics", flush=True)
     if config.fault_injection:
         log.warning("fault injection is on (NST_FAULT_INJECT): %s", config.fault_injection)
     await server.start()
-    print(f"nst-server bound to {config.host}:{port}; NOT_SERVING until the model is loaded and warmed up",
-          flush=True)
+    print(f"nst-server bound to {bound}; NOT_SERVING until the model is loaded and warmed up", flush=True)
 
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
@@ -261,13 +350,13 @@ async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> Non
     servicer.models = models
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving %s on %s:%d (%s, execution providers %s, default precision %s: %s, token %s, %d threads: "
+    log.info("serving %s on %s (%s, execution providers %s, default precision %s: %s, token %s, %d threads: "
              "%s, heartbeat %g s, keepalive: pings every %g s, client pings allowed every %g s, connection age %g s "
-             "+ grace %g s)", SERVICE_NAME, config.host, port, "TLS" if credentials else "plaintext",
+             "+ grace %g s)", SERVICE_NAME, bound, "TLS" if credentials else "plaintext",
              models.providers, *default_precision(models.device), "required" if config.auth_token else "off",
              threads, threads_source, config.limits.heartbeat_s, config.keepalive_time_s, config.min_ping_interval_s,
              config.max_connection_age_s, config.max_connection_age_grace_s)
-    print(f"nst-server listening on {config.host}:{port}", flush=True)
+    print(f"nst-server listening on {bound}", flush=True)
     if ready is not None:
         ready.set()
 
@@ -286,6 +375,7 @@ async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> Non
         log.warning("grace over: stopping %d jobs, they end with UNAVAILABLE", servicer.admitted)
         servicer.terminate()
         await servicer.admission.wait_empty(TERMINATE_WAIT_S)
+    health_servicer.end_watches()                # watchers saw NOT_SERVING; their streams end with UNAVAILABLE
     await server.stop(1.0)
     servicer.close()
     log.info("stopped")
