@@ -56,6 +56,9 @@ class ServerConfig:
         auth_token: when set, every call must carry ``authorization: Bearer <auth_token>`` metadata, else
             UNAUTHENTICATED.
         auth_health: also require the token for ``grpc.health.v1.Health`` (open by default).
+        require_cuda: refuse to start (ValueError) unless the replica, which runs the whole optimisation, is on a
+            CUDA device; a session without a GPU provider is then logged as a warning, not refused (the GPU
+            machine's image has onnxruntime for the CPU only).
         metrics_host, metrics_port: Prometheus ``/metrics`` over HTTP; ``metrics_port`` None: off, 0: a free
             port (printed).
         fault_injection: test hook, see :func:`nst_server.jobs.parse_fault_injection`; empty in production.
@@ -88,6 +91,7 @@ class ServerConfig:
     tls_key_path: str | None = None
     auth_token: str | None = None
     auth_health: bool = False
+    require_cuda: bool = False
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = None
     fault_injection: FaultInjection = field(default_factory=FaultInjection)
@@ -251,6 +255,20 @@ class HealthServicer(health.aio.HealthServicer):
         await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
 
 
+def require_cuda(models: StyleModels) -> None:
+    """``--require-cuda``'s check of the loaded models.
+
+    Raises:
+        ValueError: the replica is not on a CUDA device (the message names the device and the providers).
+    """
+    if models.device.type != "cuda":
+        raise ValueError(f"--require-cuda: the replica is on {models.device}, not on a CUDA device; not serving")
+    if not {"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(models.providers):
+        log.warning("--require-cuda: the replica is on %s, but the onnxruntime session runs on %s (this "
+                    "onnxruntime has no GPU provider that loads): targets and costs are computed on the CPU",
+                    models.device, models.providers)
+
+
 def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     """TLS credentials from ``tls_cert_path``/``tls_key_path``, or None for plaintext.
 
@@ -335,6 +353,10 @@ async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> Non
         # images are at most max_side_px; the session runs one image at a time), engines cached on disk.
         trt = tensorrt_options(max_side_px=config.limits.max_side_px,
                                opt_side_px=min(512, config.limits.max_side_px))
+        if config.require_cuda and not torch.cuda.is_available():
+            raise ValueError(f"--require-cuda: torch {torch.__version__} sees no CUDA device (CUDA build "
+                             f"{torch.version.cuda or 'none'}; check the driver, CUDA_VISIBLE_DEVICES and "
+                             f"--gpus); not serving on the CPU")
         # On the jobs' own threads, so that jobs, loading and warm-up share one OpenMP thread team.
         def load() -> StyleModels:
             torch.set_num_threads(threads)           # torch's pool; onnxruntime's through intra_op_threads
@@ -342,6 +364,8 @@ async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> Non
 
         torch.set_num_threads(threads)
         models = await servicer.on_job_thread(load)
+        if config.require_cuda:
+            require_cuda(models)
         await asyncio.sleep(config.fault_injection.slow_warm_up_s)
         await servicer.on_job_thread(warm_up, models)
     except BaseException:

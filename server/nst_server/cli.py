@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--auth-token", default=os.environ.get("NST_AUTH_TOKEN") or None,
                         help="require 'authorization: Bearer TOKEN' metadata on every call, else UNAUTHENTICATED "
                              "(default: $NST_AUTH_TOKEN; prefer the variable, a command line is visible in ps)")
+    parser.add_argument("--require-cuda", action="store_true",
+                        help="exit 2 at start unless the replica (the optimisation) runs on a CUDA device, instead "
+                             "of serving on the CPU (a session without a GPU provider is logged as a warning)")
     parser.add_argument("--auth-health", action="store_true",
                         help="also require the token for grpc.health.v1.Health (by default health stays open)")
     parser.add_argument("--metrics-port", type=PORT, default=None,
@@ -119,7 +122,7 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         max_receive_message_bytes=args.max_receive_message_bytes, grace_s=args.grace_s,
         tls_cert_path=args.tls_cert, tls_key_path=args.tls_key, auth_token=args.auth_token,
         auth_health=args.auth_health, metrics_host=args.metrics_host, metrics_port=args.metrics_port,
-        threads=args.threads, keepalive_time_s=args.keepalive_time_s,
+        threads=args.threads, require_cuda=args.require_cuda, keepalive_time_s=args.keepalive_time_s,
         keepalive_timeout_s=args.keepalive_timeout_s, min_ping_interval_s=args.min_ping_interval_s,
         max_connection_age_s=args.max_connection_age_s,
         max_connection_age_grace_s=args.max_connection_age_grace_s)

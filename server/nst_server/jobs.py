@@ -71,12 +71,22 @@ def parse_fault_injection(text: str | None) -> FaultInjection:
     return FaultInjection(by_seed, slow_warm_up_s)
 
 
+#: Words of an allocation failure in onnxruntime's exceptions (its BFC arena's "Failed to allocate memory for
+#: requested buffer", CUDA's "out of memory", cuDNN's and cuBLAS's ALLOC_FAILED statuses).
+_ORT_OUT_OF_MEMORY = ("failed to allocate memory", "out of memory", "alloc_failed", "bad_alloc")
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
-    """True for ``torch.OutOfMemoryError`` (CUDA), ``MemoryError`` and the CPU allocator's failure, which
-    PyTorch raises as a plain ``RuntimeError`` ("DefaultCPUAllocator: can't allocate memory")."""
+    """True for ``torch.OutOfMemoryError`` (CUDA), ``MemoryError``, the CPU allocator's failure, which PyTorch
+    raises as a plain ``RuntimeError`` ("DefaultCPUAllocator: can't allocate memory"), and onnxruntime's
+    allocation failures, raised as its own exception classes (``RuntimeException``, ``Fail`` …, not
+    ``RuntimeError``s) with an allocation message (:data:`_ORT_OUT_OF_MEMORY`)."""
     if isinstance(exc, torch.OutOfMemoryError | MemoryError):
         return True
-    return isinstance(exc, RuntimeError) and ("can't allocate memory" in str(exc) or "out of memory" in str(exc))
+    text = str(exc).lower()
+    if isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text):
+        return True
+    return type(exc).__module__.startswith("onnxruntime") and any(words in text for words in _ORT_OUT_OF_MEMORY)
 
 
 @dataclass(eq=False)

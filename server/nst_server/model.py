@@ -65,6 +65,43 @@ def tensorrt_options(max_side_px: int = 1024, opt_side_px: int = 512, max_batch:
     }
 
 
+#: The TensorRT runtime library onnxruntime-gpu's TensorRT provider loads (TensorRT 10; the provider's own
+#: ``libonnxruntime_providers_tensorrt.so`` ships in the wheel, TensorRT itself does not).
+TENSORRT_LIBRARIES = ("libnvinfer.so.10",)
+
+
+def tensorrt_loadable() -> tuple[bool, str]:
+    """Whether TensorRT's runtime library loads in this process (``ctypes.CDLL``), and what was tried.
+
+    onnxruntime-gpu lists TensorrtExecutionProvider as available whether or not TensorRT is installed; asked for
+    it without ``libnvinfer``, it prints an "EP Error" to stdout and falls back to the next provider.
+    """
+    for name in TENSORRT_LIBRARIES:
+        try:
+            ctypes.CDLL(name)
+            return True, f"{name} loaded"
+        except OSError as exc:
+            reason = f"{name} does not load ({exc})"
+    return False, reason
+
+
+def cuda_options(device_id: int = 0) -> dict[str, str]:
+    """CUDA execution provider options of the session.
+
+    - ``cudnn_conv_algo_search`` HEURISTIC: cuDNN's exhaustive search benchmarks every convolution algorithm for
+      each new input shape (reported on an H200: 142 ms per new shape, 17 ms with HEURISTIC, 6 ms repeated); a
+      job meets about 18 shapes (pyramid levels, scales, the delivered image).
+    - ``arena_extend_strategy`` kSameAsRequested: the arena grows by what is asked, not in powers of two, so a
+      large picture's activations do not reserve twice their size.
+    - ``use_tf32`` 0: the session computes the style targets and the delivered image's costs, which are strict
+      fp32 (TF32 convolutions differ from fp32 by 3-4e-4 per layer).
+
+    Source: onnxruntime's CUDA execution provider documentation (configuration options).
+    """
+    return {"device_id": str(device_id), "cudnn_conv_algo_search": "HEURISTIC",
+            "arena_extend_strategy": "kSameAsRequested", "use_tf32": "0"}
+
+
 class ModelFileError(RuntimeError):
     """The ONNX file is missing, unreadable, or is not a VGG-19 feature stack written by ``nst-export``."""
 
@@ -74,13 +111,23 @@ def choose_providers(requested: list[str] | None = None) -> list[str]:
 
     Without an explicit request and without a visible CUDA device, the GPU providers are not tried (the
     onnxruntime-gpu build lists them as available even then, and each failed load prints an error).
-    CPUExecutionProvider is always last.
+    TensorRT is asked for only when its library loads (:func:`tensorrt_loadable`; a warning when it was
+    requested explicitly). CPUExecutionProvider is always last.
     """
     available = set(ort.get_available_providers())
     wanted = requested or list(PREFERRED_PROVIDERS)
     if requested is None and not torch.cuda.is_available():
         log.info("no CUDA device visible: using CPUExecutionProvider")
         wanted = ["CPUExecutionProvider"]
+    if "TensorrtExecutionProvider" in wanted and "TensorrtExecutionProvider" in available:
+        loadable, why = tensorrt_loadable()
+        if not loadable:
+            (log.warning if requested else log.info)("TensorrtExecutionProvider left out: %s", why)
+            wanted = [name for name in wanted if name != "TensorrtExecutionProvider"]
+    missing = [name for name in wanted if name not in available]
+    if requested and missing:
+        log.warning("execution providers %s are not in this onnxruntime build (%s %s has %s)", missing,
+                    "onnxruntime", ort.__version__, sorted(available))
     chosen = [name for name in wanted if name in available]
     if "CPUExecutionProvider" not in chosen:
         chosen.append("CPUExecutionProvider")
@@ -194,13 +241,20 @@ class StyleModels:
         # (0.23 GiB at 512 px); without it one 512 px job peaks at 1.43 GiB instead of 1.66 (nst-benchmark).
         options.enable_cpu_mem_arena = False
         chosen = choose_providers(providers)
+        names = list(chosen)
         if "TensorrtExecutionProvider" in chosen:
             trt = trt_options if trt_options is not None else tensorrt_options()
             Path(trt.get("trt_engine_cache_path", ".")).mkdir(parents=True, exist_ok=True)
             chosen = [("TensorrtExecutionProvider", trt) if name == "TensorrtExecutionProvider" else name
                       for name in chosen]
+        device_id = (torch_device.index or 0) if torch_device.type == "cuda" else 0
+        chosen = [("CUDAExecutionProvider", cuda_options(device_id)) if name == "CUDAExecutionProvider" else name
+                  for name in chosen]
         session = ort.InferenceSession(proto.SerializeToString(), sess_options=options, providers=chosen)
         active = session.get_providers()
+        if active != names:
+            log.warning("onnxruntime was asked for execution providers %s and obtained %s (a provider that fails "
+                        "to load is dropped; its reason is in onnxruntime's output above)", names, active)
         log.info("onnxruntime %s session on %s; replica on %s", ort.__version__, active, torch_device)
         return cls(path=path, session=session, replica=replica, providers=active, metadata=metadata,
                    device=torch_device)
