@@ -15,7 +15,7 @@ from nst_export.vgg import MIN_SIDE_PX
 from nst_server.app import MAX_DURATION_S, ServerConfig, serve
 from nst_server.jobs import FAULT_INJECT_ENV, parse_fault_injection
 from nst_server.model import ModelFileError
-from nst_server.servicer import HEARTBEAT_S_RANGE, MAX_BATCH_WAIT_MS, ServerLimits
+from nst_server.servicer import HEARTBEAT_S_RANGE, MAX_BATCH_WAIT_MS, SEND_TIMEOUT_S_RANGE, ServerLimits
 
 #: Ranges of the flags (argparse refuses the rest with a usage error naming the flag): ports; gRPC's integer
 #: channel arguments (message sizes, int32); intra-op threads.
@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a Stylize stream is never quiet longer than this: a Heartbeat (queue position, time "
                              "waited) goes out while the job waits and between sparse Progress messages, s "
                              "(default: %(default)s; keep it under proxies' idle timeouts)")
-    parser.add_argument("--send-timeout-s", type=float, default=limits.send_timeout_s,
+    parser.add_argument("--send-timeout-s", type=number(*SEND_TIMEOUT_S_RANGE, " s"), default=limits.send_timeout_s,
                         help="a Stylize message the client does not take for this long (it stopped reading) ends "
                              "the call with DEADLINE_EXCEEDED and frees the job's slot, s (default: %(default)s)")
     config = ServerConfig(model_path="")
