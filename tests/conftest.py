@@ -10,6 +10,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
+#: Tests call their servers on loopback, some through raw gRPC channels: proxy variables in the environment
+#: ($http_proxy & co.) must not reroute them. gRPC reads $no_grpc_proxy when set, else $no_proxy; the tests of
+#: the clients' own proxy rule (test_field_client.py) clear these variables themselves.
+LOOPBACK = "localhost,127.0.0.0/8,::1"
+for _name in ("no_grpc_proxy", "no_proxy"):
+    if _name in os.environ or _name == "no_proxy":
+        os.environ[_name] = ",".join(filter(None, (os.environ.get(_name, ""), LOOPBACK)))
+
 
 def shared_dir() -> Path:
     return Path(os.environ.get("NST_SHARED_DIR", REPO.parent / "shared"))

@@ -389,3 +389,18 @@ def test_a_failed_side_by_side_keeps_the_old_sheet(tmp_path, disk_full_after):
     with pytest.raises(OSError):
         side_by_side(pictures, sheet)
     assert sheet.read_bytes() == OLD and _left_in(tmp_path) == ["0.png", "1.png", "2.png", "sheet.png"]
+
+
+def test_stylize_result_save_keeps_the_old_file_when_the_disk_fills(tmp_path, disk_full_after):
+    """The library's ``StylizeResult.save`` (what callers of NSTClient use) is atomic too."""
+    from nst_client import StylizeResult
+    target = tmp_path / "out.png"
+    target.write_bytes(OLD)
+    png = _picture()
+    result = StylizeResult(job_id="j", image_png=png, width_px=1, height_px=1, content_cost=0.0, style_cost=0.0,
+                           total_cost=0.0, iterations=0, best_iteration=0, stop_reason="ITERATIONS", elapsed_ms=0.0,
+                           progress=[])
+    disk_full_after(tmp_path, 100)
+    with pytest.raises(OSError):
+        result.save(target)
+    assert target.read_bytes() == OLD and _left_in(tmp_path) == ["out.png"]

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from nst_client._files import atomic_write_bytes
 from nst_client._proto.nst.v1 import style_transfer_pb2 as pb
 from nst_client._proto.nst.v1 import style_transfer_pb2_grpc as pb_grpc
 # Re-exported: ``from nst_client.client import CHOICES, build_request`` predates nst_client.options.
@@ -383,9 +384,13 @@ class StylizeResult:
     replica: str = ""                   # HOSTNAME/PID of the server that delivered it (JobAccepted.replica)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the PNG bytes to ``path``."""
-        with open(path, "wb") as handle:
-            handle.write(self.image_png)
+        """Write the PNG bytes to ``path``, atomically: to a temporary file in the same folder, then renamed
+        (:func:`nst_client._files.atomic_write_bytes`), so a failed write leaves an older file of that name whole.
+
+        Raises:
+            OSError: nothing was written.
+        """
+        atomic_write_bytes(path, self.image_png)
 
 
 @dataclass(frozen=True)
