@@ -26,8 +26,10 @@ Raises nothing: failures of a step are recorded in ``summary.json`` and the exit
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -107,16 +109,50 @@ def session_timings(model_path: Path, providers: list[str], side: int, repeats: 
 
 
 def _run(command: list[str], log: Path, timeout_s: float) -> int:
-    """Run ``command`` with stdout and stderr to ``log``; 124 when it ran past ``timeout_s``. The log is written
-    to a temporary file beside it and renamed into place when the command ends (an earlier log stays whole
-    until then, and stays when this one cannot be written or the run is interrupted)."""
+    """Run ``command`` in a process group of its own with stdout and stderr to ``log``; 124 when it ran past
+    ``timeout_s``, and then the whole group is killed (a server or worker it started would otherwise hold the
+    GPU). The log is written to a temporary file beside it and renamed into place when the command ends (an
+    earlier log stays whole until then, and stays when this one cannot be written or the run is interrupted)."""
     with atomic_open(log, "w") as handle:
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+        _CHILDREN.add(process)
         try:
-            return subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT,
-                                  timeout=max(1.0, timeout_s)).returncode
+            return process.wait(timeout=max(1.0, timeout_s))
         except subprocess.TimeoutExpired:
-            handle.write(f"\n[nst-gpu-check] timed out after {timeout_s:.0f} s\n")
+            handle.write(f"\n[nst-gpu-check] timed out after {timeout_s:.0f} s; its process group killed\n")
             return 124
+        finally:
+            _kill_group(process)         # also when the command ended: what it started and left must not live on
+            _CHILDREN.discard(process)
+
+
+#: The steps' processes running now (each the leader of its own process group).
+_CHILDREN: set[subprocess.Popen] = set()
+
+
+def _terminated(signum, _frame) -> None:
+    """SIGTERM/SIGINT (an outer ``timeout``): the steps' process groups go too, then exit 128 + signum."""
+    for process in list(_CHILDREN):
+        _kill_group(process)
+    raise SystemExit(128 + signum)
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    """SIGKILL to ``process``'s process group (what it left running too), then reap it."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=10)
+
+
+def archive(folder: Path, target: Path) -> Path:
+    """``folder`` packed into one ``.tar.gz`` at ``target`` (written atomically): the device tool brings back at
+    most 8 files from a run, and a run leaves more."""
+    import tarfile
+    from nst_client._files import atomic_path
+    with atomic_path(target) as temporary, tarfile.open(temporary, "w:gz") as tar:
+        tar.add(folder, arcname=folder.name)
+    return target
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="ONNX file (exported when missing)")
     parser.add_argument("--smoke", action="store_true", help="CPU-sized run (64 px) even where CUDA is present")
     parser.add_argument("--budget-s", type=float, default=480.0, help="wall-clock budget, s (default: %(default)s)")
+    parser.add_argument("--archive", default=None, metavar="TAR_GZ",
+                        help="also pack the output folder into this one .tar.gz at the end (the device tool "
+                             "brings back at most 8 files)")
     parser.add_argument("--session-child", nargs=3, metavar=("PROVIDERS", "SIDE", "JSON"), default=None,
                         help=argparse.SUPPRESS)    # internal: one session_timings() run, written to JSON
     parser.add_argument("--providers", default=None,
@@ -141,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                                   trt_cache=Path(target).parent / "trt_cache")
         atomic_write_text(target, json.dumps(figures, indent=2))
         return 0
+    signal.signal(signal.SIGTERM, _terminated)
     started = time.monotonic()
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -247,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     summary["seconds"] = time.monotonic() - started
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     ok = all(entry.get("ok") for entry in summary["steps"].values())
+    if args.archive:
+        _log(f"packed into {archive(out, Path(args.archive))}")
     _log(f"{'all steps ok' if ok else 'some steps FAILED'} in {summary['seconds']:.0f} s; see {out / 'summary.json'}")
     return 0 if ok else 1
 

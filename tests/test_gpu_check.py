@@ -1,0 +1,63 @@
+"""nst-gpu-check's machinery that the GPU run depends on, tested on the CPU: a step that runs past its time is
+killed with everything it started, and the output folder packs into one archive (the device tool brings back
+at most 8 files). The whole --smoke run is deploy/device/rehearse.sh (a CI step)."""
+
+from __future__ import annotations
+
+import os
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+from nst_server import gpu_check
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in state                  # a zombie waiting for its reaper counts as gone
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads /proc (Linux)")
+def test_a_step_past_its_time_is_killed_with_what_it_started(tmp_path):
+    """The step's shell starts a background sleep and waits: at the limit both are killed (only the direct
+    child was before: an orphaned server would hold the GPU), the exit code is 124 and the log says so."""
+    pid_file, log = tmp_path / "pid", tmp_path / "step.log"
+    started = time.monotonic()
+    code = gpu_check._run(["sh", "-c", f"sleep 300 & echo $! > {pid_file}; wait"], log, timeout_s=1.0)
+    assert code == 124 and time.monotonic() - started < 30
+    grandchild = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while _alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(grandchild)
+    assert "timed out after 1 s" in log.read_text() and not gpu_check._CHILDREN
+
+
+def test_a_step_that_ends_leaves_nothing_running(tmp_path):
+    pid_file, log = tmp_path / "pid", tmp_path / "step.log"
+    code = gpu_check._run(["sh", "-c", f"sleep 300 & echo $! > {pid_file}; echo done"], log, timeout_s=30.0)
+    assert code == 0 and log.read_text().strip() == "done"
+    grandchild = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while _alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(grandchild)
+
+
+def test_the_output_folder_packs_into_one_archive(tmp_path):
+    folder = tmp_path / "gpu_check"
+    (folder / "benchmark").mkdir(parents=True)
+    for name in ("summary.json", "machine.json", "parity.json", "benchmark/benchmark.json"):
+        (folder / name).write_text(name)
+    (tmp_path / "out").mkdir()
+    target = gpu_check.archive(folder, tmp_path / "out" / "gpu_check.tar.gz")
+    with tarfile.open(target) as tar:
+        assert sorted(tar.getnames()) == sorted(["gpu_check", "gpu_check/benchmark", "gpu_check/summary.json",
+                                                 "gpu_check/machine.json", "gpu_check/parity.json",
+                                                 "gpu_check/benchmark/benchmark.json"])
+    assert os.listdir(tmp_path / "out") == ["gpu_check.tar.gz"]
