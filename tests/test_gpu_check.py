@@ -61,3 +61,14 @@ def test_the_output_folder_packs_into_one_archive(tmp_path):
                                                  "gpu_check/machine.json", "gpu_check/parity.json",
                                                  "gpu_check/benchmark/benchmark.json"])
     assert os.listdir(tmp_path / "out") == ["gpu_check.tar.gz"]
+
+
+def test_the_sweep_reports_each_cell(onnx_path):
+    """The sweep's cells at a CPU size: seconds per iteration and iterations for each precision (TF32 is fp32 on
+    the CPU), no peak memory off CUDA, and a cell past the deadline skipped, not run."""
+    figures = gpu_check.sweep(onnx_path, (32,), ("fp32", "tf32"), iterations=3, cell_cap_s=60.0)
+    for precision in ("fp32", "tf32"):
+        cell = figures["cells"][precision]["32"]
+        assert cell["iterations"] == 3 and cell["s_per_iteration"] > 0 and cell["peak_gib"] is None
+    late = gpu_check.sweep(onnx_path, (32,), ("fp32",), deadline=time.monotonic() - 1)
+    assert late["cells"]["fp32"]["32"] == {"error": "skipped: out of time budget"}

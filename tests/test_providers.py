@@ -70,3 +70,16 @@ def test_require_cuda_refuses_to_serve_on_the_cpu(onnx_path):
                           "--require-cuda"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "--require-cuda" in run.stderr and "no CUDA device" in run.stderr, run.stderr
     assert "listening" not in run.stdout and "Traceback" not in run.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible")
+def test_a_driver_torch_cannot_use_is_a_warning(tmp_path, monkeypatch, caplog):
+    """A node whose driver is older than torch's CUDA build needs got the CPU silently (an INFO line); with the
+    driver's device present, it is a warning naming torch's CUDA version."""
+    fake = tmp_path / "nvidiactl"
+    fake.touch()
+    monkeypatch.setattr(model, "NVIDIA_DEVICE", fake)
+    with caplog.at_level(logging.INFO, logger="nst_server.model"):
+        assert model.choose_providers() == ["CPUExecutionProvider"]
+    assert any(r.levelno == logging.WARNING and "sees no usable CUDA device" in r.getMessage()
+               for r in caplog.records)

@@ -5,17 +5,21 @@ Steps, each bounded by what is left of ``--budget-s`` (default 480 s, the issue'
 1. ``machine.json``: torch/onnxruntime versions, the CUDA device, the execution providers onnxruntime offers;
 2. the model file: ``--model``, else ``$NST_MODEL`` / ``models/vgg19_nst.onnx``, exported when missing;
 3. ``parity.json``: the onnxruntime session against the PyTorch replica on the replica's device (max relative
-   error per layer at two sizes, the criterion of ``tests/test_parity.py``: <= 1e-4), and
-   ``pytest tests/test_parity.py`` when the repository's tests are beside the package (``parity_pytest.txt``);
-4. ``session_<provider>.json``: the onnxruntime session's forward pass at ``--size`` px through IO binding and
-   without, for the CUDA execution provider and then TensorRT (with the server's shape profile and an engine
-   cache in ``OUT_DIR/trt_cache``; the first call includes the engine build), each in a child process with
-   a time limit;
-5. ``benchmark/benchmark.json``: ``nst-benchmark`` at ``--size`` (512) px: tutorial loop vs engine vs server,
+   error per layer at two sizes in strict fp32, the criterion of ``tests/test_parity.py``: <= 1e-4; on CUDA
+   TF32's error beside it), and ``pytest tests/test_parity.py`` when the repository's tests are beside the
+   package (``parity_pytest.txt``);
+4. ``sweep.json``: the engine's seconds per iteration and peak device memory at 512, 1024, 2048 and 4096 px in
+   bf16, TF32 and strict fp32 (:func:`sweep`: out of memory caught per cell, smallest first, a time cap per
+   cell), and ``default_job.json``: a default 512 px job cold and warm (:func:`default_job`);
+5. ``session_<provider>.json``: the onnxruntime session's forward pass at ``--size`` px through IO binding and
+   without, for each GPU execution provider this onnxruntime has (CUDA; TensorRT where its library loads, with
+   the server's shape profile and an engine cache in ``OUT_DIR/trt_cache``; the first call includes the engine
+   build), else the CPU one, each in a child process with a time limit;
+6. ``benchmark/benchmark.json``: ``nst-benchmark`` at ``--size`` (512) px: tutorial loop vs engine vs server,
    time to quality at the issue's N = 300, FLOP/s against the matmul, bf16 vs fp32, batching, peak memory;
-6. ``bench.json``, ``bench.csv``, ``bench.png``: ``nst bench`` against a server (4 running jobs, batches of up to
+7. ``bench.json``, ``bench.csv``, ``bench.png``: ``nst bench`` against a server (4 running jobs, batches of up to
    4) at concurrency 1, 2, 4;
-7. ``summary.json``: what ran, how long, what failed.
+8. ``summary.json``: what ran, how long, what failed.
 
 Without CUDA (or with ``--smoke``) it runs the same steps on the CPU at 64 px with a few iterations, in about
 two minutes on two cores, so the script itself is tested where no GPU is.
@@ -55,25 +59,149 @@ def _log(message: str) -> None:
     print(f"[nst-gpu-check {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+@contextlib.contextmanager
+def tf32(enabled: bool):
+    """TF32 for fp32 matrix products and cuDNN convolutions on CUDA (Ampere and later) while inside, restored
+    after; no effect on the CPU. Process-wide torch settings: for this single-threaded check only (PyTorch docs,
+    "TensorFloat-32 (TF32) on Ampere (and later) devices")."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def parity(model_path: Path, sizes: tuple[tuple[int, int], ...] = ((64, 64), (512, 384))) -> dict:
-    """Max relative error ``max |session - replica| / max |session|`` per layer and size (fp32)."""
+    """Max relative error ``max |session - replica| / max |session|`` per layer and size, the replica in strict
+    fp32 (the criterion, <= 1e-4) and, on CUDA, in TF32 beside it (reported, not judged)."""
     from nst_export.vgg import OUTPUT_LAYERS
     from nst_server.model import StyleModels
 
     models = StyleModels.load(model_path)
     figures: dict = {"providers": models.providers, "replica_device": str(models.device), "sizes": {}}
-    worst = 0.0
+    worst = worst_tf32 = 0.0
+    modes = (False, True) if models.device.type == "cuda" else (False,)
     for height, width in sizes:
         torch.manual_seed(height)
         image = torch.rand(1, 3, height, width, device=models.device)
         session = models.features(image)
-        with torch.no_grad():
-            replica = dict(zip(OUTPUT_LAYERS, models.replica(image)))
-        errors = {layer: float((session[layer] - replica[layer]).abs().max() / session[layer].abs().max())
-                  for layer in OUTPUT_LAYERS}
-        worst = max(worst, *errors.values())
-        figures["sizes"][f"{width}x{height}"] = errors
+        for mode in modes:
+            with torch.no_grad(), tf32(mode):
+                replica = dict(zip(OUTPUT_LAYERS, models.replica(image)))
+            errors = {layer: float((session[layer] - replica[layer]).abs().max() / session[layer].abs().max())
+                      for layer in OUTPUT_LAYERS}
+            if mode:
+                worst_tf32 = max(worst_tf32, *errors.values())
+                figures["sizes"][f"{width}x{height}_tf32"] = errors
+            else:
+                worst = max(worst, *errors.values())
+                figures["sizes"][f"{width}x{height}"] = errors
     figures.update(max_relative_error=worst, passed=worst <= 1e-4)
+    if len(modes) == 2:
+        figures["tf32_max_relative_error"] = worst_tf32
+    return figures
+
+
+def _peak_memory_reset(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_memory_gib(device: torch.device) -> float | None:
+    """Peak memory torch allocated on ``device`` since the last reset, GiB (None on the CPU: not per cell)."""
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def _inputs(side: int):
+    """A content and a style image (the demo's painting as the style, a noise-free gradient photo stand-in as the
+    content) at ``side`` px: the timing does not depend on what they show."""
+    import numpy as np
+    from PIL import Image
+
+    from nst_server import engine
+    y, x = np.mgrid[0:side * 3 // 4, 0:side]
+    content = np.stack([x * 255 // side, y * 255 // max(1, side * 3 // 4), np.full_like(x, 120)], -1)
+    samples = Path(__file__).resolve().parent / "samples"
+    paintings = sorted(samples.glob("*.jpg"))
+    style = Image.open(paintings[0]).convert("RGB") if paintings else Image.fromarray(content.astype("uint8")[::-1])
+    return engine.JobInputs(content=Image.fromarray(content.astype("uint8")), styles=[(style, 1.0)])
+
+
+def sweep(model_path: Path, sides: tuple[int, ...], precisions: tuple[str, ...], iterations: int = 4,
+          cell_cap_s: float = 45.0, deadline: float | None = None) -> dict:
+    """Seconds per iteration and peak device memory of the engine (one scale, one pyramid level, L-BFGS) at each
+    output side and precision: ``bf16`` (autocast), ``tf32`` (fp32 with TF32 products on CUDA; the same as fp32
+    on the CPU) and ``fp32`` (strict). Smallest side first; a cell that runs out of memory is recorded and the
+    larger sides of that precision are skipped; a cell stops after ``cell_cap_s`` (its targets included) and
+    none starts after ``deadline`` (``time.monotonic()``).
+
+    Returns ``{precision: {side: {"s_per_iteration", "iterations", "peak_gib", "cell_s"} or {"error"}}}``.
+    """
+    import statistics
+
+    from nst_server import engine
+    from nst_server.jobs import is_out_of_memory
+    from nst_server.model import StyleModels
+
+    models = StyleModels.load(model_path)
+    figures: dict = {"replica_device": str(models.device), "providers": models.providers, "cells": {}}
+    for precision in precisions:
+        row = figures["cells"][precision] = {}
+        exhausted = False
+        for side in sides:
+            if exhausted:
+                row[str(side)] = {"error": "skipped: a smaller side ran out of memory"}
+                continue
+            if deadline is not None and time.monotonic() > deadline:
+                row[str(side)] = {"error": "skipped: out of time budget"}
+                continue
+            settings = engine.StyleTransferSettings(
+                max_side_px=side, iterations=iterations, scales=1, pyramid_levels=1,
+                precision="fp32" if precision == "tf32" else precision)
+            started = time.monotonic()
+            _peak_memory_reset(models.device)
+            try:
+                with tf32(precision == "tf32"):
+                    events = list(engine.stylize(models, _inputs(side), settings,
+                                                 should_stop=lambda: time.monotonic() - started > cell_cap_s))
+            except Exception as exc:  # noqa: BLE001 - recorded per cell; out of memory ends this precision's row
+                exhausted = is_out_of_memory(exc)
+                row[str(side)] = {"error": f"{'out of memory: ' if exhausted else ''}{type(exc).__name__}: "
+                                           f"{str(exc)[:300]}", "cell_s": time.monotonic() - started}
+                if models.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            elapsed = [event.elapsed_ms / 1000.0 for event in events if isinstance(event, engine.Progress)]
+            steps = [b - a for a, b in zip(elapsed, elapsed[1:])]
+            row[str(side)] = {"s_per_iteration": statistics.median(steps) if steps else None,
+                              "iterations": len(elapsed), "peak_gib": _peak_memory_gib(models.device),
+                              "cell_s": time.monotonic() - started}
+            _log(f"sweep {precision} {side} px: {row[str(side)]}")
+    return figures
+
+
+def default_job(model_path: Path, side: int, iterations: int | None = None) -> dict:
+    """A default job (the server's defaults: 3 scales, 3 pyramid levels, L-BFGS, precision auto) at ``side`` px
+    in-process, twice: cold (the first job of the process: kernel selection, caches) and warm; wall seconds."""
+    from nst_server import engine
+    from nst_server.model import StyleModels
+
+    models = StyleModels.load(model_path)
+    settings = engine.StyleTransferSettings(max_side_px=side)
+    if iterations is not None:
+        settings = settings.replace(iterations=iterations)
+    figures: dict = {"side_px": side, "iterations": settings.iterations, "replica_device": str(models.device)}
+    for run in ("cold", "warm"):
+        started = time.monotonic()
+        result = list(engine.stylize(models, _inputs(side), settings))[-1]
+        if models.device.type == "cuda":
+            torch.cuda.synchronize()
+        figures[f"{run}_s"] = time.monotonic() - started
+        figures["precision"] = result.precision
+        figures[f"{run}_iterations"] = result.iterations
     return figures
 
 
@@ -207,10 +335,25 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
 
     def machine() -> None:
+        import platform
+
+        import grpc
         import onnxruntime
+        from google import protobuf
+
+        from nst_server.model import choose_providers, tensorrt_loadable
+        try:
+            driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,memory.total", "--format=csv,noheader"],
+                                    capture_output=True, text=True, timeout=20).stdout.strip() or None
+        except (OSError, subprocess.TimeoutExpired):
+            driver = None
+        loadable, why = tensorrt_loadable()
         atomic_write_text(out / "machine.json", json.dumps({
-            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+            "python": platform.python_version(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
+            "onnxruntime": onnxruntime.__version__, "grpcio": grpc.__version__, "protobuf": protobuf.__version__,
             "available_providers": onnxruntime.get_available_providers(),
+            "providers_asked_for": choose_providers(), "tensorrt_loadable": loadable, "tensorrt_why": why,
+            "nvidia_smi": driver,
             "cuda_device": torch.cuda.get_device_name() if cuda else None,
             "cuda_capability": torch.cuda.get_device_capability() if cuda else None,
             "bf16_supported": torch.cuda.is_bf16_supported() if cuda else False,
@@ -236,12 +379,32 @@ def main(argv: list[str] | None = None) -> int:
             return figures["passed"] and code == 0
         return figures["passed"]
 
+    def sweep_step() -> bool:
+        sides = (64, 96) if smoke else (512, 1024, 2048, 4096)
+        figures = sweep(model_path, sides, ("bf16", "tf32", "fp32"), iterations=3 if smoke else 4,
+                        cell_cap_s=20.0 if smoke else 45.0, deadline=time.monotonic() + max(0.0, left() - 240))
+        atomic_write_text(out / "sweep.json", json.dumps(figures, indent=2))
+        return all("error" not in cell or "memory" in cell["error"] for row in figures["cells"].values()
+                   for cell in row.values())
+
+    def default_job_step() -> None:
+        figures = default_job(model_path, 64 if smoke else 512, iterations=10 if smoke else None)
+        atomic_write_text(out / "default_job.json", json.dumps(figures, indent=2))
+
     def session_step() -> bool:
-        """CUDA EP, then TensorRT EP (engine build included, 150 s at most); CPU EP in the smoke run."""
+        """CUDA EP, then TensorRT EP (engine build included, 150 s at most) where this onnxruntime has them (and
+        TensorRT's library loads); else the CPU EP (the GPU machine's image has onnxruntime for the CPU only)."""
+        import onnxruntime
+
+        from nst_server.model import tensorrt_loadable
         side = 64 if smoke else 512
-        runs = [("cpu", "CPUExecutionProvider", 60.0)] if not cuda else [
-            ("cuda", "CUDAExecutionProvider,CPUExecutionProvider", 90.0),
-            ("tensorrt", "TensorrtExecutionProvider,CUDAExecutionProvider,CPUExecutionProvider", 150.0)]
+        available = set(onnxruntime.get_available_providers()) if cuda else set()
+        runs = []
+        if "CUDAExecutionProvider" in available:
+            runs.append(("cuda", "CUDAExecutionProvider,CPUExecutionProvider", 90.0))
+        if "TensorrtExecutionProvider" in available and tensorrt_loadable()[0]:
+            runs.append(("tensorrt", "TensorrtExecutionProvider,CUDAExecutionProvider,CPUExecutionProvider", 150.0))
+        runs = runs or [("cpu", "CPUExecutionProvider", 60.0)]
         ok = True
         for name, providers, limit in runs:
             if left() < limit + 150:
@@ -278,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
     step("machine", machine)
     step("model", model)
     step("parity", parity_step)
+    step("sweep", sweep_step)
+    step("default_job", default_job_step)
     step("session", session_step)
     step("benchmark", benchmark)
     if left() > 20:

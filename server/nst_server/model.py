@@ -70,6 +70,10 @@ def tensorrt_options(max_side_px: int = 1024, opt_side_px: int = 512, max_batch:
 TENSORRT_LIBRARIES = ("libnvinfer.so.10",)
 
 
+#: The NVIDIA driver's control device: present where a GPU driver is loaded (and given to this container).
+NVIDIA_DEVICE = Path("/dev/nvidiactl")
+
+
 def tensorrt_loadable() -> tuple[bool, str]:
     """Whether TensorRT's runtime library loads in this process (``ctypes.CDLL``), and what was tried.
 
@@ -117,7 +121,12 @@ def choose_providers(requested: list[str] | None = None) -> list[str]:
     available = set(ort.get_available_providers())
     wanted = requested or list(PREFERRED_PROVIDERS)
     if requested is None and not torch.cuda.is_available():
-        log.info("no CUDA device visible: using CPUExecutionProvider")
+        if NVIDIA_DEVICE.exists():          # a GPU driver is there, yet torch cannot use it: say so loudly
+            log.warning("an NVIDIA driver is present (%s) but torch %s (CUDA %s) sees no usable CUDA device (a "
+                        "driver older than this CUDA build needs, or no device given to this container): serving "
+                        "on the CPU", NVIDIA_DEVICE, torch.__version__, torch.version.cuda)
+        else:
+            log.info("no CUDA device visible: using CPUExecutionProvider")
         wanted = ["CPUExecutionProvider"]
     if "TensorrtExecutionProvider" in wanted and "TensorrtExecutionProvider" in available:
         loadable, why = tensorrt_loadable()
@@ -204,7 +213,8 @@ class StyleModels:
             providers: execution providers to try, in order; default TensorRT, CUDA, CPU (those this
                 onnxruntime build has). onnxruntime falls back to the next one when a provider fails to load.
             device: torch device for the replica; default ``cuda`` when available, else ``cpu``. On CUDA, fp32
-                matrix products and convolutions are allowed to use TF32 (process-wide torch settings).
+                is strict fp32: TF32 is turned off for matrix products and cuDNN convolutions (process-wide torch
+                settings; cuDNN's default allows TF32, 3-4e-4 relative error per layer).
             intra_op_threads: onnxruntime intra-op threads (0: its default, one per physical core).
             trt_options: TensorRT provider options (default :func:`tensorrt_options`), used when TensorRT is
                 among the providers.
@@ -224,11 +234,12 @@ class StyleModels:
         metadata = {entry.key: entry.value for entry in proto.metadata_props}
         torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if torch_device.type == "cuda":
-            # fp32 jobs on a GPU run their matrix products and convolutions as TF32 on Tensor Cores (Ampere and
-            # later; ignored before): torch's "high" float32 matmul precision and cuDNN's allow_tf32 (PyTorch
-            # docs, "TensorFloat-32 (TF32) on Ampere (and later) devices").
-            torch.set_float32_matmul_precision("high")
-            torch.backends.cudnn.allow_tf32 = True
+            # fp32 jobs are strict fp32 on a GPU too, as the name says and the parity test measures: TF32 off for
+            # matrix products (torch's default) and for cuDNN convolutions (on by default). A job wanting speed
+            # on a GPU gets bf16 (precision auto, compute capability 8.0 or later); nst-gpu-check's sweep
+            # measures TF32 beside both (PyTorch docs, "TensorFloat-32 (TF32) on Ampere (and later) devices").
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
         replica = build_replica(proto, torch_device)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
