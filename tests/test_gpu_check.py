@@ -72,3 +72,14 @@ def test_the_sweep_reports_each_cell(onnx_path):
         assert cell["iterations"] == 3 and cell["s_per_iteration"] > 0 and cell["peak_gib"] is None
     late = gpu_check.sweep(onnx_path, (32,), ("fp32",), deadline=time.monotonic() - 1)
     assert late["cells"]["fp32"]["32"] == {"error": "skipped: out of time budget"}
+
+
+def test_conv_search_timings_time_each_shape_in_each_mode(onnx_path):
+    """The CUDA EP's first-call and steady times per shape for HEURISTIC and EXHAUSTIVE (run here on the CPU
+    provider, which ignores the option: the machinery, not the figure); the module setting is restored."""
+    from nst_server import model
+    figures = gpu_check.conv_search_timings(onnx_path, ["CPUExecutionProvider"], 64, repeats=1)
+    assert set(figures) == {"HEURISTIC", "EXHAUSTIVE"} and model.CUDNN_CONV_ALGO_SEARCH == "HEURISTIC"
+    for per_shape in figures.values():
+        assert set(per_shape) == {"64x64", "32x48", "64x48"}
+        assert all(t["first_s"] > 0 and t["steady_s"] > 0 for t in per_shape.values())

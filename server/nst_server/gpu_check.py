@@ -233,16 +233,53 @@ def session_timings(model_path: Path, providers: list[str], side: int, repeats: 
         figures["io_binding" if binding else "plain_run"] = {"first_s": times[0],
                                                              "median_s": statistics.median(times[1:])}
     figures["io_binding_gain"] = figures["plain_run"]["median_s"] / figures["io_binding"]["median_s"]
+    model_module.IO_BINDING = True
+    if "CUDAExecutionProvider" in models.providers:
+        figures["cudnn_conv_algo_search"] = conv_search_timings(model_path, providers, side)
     return figures
 
 
-def _run(command: list[str], log: Path, timeout_s: float) -> int:
+def conv_search_timings(model_path: Path, providers: list[str], side: int,
+                        modes: tuple[str, ...] = ("HEURISTIC", "EXHAUSTIVE"), repeats: int = 3) -> dict:
+    """The CUDA execution provider's first call and steady time per input shape with each of cuDNN's
+    convolution algorithm searches (a job meets about 18 shapes: each new one pays the search), s."""
+    import statistics
+
+    from nst_server import model as model_module
+    from nst_server.model import StyleModels
+
+    shapes = ((64, 64), (side * 3 // 4, side // 2), (side * 3 // 4, side))
+    figures: dict = {}
+    saved = model_module.CUDNN_CONV_ALGO_SEARCH
+    try:
+        for mode in modes:
+            model_module.CUDNN_CONV_ALGO_SEARCH = mode
+            models = StyleModels.load(model_path, providers)
+            per_shape = {}
+            for height, width in shapes:
+                image = torch.rand(1, 3, height, width, device=models.device)
+                times = []
+                for _ in range(repeats + 1):
+                    begun = time.perf_counter()
+                    models.features(image)
+                    if models.device.type == "cuda":
+                        torch.cuda.synchronize()
+                    times.append(time.perf_counter() - begun)
+                per_shape[f"{width}x{height}"] = {"first_s": times[0], "steady_s": statistics.median(times[1:])}
+            figures[mode] = per_shape
+    finally:
+        model_module.CUDNN_CONV_ALGO_SEARCH = saved
+    return figures
+
+
+def _run(command: list[str], log: Path, timeout_s: float, env: dict[str, str] | None = None) -> int:
     """Run ``command`` in a process group of its own with stdout and stderr to ``log``; 124 when it ran past
     ``timeout_s``, and then the whole group is killed (a server or worker it started would otherwise hold the
     GPU). The log is written to a temporary file beside it and renamed into place when the command ends (an
     earlier log stays whole until then, and stays when this one cannot be written or the run is interrupted)."""
     with atomic_open(log, "w") as handle:
-        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
+                                   env=None if env is None else {**os.environ, **env})
         _CHILDREN.add(process)
         try:
             return process.wait(timeout=max(1.0, timeout_s))
@@ -373,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         tests = Path(__file__).resolve().parents[2] / "tests" / "test_parity.py"
         if tests.is_file():
             code = _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests)],
-                        out / "parity_pytest.txt", min(120.0, left()))
+                        out / "parity_pytest.txt", min(120.0, left()), env={"NST_TEST_MODEL": str(model_path)})
             figures["pytest_exit_code"] = code
             atomic_write_text(out / "parity.json", json.dumps(figures, indent=2))
             return figures["passed"] and code == 0

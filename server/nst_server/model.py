@@ -89,6 +89,10 @@ def tensorrt_loadable() -> tuple[bool, str]:
     return False, reason
 
 
+#: cuDNN's convolution algorithm search of the session's CUDA execution provider (:func:`cuda_options`).
+CUDNN_CONV_ALGO_SEARCH = "HEURISTIC"
+
+
 def cuda_options(device_id: int = 0) -> dict[str, str]:
     """CUDA execution provider options of the session.
 
@@ -102,7 +106,7 @@ def cuda_options(device_id: int = 0) -> dict[str, str]:
 
     Source: onnxruntime's CUDA execution provider documentation (configuration options).
     """
-    return {"device_id": str(device_id), "cudnn_conv_algo_search": "HEURISTIC",
+    return {"device_id": str(device_id), "cudnn_conv_algo_search": CUDNN_CONV_ALGO_SEARCH,
             "arena_extend_strategy": "kSameAsRequested", "use_tf32": "0"}
 
 
