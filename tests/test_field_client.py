@@ -20,13 +20,12 @@ import socket
 import subprocess
 import sys
 from concurrent import futures
-from pathlib import Path
 
 import grpc
 import pytest
 
 import serving
-from nst_client import NSTClient, NSTError
+from nst_client import NSTClient
 from nst_client._proto.nst.v1 import style_transfer_pb2 as pb
 from nst_client._proto.nst.v1 import style_transfer_pb2_grpc as pb_grpc
 from nst_client.aio import AsyncNSTClient
@@ -366,16 +365,7 @@ def test_cli_refuses_a_bare_ipv6_address_and_a_missing_port():
         assert "argument --server:" in done.stderr.decode() and expected in done.stderr.decode()
 
 
-def _ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as sock:
-            sock.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback (::1) on this machine")
+@pytest.mark.skipif(not serving.has_ipv6_loopback(), reason="no IPv6 loopback (::1) on this machine")
 def test_cli_health_over_ipv6_loopback_in_brackets(refused_port):
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
     health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))

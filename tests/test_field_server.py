@@ -87,16 +87,6 @@ def test_a_reader_that_waits_stalls_no_job_and_holds_few_previews(onnx_path, sma
     _no_traceback(server.log())
 
 
-def _has_ipv6_loopback() -> bool:
-    import socket
-    try:
-        with socket.socket(socket.AF_INET6) as probe:
-            probe.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
 def _server_command(onnx_path, *args: str) -> list[str]:
     import sys
     return [sys.executable, "-m", "nst_server.cli", "--model", str(onnx_path), *args]
@@ -142,7 +132,7 @@ def test_host_forms_that_name_no_address_are_refused_at_start(onnx_path, host):
     assert "Traceback" not in run.stderr
 
 
-@pytest.mark.skipif(not _has_ipv6_loopback(), reason="this machine has no IPv6 loopback (::1)")
+@pytest.mark.skipif(not serving.has_ipv6_loopback(), reason="this machine has no IPv6 loopback (::1)")
 @pytest.mark.parametrize("host", ["::1", "[::1]", "::"])
 def test_ipv6_hosts_listen_as_meant(onnx_path, tmp_path, host):
     """--host ::1 and --host :: exited 2 "cannot listen on ::1:50303" (the address joined unbracketed); now they

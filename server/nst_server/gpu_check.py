@@ -209,7 +209,6 @@ def session_timings(model_path: Path, providers: list[str], side: int, repeats: 
                     trt_cache: Path | None = None) -> dict:
     """Seconds of the session's forward pass of one ``side x side`` image (on the replica's device), first call
     and median of ``repeats`` after it, with IO binding on and off; the providers the session really got."""
-    import statistics
 
     from nst_server import model as model_module
     from nst_server.model import StyleModels, tensorrt_options
@@ -223,15 +222,8 @@ def session_timings(model_path: Path, providers: list[str], side: int, repeats: 
     image = torch.rand(1, 3, side, side, device=models.device)
     for binding in (True, False):
         model_module.IO_BINDING = binding
-        times = []
-        for _ in range(repeats + 1):
-            begun = time.perf_counter()
-            models.features(image)
-            if models.device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - begun)
-        figures["io_binding" if binding else "plain_run"] = {"first_s": times[0],
-                                                             "median_s": statistics.median(times[1:])}
+        first_s, median_s = _call_times(models, image, repeats)
+        figures["io_binding" if binding else "plain_run"] = {"first_s": first_s, "median_s": median_s}
     figures["io_binding_gain"] = figures["plain_run"]["median_s"] / figures["io_binding"]["median_s"]
     model_module.IO_BINDING = True
     if "CUDAExecutionProvider" in models.providers:
@@ -239,11 +231,24 @@ def session_timings(model_path: Path, providers: list[str], side: int, repeats: 
     return figures
 
 
+def _call_times(models, image: torch.Tensor, repeats: int) -> tuple[float, float]:
+    """The session's forward pass of ``image``: the first call's seconds and the median of ``repeats`` more
+    (the device synchronised before each clock reading)."""
+    import statistics
+    times = []
+    for _ in range(repeats + 1):
+        begun = time.perf_counter()
+        models.features(image)
+        if models.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - begun)
+    return times[0], statistics.median(times[1:])
+
+
 def conv_search_timings(model_path: Path, providers: list[str], side: int,
                         modes: tuple[str, ...] = ("HEURISTIC", "EXHAUSTIVE"), repeats: int = 3) -> dict:
     """The CUDA execution provider's first call and steady time per input shape with each of cuDNN's
     convolution algorithm searches (a job meets about 18 shapes: each new one pays the search), s."""
-    import statistics
 
     from nst_server import model as model_module
     from nst_server.model import StyleModels
@@ -257,15 +262,8 @@ def conv_search_timings(model_path: Path, providers: list[str], side: int,
             models = StyleModels.load(model_path, providers)
             per_shape = {}
             for height, width in shapes:
-                image = torch.rand(1, 3, height, width, device=models.device)
-                times = []
-                for _ in range(repeats + 1):
-                    begun = time.perf_counter()
-                    models.features(image)
-                    if models.device.type == "cuda":
-                        torch.cuda.synchronize()
-                    times.append(time.perf_counter() - begun)
-                per_shape[f"{width}x{height}"] = {"first_s": times[0], "steady_s": statistics.median(times[1:])}
+                first_s, steady_s = _call_times(models, torch.rand(1, 3, height, width, device=models.device), repeats)
+                per_shape[f"{width}x{height}"] = {"first_s": first_s, "steady_s": steady_s}
             figures[mode] = per_shape
     finally:
         model_module.CUDNN_CONV_ALGO_SEARCH = saved
