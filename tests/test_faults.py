@@ -111,7 +111,8 @@ def _whole_uint32():
 ORDINARY_FLOAT = {"learning_rate": st.floats(0.01, 5), "noise_ratio": st.floats(0, 1),
                   "style_scale": st.floats(0.5, 1),
                   "convergence_tolerance": st.floats(0, 0.5)}
-ORDINARY_UINT32 = {"max_side_px": (16, 32), "iterations": (1, 3), "scales": (1, 3), "start_side_px": (0, 0),
+# An ordinary max_side_px keeps the 64x48 content's shorter side at 16 px or more (22 x 0.75 = 16.5).
+ORDINARY_UINT32 = {"max_side_px": (22, 32), "iterations": (1, 3), "scales": (1, 3), "start_side_px": (0, 0),
                    "pyramid_levels": (1, 4), "lbfgs_history": (0, 5)}
 
 
@@ -158,6 +159,13 @@ def test_every_numeric_field_over_its_whole_range_gives_a_result_or_invalid_argu
                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
         @given(stylize_requests(content, style))
         @example(build_request(content, styles=[(style, 1e308), (style, 1e308)], max_side_px=32, iterations=2))
+        # Ordinary jobs, so that the Result path is exercised whatever Hypothesis draws: its examples vary with
+        # the constants it collects from the project's modules loaded at the time (hypothesis' "local
+        # constants"), so a count of valid draws is luck.
+        @example(build_request(content, style, max_side_px=32, iterations=3))
+        @example(build_request(content, style, max_side_px=24, iterations=2, optimizer="adam", learning_rate=2.0))
+        @example(build_request(content, style, max_side_px=32, iterations=3, scales=2, pyramid_levels=2))
+        @example(build_request(content, style, max_side_px=28, iterations=2, tv_weight=1.0, seed=7))
         def check(request):
             kind, result, error = _outcome(client, request)
             seen[kind] += 1
