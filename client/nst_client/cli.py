@@ -98,8 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     stylize.add_argument("--style", dest="styles", action="append", default=[], metavar="FILE[:WEIGHT]",
                          help="one more style image with an optional blend weight (repeatable)")
     stylize.add_argument("--size", dest="max_side_px", type=UINT32, default=0,
-                         help="longest side of the result, px (server default 256)")
-    stylize.add_argument("--iterations", type=UINT32, default=0, help="optimiser iterations (server default 200)")
+                         help="longest side of the result, px (0: the server's default, 256; nst-server accepts "
+                              "16 up to its --max-side-px, 1024 by default)")
+    stylize.add_argument("--iterations", type=UINT32, default=0,
+                         help="optimiser iterations (0: the server's default, 200)")
     stylize.add_argument("--preset", choices=CHOICES["preset"], default=None,
                          help="seed: the seed's course recipe (Adam, alpha 10, beta 40, its costs as they are); "
                               "classic: this service's defaults before normalised multi-scale costs")

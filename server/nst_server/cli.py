@@ -82,8 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "waited) goes out while the job waits and between sparse Progress messages, s "
                              "(default: %(default)s; keep it under proxies' idle timeouts)")
     parser.add_argument("--send-timeout-s", type=number(*SEND_TIMEOUT_S_RANGE, " s"), default=limits.send_timeout_s,
-                        help="a Stylize message the client does not take for this long (it stopped reading) ends "
-                             "the call with DEADLINE_EXCEEDED and frees the job's slot, s (default: %(default)s)")
+                        help="a Stylize message the client does not take for this long (it stopped reading) stops "
+                             "the job and frees its slot; the call ends with DEADLINE_EXCEEDED when the client reads "
+                             "again (CANCELLED when it goes away), s (default: %(default)s)")
     config = ServerConfig(model_path="")
     keepalive = number(0.001, MAX_DURATION_S, " s")         # gRPC's int32 milliseconds
     age = number(0, MAX_DURATION_S, " s")

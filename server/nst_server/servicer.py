@@ -287,8 +287,8 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
         metrics.JOBS.labels("send_timeout").inc()
         annotate(send_timeout="true")
         log.warning("job %s could not deliver a message to peer=%s for %g s (--send-timeout-s): the client stopped "
-                    "reading; the job is stopped after %d iterations and its slot freed", job.job_id, peer,
-                    self.limits.send_timeout_s, job.iterations)
+                    "reading; the job is being stopped (%d iterations done; it ends within one more) and its slot "
+                    "is freed", job.job_id, peer, self.limits.send_timeout_s, job.iterations)
 
     async def _run(self, job: Job, request: pb.StylizeRequest, settings: engine.StyleTransferSettings):
         """Run ``job`` on a worker thread; yield its stream messages, ``JobAccepted`` first (once the work is
