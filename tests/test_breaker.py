@@ -4,7 +4,6 @@ naming the problem, never a crash, a hang, a misleading status or a lost job; ag
 from __future__ import annotations
 
 import io
-import time
 
 import grpc
 import pytest
@@ -58,11 +57,10 @@ def test_too_many_styles_are_refused_before_admission(server, count):
     # 600 distinct 32 px styles in a 100 kB request held the only worker for 205 s even when the client cancelled
     # right after JobAccepted (style targets are built before the first iteration, where the cancel is read).
     styles = [pb.StyleImage(image=_png((index % 256, index // 256, 7)), blend_weight=1) for index in range(count)]
-    started = time.perf_counter()
     code, details, kinds = _call(server, _request(styles=styles))
     assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, details[:200])
     assert details == f"styles: {count} style images (style_image included), at most {engine.MAX_STYLES} may be blended"
-    assert kinds == [] and time.perf_counter() - started < 10
+    assert kinds == []                     # refused before admission: no JobAccepted, no style targets built
 
 
 def test_max_styles_are_still_served(server):

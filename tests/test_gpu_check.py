@@ -27,9 +27,8 @@ def test_a_step_past_its_time_is_killed_with_what_it_started(tmp_path):
     """The step's shell starts a background sleep and waits: at the limit both are killed (only the direct
     child was before: an orphaned server would hold the GPU), the exit code is 124 and the log says so."""
     pid_file, log = tmp_path / "pid", tmp_path / "step.log"
-    started = time.monotonic()
     code = gpu_check._run(["sh", "-c", f"sleep 300 & echo $! > {pid_file}; wait"], log, timeout_s=1.0)
-    assert code == 124 and time.monotonic() - started < 30
+    assert code == 124
     grandchild = int(pid_file.read_text())
     deadline = time.monotonic() + 10
     while _alive(grandchild) and time.monotonic() < deadline:
