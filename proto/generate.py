@@ -1,20 +1,24 @@
-"""Generate the Python stubs of proto/nst/v1/*.proto into client/nst_client/_proto (needs grpcio-tools).
+"""Generate the Python stubs of proto/nst/v1/*.proto into proto/nst_proto/v1 (needs grpcio-tools).
 
-    python proto/generate.py [OUTPUT_DIR]
+    python proto/generate.py [OUTPUT_DIR (default proto/nst_proto)]
 
-protoc names modules after the .proto path (``nst.v1.style_transfer_pb2``); the imports inside the generated
-files are rewritten to ``nst_client._proto.nst.v1`` so that the stubs live inside the client package and no
+protoc names modules after the .proto path (``nst.v1.style_transfer_pb2``); the files of ``nst/v1/`` are
+written to ``OUTPUT_DIR/v1/`` and the imports inside them rewritten to ``nst_proto.v1``, so that the stubs
+live in the neutral package :mod:`nst_proto` (``from nst_proto.v1 import style_transfer_pb2``) and no
 top-level ``nst`` package is installed.
 """
 
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 
 PROTO_ROOT = Path(__file__).resolve().parent
-DEFAULT_OUT = PROTO_ROOT.parent / "client" / "nst_client" / "_proto"
-PACKAGE = "nst_client._proto"
+DEFAULT_OUT = PROTO_ROOT / "nst_proto"
+PACKAGE = "nst_proto"
+#: The .proto package's folder (protoc's module path) and where its stubs go under OUTPUT_DIR.
+PROTO_PACKAGE, STUB_PACKAGE = "nst.v1", "v1"
 
 
 def generate(out_dir: Path = DEFAULT_OUT) -> list[Path]:
@@ -23,19 +27,22 @@ def generate(out_dir: Path = DEFAULT_OUT) -> list[Path]:
 
     protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in PROTO_ROOT.rglob("*.proto"))
     include = str(Path(grpc_tools.__file__).parent / "_proto")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    code = protoc.main(["protoc", f"-I{PROTO_ROOT}", f"-I{include}", f"--python_out={out_dir}",
-                        f"--pyi_out={out_dir}", f"--grpc_python_out={out_dir}", *protos])
-    if code != 0:
-        raise RuntimeError(f"protoc failed with exit code {code}")
+    target = out_dir / STUB_PACKAGE
+    target.mkdir(parents=True, exist_ok=True)
     written = []
-    for path in sorted(out_dir.rglob("*_pb2*.py*")):
-        if path.suffix not in (".py", ".pyi") or "__pycache__" in path.parts:
-            continue
-        text = path.read_text()
-        path.write_text(text.replace("from nst.v1 import", f"from {PACKAGE}.nst.v1 import"))
-        written.append(path)
-    for folder in [out_dir, *(p for p in out_dir.rglob("*") if p.is_dir() and p.name != "__pycache__")]:
+    with tempfile.TemporaryDirectory() as scratch:
+        code = protoc.main(["protoc", f"-I{PROTO_ROOT}", f"-I{include}", f"--python_out={scratch}",
+                            f"--pyi_out={scratch}", f"--grpc_python_out={scratch}", *protos])
+        if code != 0:
+            raise RuntimeError(f"protoc failed with exit code {code}")
+        generated = Path(scratch, *PROTO_PACKAGE.split("."))
+        for path in sorted(generated.glob("*_pb2*.py*")):
+            if path.suffix not in (".py", ".pyi"):
+                continue
+            text = path.read_text().replace(f"from {PROTO_PACKAGE} import", f"from {PACKAGE}.{STUB_PACKAGE} import")
+            (target / path.name).write_text(text)
+            written.append(target / path.name)
+    for folder in (out_dir, target):
         (folder / "__init__.py").touch()
     return written
 

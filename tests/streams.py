@@ -9,7 +9,7 @@ import time
 import grpc
 
 from nst_client import NSTError
-from nst_client._proto.nst.v1 import style_transfer_pb2_grpc as pb_grpc
+from nst_proto.v1 import style_transfer_pb2_grpc as pb_grpc
 
 
 class TimedStream:

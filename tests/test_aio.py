@@ -15,7 +15,7 @@ from PIL import Image
 
 import serving
 from nst_client import AsyncNSTClient, NSTClient, NSTError, StylizeOptions, StylizeResult, build_request
-from nst_client._proto.nst.v1 import style_transfer_pb2 as pb
+from nst_proto.v1 import style_transfer_pb2 as pb
 
 N_RUNNING, N_QUEUED, CHUNK_BYTES = 2, 2, 1000
 LONG = StylizeOptions(max_side_px=48, iterations=2000)              # runs until it is cancelled

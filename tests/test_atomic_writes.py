@@ -25,8 +25,8 @@ import pytest
 from PIL import Image
 
 import serving
-from nst_client import _files
-from nst_client._files import atomic_open, atomic_path, atomic_write_bytes, atomic_write_text
+from nst_proto import files
+from nst_proto.files import atomic_open, atomic_path, atomic_write_bytes, atomic_write_text
 from nst_client.output import write_image
 
 OLD = b"the old, good file\n" * 40
@@ -223,11 +223,11 @@ def test_atomic_open_writes_whole_files_only(tmp_path):
 
 
 def test_the_helper_is_standard_library_only():
-    code = ("import sys; import nst_client._files, nst_client.output; "
+    code = ("import sys; import nst_proto.files, nst_client.output; "
             "print(sorted(m for m in ('torch', 'numpy', 'onnx') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
-    assert _files.__all__ == ["atomic_open", "atomic_path", "atomic_write_bytes", "atomic_write_text"]
+    assert files.__all__ == ["atomic_open", "atomic_path", "atomic_write_bytes", "atomic_write_text"]
 
 
 # The CLI's result (nst stylize -o) and its fallback.

@@ -11,8 +11,8 @@ from PIL import Image
 
 from nst_client import NSTClient, NSTError
 from nst_client.cli import main as client_main
-from nst_client._proto.nst.v1 import style_transfer_pb2 as pb
-from nst_client._proto.nst.v1 import style_transfer_pb2_grpc as pb_grpc
+from nst_proto.v1 import style_transfer_pb2 as pb
+from nst_proto.v1 import style_transfer_pb2_grpc as pb_grpc
 from nst_server import engine
 from nst_server.interceptors import BearerTokenInterceptor
 
@@ -159,5 +159,5 @@ def test_nst_server_limits_out_of_range_are_refused_at_start(flag, value):
     import sys
     done = subprocess.run([sys.executable, "-m", "nst_server.cli", "--model", "/nonexistent.onnx", "--port", "0",
                            flag, value], capture_output=True, text=True, timeout=120)
-    # Now a usage error of argparse, naming the flag (nst_client._argtypes).
+    # Now a usage error of argparse, naming the flag (nst_proto.argtypes).
     assert done.returncode == 2 and f"argument {flag}: must be " in done.stderr, done.stderr[-1000:]

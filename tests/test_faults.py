@@ -21,7 +21,7 @@ from PIL import Image
 import serving
 from nst_client import NSTClient, NSTError, build_request
 from nst_client.cli import main as client_main
-from nst_client._proto.nst.v1 import style_transfer_pb2 as pb
+from nst_proto.v1 import style_transfer_pb2 as pb
 from nst_server import engine, images
 
 FLOAT_FIELDS = ("content_weight", "style_weight", "learning_rate", "noise_ratio", "style_scale", "tv_weight",

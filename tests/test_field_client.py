@@ -26,8 +26,8 @@ import pytest
 
 import serving
 from nst_client import NSTClient
-from nst_client._proto.nst.v1 import style_transfer_pb2 as pb
-from nst_client._proto.nst.v1 import style_transfer_pb2_grpc as pb_grpc
+from nst_proto.v1 import style_transfer_pb2 as pb
+from nst_proto.v1 import style_transfer_pb2_grpc as pb_grpc
 from nst_client.aio import AsyncNSTClient
 from nst_client.client import is_balanced_target, is_loopback_target, proxy_in_use
 

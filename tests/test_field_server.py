@@ -13,7 +13,7 @@ import pytest
 
 import serving
 from nst_client import NSTClient, build_request
-from nst_client._proto.nst.v1 import style_transfer_pb2_grpc as pb_grpc
+from nst_proto.v1 import style_transfer_pb2_grpc as pb_grpc
 
 #: Channel options of a client whose transport grants the server (almost) no flow-control window and never
 #: widens it: its stream's messages are not delivered until it reads.

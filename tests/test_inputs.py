@@ -18,7 +18,7 @@ from PIL import Image, ImageCms
 
 from conftest import encode, shared_dir
 from nst_client import NSTClient, NSTError
-from nst_client._proto.nst.v1 import style_transfer_pb2 as pb
+from nst_proto.v1 import style_transfer_pb2 as pb
 from nst_server.images import (ALPHA_BACKGROUND, DEFAULT_MAX_INPUT_PIXELS, ImageInputError, decode_image,
                                decode_image_and_alpha, encode_png_with_alpha, resize_to_max_side, to_rgb)
 

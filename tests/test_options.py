@@ -16,7 +16,7 @@ import pytest
 from google.protobuf.descriptor import FieldDescriptor
 
 from nst_client import AsyncNSTClient, NSTClient, StylizeOptions, build_request
-from nst_client._proto.nst.v1 import style_transfer_pb2 as pb
+from nst_proto.v1 import style_transfer_pb2 as pb
 from nst_client.options import CHOICES, IMAGE_FIELDS, StylizeOverrides
 
 #: Where the image fields of StylizeRequest are represented: parameters of build_request and stylize.

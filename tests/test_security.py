@@ -164,7 +164,7 @@ def test_no_request_field_names_a_path():
     knowingly."""
     from google.protobuf.descriptor import FieldDescriptor
 
-    from nst_client._proto.nst.v1 import style_transfer_pb2 as pb
+    from nst_proto.v1 import style_transfer_pb2 as pb
 
     def string_fields(descriptor, seen=()):
         for field in descriptor.fields:

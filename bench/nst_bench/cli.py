@@ -284,7 +284,7 @@ def _peak_memory(run: _Run) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from nst_client._console import tolerate_console
+    from nst_proto.console import tolerate_console
     tolerate_console()      # a closed or full stdout/stderr does not stop the benchmark
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from nst_client._files import atomic_write_text
+from nst_proto.files import atomic_write_text
 from nst_server.precision import cpu_flags, native_bf16
 
 from nst_bench.measure import Trace

@@ -23,7 +23,7 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2
 
-from nst_client._proto.nst.v1 import style_transfer_pb2 as pb
+from nst_proto.v1 import style_transfer_pb2 as pb
 from nst_client.client import (NSTError, Retry, StylizeResult, _Attempts, _Client, _health_status_name, _JobReader,
                                _not_serving, check_timeout)
 from nst_client.options import Image, StylizeOptions, StylizeOverrides, build_request

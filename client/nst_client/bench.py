@@ -32,8 +32,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from nst_client._files import atomic_open, atomic_path, atomic_write_text
-from nst_client._argtypes import integer, timeout
+from nst_proto.files import atomic_open, atomic_path, atomic_write_text
+from nst_proto.argtypes import integer, timeout
 from nst_client.client import NSTClient, NSTError, build_request
 
 #: Percentiles reported for each latency, in percent.

@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 from nst_client import bench as bench_module
 from nst_client import output
-from nst_client._argtypes import finite, integer, seconds, timeout
-from nst_client._console import tolerate_console
+from nst_proto.argtypes import finite, integer, seconds, timeout
+from nst_proto.console import tolerate_console
 from nst_client.client import CHOICES, NSTClient, NSTError, check_target
 
 DEFAULT_SERVER = "127.0.0.1:50051"

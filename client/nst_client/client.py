@@ -30,9 +30,10 @@ from typing import TYPE_CHECKING
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from nst_client._files import atomic_write_bytes
-from nst_client._proto.nst.v1 import style_transfer_pb2 as pb
-from nst_client._proto.nst.v1 import style_transfer_pb2_grpc as pb_grpc
+from nst_proto import MAX_TIMEOUT_S
+from nst_proto.files import atomic_write_bytes
+from nst_proto.v1 import style_transfer_pb2 as pb
+from nst_proto.v1 import style_transfer_pb2_grpc as pb_grpc
 # Re-exported: ``from nst_client.client import CHOICES, build_request`` predates nst_client.options.
 from nst_client.options import (CHOICES, Image, StylizeOptions, StylizeOverrides, build_request,  # noqa: F401
                                 read_image_bytes)
@@ -281,10 +282,6 @@ def proxy_in_use(target: str, channel_options: Sequence[tuple[str, str | int]] =
     return where, uri
 
 
-#: Deadlines longer than this are no deadline, s (about 31.7 years). gRPC keeps a call's deadline as int64
-#: nanoseconds of the wall clock, so one more than about 7.4e9 s away (2^63 ns less the time since 1970)
-#: overflows and the call fails at once with DEADLINE_EXCEEDED, never reaching the server.
-MAX_TIMEOUT_S = 1e9
 #: Keepalive times above this are no keepalive pings, s: gRPC takes int32 milliseconds (INT_MAX: off).
 MAX_KEEPALIVE_S = (2**31 - 1) / 1000.0
 
@@ -385,7 +382,7 @@ class StylizeResult:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the PNG bytes to ``path``, atomically: to a temporary file in the same folder, then renamed
-        (:func:`nst_client._files.atomic_write_bytes`), so a failed write leaves an older file of that name whole.
+        (:func:`nst_proto.files.atomic_write_bytes`), so a failed write leaves an older file of that name whole.
 
         Raises:
             OSError: nothing was written.

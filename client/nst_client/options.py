@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, TypedDict
 
-from nst_client._proto.nst.v1 import style_transfer_pb2 as pb
+from nst_proto.v1 import style_transfer_pb2 as pb
 
 if TYPE_CHECKING:
     if sys.version_info >= (3, 11):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from nst_client._files import atomic_write_bytes
+from nst_proto.files import atomic_write_bytes
 
 #: Suffix -> Pillow format of the pictures the CLI writes.
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF"}
@@ -95,7 +95,7 @@ def encode(png: bytes, fmt: str, quality: int = DEFAULT_QUALITY) -> bytes:
 def write_image(png: bytes, path: str | os.PathLike, fmt: str, quality: int = DEFAULT_QUALITY
                 ) -> tuple[Path, OSError | None]:
     """Write the picture to ``path`` in ``fmt``; when that fails, write the PNG to a new file in the temporary
-    folder instead. Both writes are atomic (:mod:`nst_client._files`): a failed write leaves an older file at
+    folder instead. Both writes are atomic (:mod:`nst_proto.files`): a failed write leaves an older file at
     ``path`` as it was and no partial or temporary file behind.
 
     Returns:

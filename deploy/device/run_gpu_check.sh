@@ -14,7 +14,7 @@ site="${SITE:-/tmp/site}"
 budget="${BUDGET_S:-400}"
 "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
     "$wheels"/*.whl || { echo "run_gpu_check.sh: the carried wheels in $wheels did not install" >&2; exit 3; }
-export PYTHONPATH="$site:$PWD/client:$PWD/server:$PWD/export:$PWD/bench${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$site:$PWD/proto:$PWD/client:$PWD/server:$PWD/export:$PWD/bench${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 work="$(mktemp -d)"
 # timeout signals its whole process group; nst-gpu-check kills the process groups of the steps it started.

@@ -1,6 +1,6 @@
 """Export of the VGG-19 feature stack to ONNX: network definition, offline weight loaders, tracer."""
 
-from nst_client.extras import require_extra
+from nst_proto.extras import require_extra
 
 require_extra(("torch", "onnx", "numpy"), "export")
 

@@ -12,7 +12,7 @@ from nst_export.weights import WEIGHT_SOURCES, WeightsNotFoundError, load_weight
 
 
 def main(argv: list[str] | None = None) -> int:
-    from nst_client._console import tolerate_console
+    from nst_proto.console import tolerate_console
     tolerate_console()      # a closed or full stdout/stderr does not fail the export
     parser = argparse.ArgumentParser(prog="nst-export", description=__doc__)
     parser.add_argument("-o", "--output", default=str(DEFAULT_MODEL_PATH),

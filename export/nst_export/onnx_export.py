@@ -17,7 +17,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from nst_client._files import atomic_path
+from nst_proto.files import atomic_path
 from nst_export.vgg import MIN_SIDE_PX, OUTPUT_LAYERS
 from nst_export.weights import WeightSet, build_vgg19
 

@@ -14,6 +14,6 @@ KERNEL_CACHE_CAPACITY = 256
 for _name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
     _os.environ.setdefault(_name, str(KERNEL_CACHE_CAPACITY))
 
-from nst_client.extras import require_extra as _require_extra  # noqa: E402  (after the environment above)
+from nst_proto.extras import require_extra as _require_extra  # noqa: E402  (after the environment above)
 
 _require_extra(("torch", "onnx", "onnxruntime", "grpc_reflection", "prometheus_client"), "server")

@@ -15,8 +15,8 @@ import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from nst_client._proto.nst.v1 import style_transfer_pb2 as pb
-from nst_client._proto.nst.v1 import style_transfer_pb2_grpc as pb_grpc
+from nst_proto.v1 import style_transfer_pb2 as pb
+from nst_proto.v1 import style_transfer_pb2_grpc as pb_grpc
 from nst_server.cpus import CgroupFormatError, cpu_budget
 from nst_server.interceptors import BearerTokenInterceptor, RpcLogInterceptor
 from nst_server.jobs import FaultInjection

@@ -8,8 +8,8 @@ import logging
 import os
 import sys
 
-from nst_client._argtypes import integer, number
-from nst_client._console import tolerate_console
+from nst_proto.argtypes import integer, number
+from nst_proto.console import tolerate_console
 from nst_export.onnx_export import DEFAULT_MODEL_PATH
 from nst_export.vgg import MIN_SIDE_PX
 from nst_server.app import MAX_DURATION_S, ServerConfig, serve

@@ -26,8 +26,8 @@ from pathlib import Path
 from PIL import Image as PILImage
 
 from nst_client import NSTClient
-from nst_client._console import tolerate_console
-from nst_client._files import atomic_path
+from nst_proto.console import tolerate_console
+from nst_proto.files import atomic_path
 from nst_client.cli import main as client_main
 from nst_client.output import check_output
 from nst_export.onnx_export import DEFAULT_MODEL_PATH

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from nst_client._files import atomic_open, atomic_write_text
+from nst_proto.files import atomic_open, atomic_write_text
 
 #: Benchmark options on a GPU (512 px, N = 300) and in the CPU smoke mode.
 GPU_BENCHMARK = ["--size", "512", "--iterations", "50", "--warmup-iterations", "5", "--ttq-iterations", "300",
@@ -312,14 +312,14 @@ def archive(folder: Path, target: Path) -> Path:
     """``folder`` packed into one ``.tar.gz`` at ``target`` (written atomically): the device tool brings back at
     most 8 files from a run, and a run leaves more."""
     import tarfile
-    from nst_client._files import atomic_path
+    from nst_proto.files import atomic_path
     with atomic_path(target) as temporary, tarfile.open(temporary, "w:gz") as tar:
         tar.add(folder, arcname=folder.name)
     return target
 
 
 def main(argv: list[str] | None = None) -> int:
-    from nst_client._console import tolerate_console
+    from nst_proto.console import tolerate_console
     tolerate_console()      # a closed or full stdout/stderr does not stop the check
     parser = argparse.ArgumentParser(prog="nst-gpu-check", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

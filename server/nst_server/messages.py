@@ -3,7 +3,7 @@ offending field), engine events to ``StylizeResponse``."""
 
 from __future__ import annotations
 
-from nst_client._proto.nst.v1 import style_transfer_pb2 as pb
+from nst_proto.v1 import style_transfer_pb2 as pb
 from nst_export.vgg import MIN_SIDE_PX
 from nst_server import engine
 from nst_server.images import decode_image, decode_image_and_alpha

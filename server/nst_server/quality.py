@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from nst_client._files import atomic_path, atomic_write_text
+from nst_proto.files import atomic_path, atomic_write_text
 from nst_server import costs, engine
 from nst_server.images import resize_to_max_side, to_tensor
 from nst_server.model import StyleModels
@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from nst_client import NSTClient
-    from nst_client._console import tolerate_console
+    from nst_proto.console import tolerate_console
     from nst_server.demo import start_server, stop_server
 
     tolerate_console()      # a closed or full stdout/stderr does not stop the run

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from nst_client._proto.nst.v1 import style_transfer_pb2 as nst_dot_v1_dot_style__transfer__pb2
+from nst_proto.v1 import style_transfer_pb2 as nst_dot_v1_dot_style__transfer__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

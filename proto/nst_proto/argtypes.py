@@ -1,6 +1,6 @@
 """argparse types of numeric flags (``nst``, ``nst bench``, ``nst-server``): each accepts its whole documented
 range and refuses the rest with a usage error (exit code 2) that argparse prefixes with the flag, e.g.
-``argument --timeout-s: must be > 0 s (inf: no deadline), got nan``.
+``argument --timeout-s: must be > 0 s (inf: no deadline), got nan``. Standard library only.
 
 Like ``UINT32``/``UINT64`` of :mod:`nst_client.cli`: a factory returns the parser function, named for argparse's
 "invalid <name> value" messages.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from nst_client.client import MAX_TIMEOUT_S
+from nst_proto import MAX_TIMEOUT_S
 
 
 def integer(low: int, high: int | None = None, unit: str = ""):

@@ -6,7 +6,7 @@ flush, and from the flush at exit (exit code 120), so a server stopped serving a
 picture said it failed. Every console script (``[project.scripts]``) calls :func:`tolerate_console` first thing
 in its ``main``: what it writes to stdout/stderr is then a report, never a reason to stop.
 
-Needs only the standard library (the client is importable without torch).
+Needs only the standard library (:mod:`nst_proto`, and so the client, is importable without torch).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ exception propagates.
 
 A symbolic link at the target is followed: the file it points to is replaced, the link stays.
 
-Standard library only: the client package must import without torch or numpy.
+Standard library only: :mod:`nst_proto` (and so the client) must import without torch or numpy.
 """
 
 from __future__ import annotations
