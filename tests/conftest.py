@@ -51,7 +51,7 @@ def models(onnx_path):
 @pytest.fixture(scope="module")
 def server(onnx_path):
     """A real ``nst-server`` process on 127.0.0.1 with a free port; yields ``host:port``."""
-    from nst_server.demo import start_server, stop_server
+    from nst_tools.demo import start_server, stop_server
     process, target = start_server(onnx_path, ["--max-running-jobs", "1", "--max-queued-jobs", "4"])
     try:
         yield target

@@ -377,7 +377,7 @@ def test_failed_bench_csv_and_plot_keep_the_old_files(tmp_path, disk_full_after)
 
 
 def test_a_failed_side_by_side_keeps_the_old_sheet(tmp_path, disk_full_after):
-    from nst_server.demo import side_by_side
+    from nst_tools.demo import side_by_side
 
     pictures = []
     for index, color in enumerate(["red", "green", "blue"]):

@@ -130,7 +130,7 @@ def test_nst_benchmark_bad_size_or_iterations_is_a_usage_error(args, tmp_path, c
 ])
 def test_nst_quality_bad_options_are_usage_errors(args, message, tmp_path, capsys):
     # Were ValueError, JSONDecodeError, FileNotFoundError tracebacks (exit 1).
-    from nst_server import quality
+    from nst_tools import quality
     content, style = tmp_path / "c.png", tmp_path / "s.png"
     content.write_bytes(_png((200, 20, 20)))
     style.write_bytes(_png((20, 20, 200)))
@@ -141,7 +141,7 @@ def test_nst_quality_bad_options_are_usage_errors(args, message, tmp_path, capsy
 
 def test_nst_quality_missing_default_pair_is_a_usage_error(tmp_path, capsys, monkeypatch):
     # An ArgumentTypeError traceback when the default pairs' images were not found.
-    from nst_server import quality
+    from nst_tools import quality
     monkeypatch.setenv("NST_SHARED_DIR", str(tmp_path / "nowhere"))
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_:

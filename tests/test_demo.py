@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nst_server.demo import SAMPLE_CONTENT, SAMPLE_PAINTINGS, sample_image, sample_painting, side_by_side
+from nst_tools.demo import SAMPLE_CONTENT, SAMPLE_PAINTINGS, sample_image, sample_painting, side_by_side
 
 
 def colour_histogram(path, bins: int = 6) -> np.ndarray:
@@ -47,7 +47,7 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path, args, message):
     text = tmp_path / "notes.txt"
     text.write_text("not an image")
     fill = {"tmp": str(tmp_path), "text": str(text)}
-    run = subprocess.run([sys.executable, "-m", "nst_server.demo", "--model", str(tmp_path / "m.onnx"),
+    run = subprocess.run([sys.executable, "-m", "nst_tools.demo", "--model", str(tmp_path / "m.onnx"),
                           *[a.format(**fill) for a in args]], capture_output=True, text=True, timeout=120)
     assert run.returncode == 2, run.stdout + run.stderr
     assert f"nst-demo: error: {message.format(**fill)}" in run.stderr
@@ -66,7 +66,7 @@ def test_side_by_side_puts_three_images_in_a_row(tmp_path):
 
 def test_demo_exports_serves_and_stylizes(tmp_path):
     model, output = tmp_path / "m" / "vgg.onnx", tmp_path / "demo.png"
-    run = subprocess.run([sys.executable, "-m", "nst_server.demo", "--model", str(model), "-o", str(output),
+    run = subprocess.run([sys.executable, "-m", "nst_tools.demo", "--model", str(model), "-o", str(output),
                           "--size", "64", "--iterations", "30"], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     assert model.is_file()

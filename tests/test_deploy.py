@@ -56,6 +56,26 @@ def test_dockerfiles_exist():
     assert [p.name for p in DOCKERFILES] == ["Dockerfile.cpu", "Dockerfile.cuda"]
 
 
+def _package_folders() -> list[str]:
+    """The folders of pyproject.toml's ``[tool.setuptools.packages.find] where`` (proto, client, server …)."""
+    import tomllib
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["where"]
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_the_build_stage_copies_every_package_folder(dockerfile):
+    """``pip install "/src[server]"`` installs what pyproject.toml lists: each of its package folders is copied
+    (a folder left out would install without its packages, e.g. nst_proto, which everything imports)."""
+    copied = {arguments.split()[0] for instruction, arguments in _instructions(dockerfile) if instruction == "COPY"}
+    assert set(_package_folders()) <= copied, sorted(set(_package_folders()) - copied)
+
+
+def test_the_gpu_run_puts_every_package_folder_on_pythonpath():
+    """deploy/device/run_gpu_check.sh runs nst-gpu-check from the source tree, not an install."""
+    script = (DEPLOY / "device" / "run_gpu_check.sh").read_text()
+    assert all(f"$PWD/{folder}" in script for folder in _package_folders()), _package_folders()
+
+
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_hadolint_finds_nothing(dockerfile):
     hadolint = _tool("hadolint")

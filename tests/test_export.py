@@ -108,7 +108,7 @@ sys.meta_path.insert(0, Hide())
 
 
 @pytest.mark.parametrize("module, extra", [("nst_export", "export"), ("nst_server", "server"),
-                                           ("nst_server.demo", "server")])
+                                           ("nst_tools.demo", "server")])
 def test_a_missing_extra_is_named_with_its_install_command(module, extra):
     """The bare install is the client alone: the export and server packages say which extra they need."""
     run = subprocess.run([sys.executable, "-c", _HIDE_TORCH + f"import {module}"], capture_output=True, text=True,

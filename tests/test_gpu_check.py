@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from nst_server import gpu_check
+from nst_tools import gpu_check
 
 
 def _alive(pid: int) -> bool:

@@ -414,7 +414,7 @@ RECEIVE_LIMIT = 200_000
 @pytest.fixture(scope="module")
 def small_server(onnx_path):
     """A second server with small limits: 200000-byte requests, max_side_px 48, 100000 input pixels."""
-    from nst_server.demo import start_server, stop_server
+    from nst_tools.demo import start_server, stop_server
     process, target = start_server(onnx_path, ["--max-receive-message-bytes", str(RECEIVE_LIMIT),
                                                "--max-side-px", "48", "--max-input-pixels", "100000"])
     try:

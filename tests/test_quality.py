@@ -13,8 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from nst_server import engine, quality
+from nst_server import engine
 from nst_server.images import resize_lanczos, resize_to_max_side, to_tensor
+from nst_tools import quality
 
 PAINTINGS = ("starry_night", "the_scream", "shipwreck")
 
@@ -129,7 +130,7 @@ def test_nst_quality_runs_jobs_through_a_server_and_writes_table_and_sheet(onnx_
     reference = tmp_path / "reference.json"
     reference.write_text(json.dumps({"content x style": {"48": [1e30, 0.0]}}))
     out = tmp_path / "out"
-    run = subprocess.run([sys.executable, "-m", "nst_server.quality", str(out), "--model", str(onnx_path),
+    run = subprocess.run([sys.executable, "-m", "nst_tools.quality", str(out), "--model", str(onnx_path),
                           "--pair", f"{content}:{style}", "--size", "48", "--eval-sizes", "48,32",
                           "--variant", "defaults:iterations=4", "--variant", "classic:preset=classic,iterations=4",
                           "--reference", str(reference)], capture_output=True, text=True, timeout=600)

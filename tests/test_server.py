@@ -86,7 +86,7 @@ def test_keep_content_alpha_returns_rgba_with_the_content_transparency(client, s
 
 @pytest.fixture(scope="module")
 def chunking_server(onnx_path):
-    from nst_server.demo import start_server, stop_server
+    from nst_tools.demo import start_server, stop_server
     process, target = start_server(onnx_path, ["--result-chunk-bytes", "1000"])
     try:
         yield target

@@ -14,7 +14,7 @@ are its initializers), the same content and style images resized to the same siz
 (b) **engine**: :func:`nst_server.engine.stylize` in this process with the ``classic`` preset (the seed's costs
     as they are, alpha 1, beta 1e-4, one scale, one pyramid level: the one objective the tutorial's loop can
     share; L-BFGS from noisy content) in fp32;
-(c) **server**: ``nst-server`` started as a child process (:func:`nst_server.demo.start_server`) and driven
+(c) **server**: ``nst-server`` started as a child process (:func:`nst_tools.demo.start_server`) and driven
     through the client library's stream; times are read on the client when each message arrives.
 
 Figures (JSON in the output folder, times in seconds):
@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     # Warm-up of the engine (first-call allocations, oneDNN primitive creation).
     run_engine(models, run.inputs, settings.replace(iterations=2))
     if not args.no_server:
-        from nst_server.demo import start_server
+        from nst_tools.demo import start_server
         run.process, run.server = start_server(model_path, ["--max-running-jobs", "1"]
                                                + (["--providers", args.providers] if args.providers else []))
         run_server(run.server, run.content_bytes, run.style_bytes, settings.replace(iterations=2))
@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
             _time_to_quality(run)
     finally:
         if run.server:
-            from nst_server.demo import stop_server
+            from nst_tools.demo import stop_server
             stop_server(run.process)
     _bf16(run)
     if args.batch > 1:

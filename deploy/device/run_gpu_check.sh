@@ -14,11 +14,12 @@ site="${SITE:-/tmp/site}"
 budget="${BUDGET_S:-400}"
 "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
     "$wheels"/*.whl || { echo "run_gpu_check.sh: the carried wheels in $wheels did not install" >&2; exit 3; }
-export PYTHONPATH="$site:$PWD/proto:$PWD/client:$PWD/server:$PWD/export:$PWD/bench${PYTHONPATH:+:$PYTHONPATH}"
+src="$PWD/proto:$PWD/client:$PWD/server:$PWD/export:$PWD/bench:$PWD/tools"   # every package folder
+export PYTHONPATH="$site:$src${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 work="$(mktemp -d)"
 # timeout signals its whole process group; nst-gpu-check kills the process groups of the steps it started.
-timeout -k 10 "$((budget + 60))" "$python" -m nst_server.gpu_check "$work/gpu_check" --budget-s "$budget" \
+timeout -k 10 "$((budget + 60))" "$python" -m nst_tools.gpu_check "$work/gpu_check" --budget-s "$budget" \
     --archive "$OUT/gpu_check.tar.gz" "$@" > "$OUT/gpu_check.log" 2>&1
 code=$?
 cp "$work/gpu_check/summary.json" "$OUT/summary.json" 2>/dev/null

@@ -9,7 +9,7 @@
    and last style costs, stop the server (SIGTERM, graceful).
 
 The content photo ships inside the scikit-image wheel (``skimage/data``, CC0); the paintings ship in this
-package (``nst_server/samples``, public-domain paintings, source and licence in its README.md).
+package (``nst_tools/samples``, public-domain paintings, source and licence in its README.md).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from nst_server.servicer import ServerLimits
 LIMITS = ServerLimits()
 
 SAMPLE_CONTENT = "chelsea.png"
-#: The paintings in ``nst_server/samples``: name -> file.
+#: The paintings in ``nst_tools/samples``: name -> file.
 SAMPLE_PAINTINGS = {
     "van_gogh": "van_gogh_village_street_in_auvers.jpg",
     "great_wave": "hokusai_great_wave.jpg",
@@ -58,15 +58,15 @@ def sample_image(name: str) -> Path:
 
 
 def sample_painting(name: str) -> Path:
-    """Path of a painting shipped in ``nst_server/samples`` (a key of ``SAMPLE_PAINTINGS``).
+    """Path of a painting shipped in ``nst_tools/samples`` (a key of ``SAMPLE_PAINTINGS``).
 
     Raises:
         KeyError: ``name`` is not one of them.
         FileNotFoundError: the package was installed without its data files.
     """
-    path = Path(str(files("nst_server") / "samples" / SAMPLE_PAINTINGS[name]))
+    path = Path(str(files("nst_tools") / "samples" / SAMPLE_PAINTINGS[name]))
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: this nst_server install lacks its samples/ data files")
+        raise FileNotFoundError(f"{path} is missing: this nst_tools install lacks its samples/ data files")
     return path
 
 

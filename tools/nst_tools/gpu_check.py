@@ -446,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
                 summary.setdefault("skipped", []).append(f"session_{name}: out of time budget")
                 continue
             target = out / f"session_{name}.json"
-            code = _run([sys.executable, "-m", "nst_server.gpu_check", str(out), "--model", str(model_path),
+            code = _run([sys.executable, "-m", "nst_tools.gpu_check", str(out), "--model", str(model_path),
                          "--session-child", providers, str(side), str(target)], out / f"session_{name}.log", limit)
             ok = ok and code == 0 and target.is_file()
         return ok
@@ -460,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def bench() -> int:
         from nst_client.cli import main as client_main
-        from nst_server.demo import start_server, stop_server
+        from nst_tools.demo import start_server, stop_server
         extra = ["--max-running-jobs", "4", "--max-batch-size", "4"] + (
             ["--providers", args.providers] if args.providers else [])
         process, target = start_server(model_path, extra)

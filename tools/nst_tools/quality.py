@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from nst_client import NSTClient
     from nst_proto.console import tolerate_console
-    from nst_server.demo import start_server, stop_server
+    from nst_tools.demo import start_server, stop_server
 
     tolerate_console()      # a closed or full stdout/stderr does not stop the run
 
