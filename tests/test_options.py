@@ -3,11 +3,10 @@ request built from them, and misspelt or ill-typed options refused before any ca
 
 from __future__ import annotations
 
-import ast
 import asyncio
 import dataclasses
 import inspect
-import textwrap
+import pydoc
 import types
 import typing
 from collections.abc import Mapping
@@ -84,18 +83,20 @@ def _prefix(field: FieldDescriptor) -> str:
     return names[0][:names[0].index("_UNSPECIFIED")].lower() + "_"
 
 
-def test_every_option_has_a_docstring():
-    tree = ast.parse(textwrap.dedent(inspect.getsource(StylizeOptions)))
-    body = tree.body[0].body
-    documented = {statement.target.id for statement, following in zip(body, body[1:])
-                  if isinstance(statement, ast.AnnAssign) and isinstance(following, ast.Expr)
-                  and isinstance(following.value, ast.Constant) and isinstance(following.value.value, str)}
-    assert documented == {f.name for f in dataclasses.fields(StylizeOptions)}
+def test_every_option_is_documented_where_it_is_declared():
+    """Each field's documentation is its ``option("…")`` text (``metadata["doc"]``): ``help(StylizeOptions)``
+    lists it under "Fields", and ``nst stylize --help`` shows it under the field's flag."""
+    text = pydoc.render_doc(StylizeOptions, renderer=pydoc.plaintext)
+    for field in dataclasses.fields(StylizeOptions):
+        doc = field.metadata.get("doc")
+        assert isinstance(doc, str) and doc.strip().endswith("."), field.name
+        assert f"{field.name}: {doc.split()[0]}" in text, field.name
 
 
 def test_the_keyword_typed_dict_matches_the_options():
     """``**overrides: Unpack[StylizeOverrides]`` lets editors check keywords: it must list the same fields."""
     assert _hints(StylizeOverrides) == _hints(StylizeOptions)
+    assert list(StylizeOverrides.__annotations__) == [f.name for f in dataclasses.fields(StylizeOptions)]
     assert StylizeOverrides.__total__ is False
 
 
@@ -179,9 +180,72 @@ def test_options_must_be_stylize_options(small_images):
         build_request(*small_images, {"iterations": 5})
 
 
-def test_the_cli_passes_only_option_names():
+def _stylize_parser():
     from nst_client import cli
-    assert set(cli._OPTIONS) <= {f.name for f in dataclasses.fields(StylizeOptions)}
+    return cli.build_parser()._subparsers._group_actions[0].choices["stylize"]
+
+
+def test_the_cli_has_a_flag_per_option_built_from_the_field():
+    """``nst stylize``'s job controls come from StylizeOptions: one flag per field, ``--`` + the name with dashes
+    (``--size`` the one other spelling), the field's documentation as help, not given: None (False for a bool)."""
+    from nst_client import cli
+    parser = _stylize_parser()
+    actions = {action.dest: action for action in parser._actions}
+    flags = {name: [f"--{name.replace('_', '-')}"] for name in (f.name for f in dataclasses.fields(StylizeOptions))}
+    flags["max_side_px"] = ["--size"]
+    for field in dataclasses.fields(StylizeOptions):
+        action = actions[field.name]
+        assert action.option_strings == flags[field.name]
+        assert action.default is field.default
+        assert field.metadata["doc"].replace("``", "") in action.help
+        if field.name in CHOICES:
+            assert tuple(action.choices) == CHOICES[field.name]
+    args = parser.parse_args(["c.png", "s.png", "-o", "o.png"])
+    assert cli.stylize_options(args) == StylizeOptions()
+    help_text = " ".join(parser.format_help().split())
+    for field in dataclasses.fields(StylizeOptions):
+        assert " ".join(field.metadata["doc"].replace("``", "").split()) in help_text, field.name
+
+
+def test_every_cli_flag_reaches_its_option():
+    """The flags as users spell them (all of them before the flags came from StylizeOptions, and the two new ones,
+    --progress-every and --preview-max-side-px), each set, build the options of every field."""
+    from nst_client import cli
+    argv = ["c.png", "s.png", "-o", "o.png",
+            "--size", "64", "--iterations", "6", "--content-weight", "2", "--style-weight", "0", "--seed", "0",
+            "--optimizer", "adam", "--learning-rate", "1.5", "--noise-ratio", "0.3", "--progress-every", "2",
+            "--style-scale", "0.5", "--preset", "classic", "--init", "image", "--content-layers", "relu4_2:1",
+            "--style-layers", "relu1_1:0.5, relu2_1", "--pooling", "avg", "--tv-weight", "0",
+            "--color-control", "match_style_colors", "--scales", "1", "--start-side-px", "32",
+            "--precision", "fp32", "--preview-every", "3", "--preview-max-side-px", "48",
+            "--convergence-tolerance", "1e-4", "--lbfgs-history", "20", "--keep-content-alpha",
+            "--normalization", "none", "--pyramid-levels", "1"]
+    options = cli.stylize_options(_stylize_parser().parse_args(argv))
+    assert options == StylizeOptions(
+        max_side_px=64, iterations=6, content_weight=2.0, style_weight=0.0, seed=0, optimizer="adam",
+        learning_rate=1.5, noise_ratio=0.3, progress_every=2, style_scale=0.5, preset="classic", init="image",
+        content_layers={"relu4_2": 1}, style_layers={"relu1_1": 0.5, "relu2_1": 1.0}, pooling="avg",
+        tv_weight=0.0, color_control="match_style_colors", scales=1, start_side_px=32, precision="fp32",
+        preview_every=3, preview_max_side_px=48, convergence_tolerance=1e-4, lbfgs_history=20,
+        keep_content_alpha=True, normalization="none", pyramid_levels=1)
+    assert [f.name for f in dataclasses.fields(StylizeOptions) if getattr(options, f.name) is f.default] == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--size", "-5"], "argument --size: must be between 0 and 4294967295, got -5"),
+    (["--seed", "1.5"], "argument --seed: not an integer: '1.5'"),
+    (["--preview-max-side-px", "4294967296"], "argument --preview-max-side-px: must be between 0 and 4294967295"),
+    (["--tv-weight", "nan"], "argument --tv-weight: must be a finite number, got 'nan'"),
+    (["--optimizer", "sgd"], "argument --optimizer: invalid choice: 'sgd' (choose from"),
+    (["--content-layers", "relu4_2:x"], "argument --content-layers: 'relu4_2:x' is not LAYER:WEIGHT"),
+    (["--style-layers", "relu1_1:inf"], "argument --style-layers: 'relu1_1:inf': the weight must be a finite"),
+    (["--max-side-px", "64"], "unrecognized arguments: --max-side-px 64"),
+])
+def test_a_bad_cli_control_is_a_usage_error_naming_the_flag(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _stylize_parser().parse_args(["c.png", "s.png", "-o", "o.png", *argv])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 def test_result_repr_leaves_out_the_png_and_the_progress():

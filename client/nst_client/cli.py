@@ -13,6 +13,7 @@ and a job whose replica is lost mid-stream is sent again (``--max-resubmits``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -27,6 +28,8 @@ from nst_client import output
 from nst_proto.argtypes import finite, integer, seconds, timeout
 from nst_proto.console import tolerate_console
 from nst_client.client import CHOICES, NSTClient, NSTError, check_target
+from nst_client.options import StylizeOptions
+from nst_proto.v1 import style_transfer_pb2 as pb
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 
@@ -82,6 +85,72 @@ def _add_server(parser: argparse.ArgumentParser) -> None:
                         help="bearer token for servers started with --auth-token (default: $NST_AUTH_TOKEN)")
 
 
+def layer_weights(text: str) -> dict[str, float] | None:
+    """argparse type of ``--content-layers`` and ``--style-layers``: ``LAYER[:WEIGHT],…`` (a weight left out: 1);
+    an empty text: None, the server's default."""
+    if not text:
+        return None
+    layers = {}
+    for item in text.split(","):
+        layer, sep, weight = item.partition(":")
+        try:
+            value = float(weight) if sep else 1.0
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r} is not LAYER:WEIGHT") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{item!r}: the weight must be a finite number")
+        layers[layer.strip()] = value
+    return layers
+
+
+#: Where the flag of a control (:func:`_add_controls`) is not ``--`` + its name, or the CLI itself does more with
+#: the value (a sentence added to its help). A new control needs no entry here.
+_FLAG_EXTRAS: dict[str, dict[str, str]] = {
+    # --size since the first version (nst bench has it too); --max-side-px would read as nst-server's limit
+    "max_side_px": {"flag": "--size"},
+    "preview_every": {"note": "nst saves each preview next to OUTPUT as OUTPUT.previewNNNN.SUFFIX."},
+}
+
+
+def _add_controls(parser: argparse.ArgumentParser) -> None:
+    """One flag per :class:`StylizeOptions` field, the job's controls: its name (``--content-weight`` for
+    ``content_weight``), its type (the ``StylizeRequest`` field's: uint32/uint64 ranges, finite floats, bool:
+    store_true, an enum: its :data:`CHOICES`, layer weights: ``LAYER:W,…``) and its help (the field's
+    documentation); not given: unset, the server's default."""
+    group = parser.add_argument_group(
+        "job controls", "one flag per field of nst_client.StylizeOptions (nst.v1.StylizeRequest); any not given is "
+                        "left to the server's default")
+    request = pb.StylizeRequest.DESCRIPTOR
+    for field in dataclasses.fields(StylizeOptions):
+        name, proto, extras = field.name, request.fields_by_name[field.name], _FLAG_EXTRAS.get(field.name, {})
+        flag = extras.get("flag", "--" + name.replace("_", "-"))
+        help_text = field.metadata["doc"].replace("``", "").replace("%", "%%")
+        if "note" in extras:
+            help_text += " " + extras["note"]
+        if proto.type == proto.TYPE_BOOL:
+            group.add_argument(flag, dest=name, action="store_true", help=help_text)
+            continue
+        if proto.type == proto.TYPE_ENUM:
+            kind = {"choices": CHOICES[name]}
+        elif proto.type in (proto.TYPE_UINT32, proto.TYPE_UINT64):
+            kind = {"type": UINT32 if proto.type == proto.TYPE_UINT32 else UINT64,
+                    "metavar": "PX" if name.endswith("_px") else "N"}
+        elif proto.type == proto.TYPE_DOUBLE:
+            kind = {"type": finite, "metavar": "X"}
+        elif proto.is_repeated and proto.message_type is pb.LayerWeight.DESCRIPTOR:
+            kind = {"type": layer_weights, "metavar": "LAYER:W,…"}
+            help_text += " As LAYER:WEIGHT,…, e.g. relu3_1:0.5,relu4_1:1 (a weight left out: 1)."
+        else:
+            raise TypeError(f"StylizeOptions.{name}: no CLI flag for its kind of StylizeRequest field; "
+                            f"add one to nst_client.cli._add_controls")
+        group.add_argument(flag, dest=name, default=None, help=help_text, **kind)
+
+
+def stylize_options(args: argparse.Namespace) -> StylizeOptions:
+    """The job's controls as ``nst stylize``'s flags (:func:`_add_controls`) set them."""
+    return StylizeOptions(**{field.name: getattr(args, field.name) for field in dataclasses.fields(StylizeOptions)})
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nst", description="Neural style transfer client (gRPC).")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -97,50 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_server(stylize)
     stylize.add_argument("--style", dest="styles", action="append", default=[], metavar="FILE[:WEIGHT]",
                          help="one more style image with an optional blend weight (repeatable)")
-    stylize.add_argument("--size", dest="max_side_px", type=UINT32, default=0,
-                         help="longest side of the result, px (0: the server's default, 256; nst-server accepts "
-                              "16 up to its --max-side-px, 1024 by default)")
-    stylize.add_argument("--iterations", type=UINT32, default=0,
-                         help="optimiser iterations (0: the server's default, 200)")
-    stylize.add_argument("--preset", choices=CHOICES["preset"], default=None,
-                         help="seed: the seed's course recipe (Adam, alpha 10, beta 40, its costs as they are); "
-                              "classic: this service's defaults before normalised multi-scale costs")
-    stylize.add_argument("--content-weight", type=finite, default=None, help="alpha (server default 1)")
-    stylize.add_argument("--style-weight", type=finite, default=None,
-                         help="beta (server default 15, on normalised costs: see --normalization)")
-    stylize.add_argument("--normalization", choices=CHOICES["normalization"], default=None,
-                         help="target: alpha and beta weigh relative errors (server default); none: the seed's "
-                              "J = alpha J_content + beta J_style as it is")
-    stylize.add_argument("--pyramid-levels", type=UINT32, default=None,
-                         help="costs at this many sizes of the image, half an octave apart (server default 3)")
-    stylize.add_argument("--tv-weight", type=finite, default=None, help="total variation weight")
-    stylize.add_argument("--content-layers", default=None, metavar="LAYER:W,…", help="e.g. relu4_2:1")
-    stylize.add_argument("--style-layers", default=None, metavar="LAYER:W,…",
-                         help="e.g. relu1_1:0.2,relu2_1:0.2,relu3_1:0.2,relu4_1:0.2,relu5_1:0.2")
-    stylize.add_argument("--style-scale", type=finite, default=None, help="style size relative to the output")
-    stylize.add_argument("--pooling", choices=CHOICES["pooling"], default=None)
-    stylize.add_argument("--optimizer", choices=CHOICES["optimizer"], default=None, help="server default: lbfgs")
-    stylize.add_argument("--learning-rate", type=finite, default=None, help="Adam step, pixel levels (0..255)")
-    stylize.add_argument("--lbfgs-history", type=UINT32, default=0)
-    stylize.add_argument("--init", choices=CHOICES["init"], default=None)
     stylize.add_argument("--init-image", default=None, help="initial image file (with --init image)")
-    stylize.add_argument("--noise-ratio", type=finite, default=None, help="noise share of the initial image, 0..1")
-    stylize.add_argument("--color-control", choices=CHOICES["color_control"], default=None,
-                         help="keep the content's colours: luminance or match_style_colors")
-    stylize.add_argument("--scales", type=UINT32, default=None,
-                         help="coarse-to-fine scales (server default 3; 1: single scale)")
-    stylize.add_argument("--start-side-px", type=UINT32, default=0, help="longest side at the first scale, px")
-    stylize.add_argument("--precision", choices=CHOICES["precision"], default=None,
-                         help="auto (server default): bf16 where the hardware runs it natively, else fp32")
-    stylize.add_argument("--keep-content-alpha", action="store_true",
-                         help="RGBA result carrying the content's transparency")
-    stylize.add_argument("--convergence-tolerance", type=finite, default=None)
-    stylize.add_argument("--seed", type=UINT64, default=None, help="seed of the initial noise")
-    stylize.add_argument("--preview-every", type=UINT32, default=0, metavar="N",
-                         help="save a preview every N iterations next to OUTPUT (OUTPUT.previewNNNN.SUFFIX)")
     stylize.add_argument("--timeout-s", type=timeout, default=None,
                          help="deadline for the whole job, s, > 0; inf (or more than 1e9): none (default: none)")
     stylize.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_controls(stylize)
 
     info = commands.add_parser("info", help="print the server's model information as JSON")
     _add_server(info)
@@ -151,12 +181,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_server(bench)
     bench_module.add_arguments(bench)
     return parser
-
-
-_OPTIONS = ("max_side_px", "iterations", "preset", "content_weight", "style_weight", "tv_weight", "style_scale",
-            "pooling", "optimizer", "learning_rate", "lbfgs_history", "init", "noise_ratio", "color_control",
-            "scales", "start_side_px", "precision", "convergence_tolerance", "seed", "preview_every",
-            "keep_content_alpha", "normalization", "pyramid_levels")
 
 
 def _file_weight(text: str) -> tuple[str, float]:
@@ -172,21 +196,6 @@ def _file_weight(text: str) -> tuple[str, float]:
             raise ValueError(f"--style {text}: the blend weight must be a finite number, got {weight!r}")
         return path, value
     return text, 1.0
-
-
-def _layer_weights(text: str | None, option: str) -> dict[str, float] | None:
-    if not text:
-        return None
-    layers = {}
-    for item in text.split(","):
-        layer, sep, weight = item.partition(":")
-        try:
-            layers[layer.strip()] = float(weight) if sep else 1.0
-        except ValueError:
-            raise ValueError(f"{option}: {item!r} is not LAYER:WEIGHT") from None
-        if not math.isfinite(layers[layer.strip()]):
-            raise ValueError(f"{option}: {item!r}: the weight must be a finite number")
-    return layers
 
 
 def _check_stylize_outputs(args: argparse.Namespace) -> str:
@@ -236,13 +245,10 @@ def _stylize(args: argparse.Namespace, client: NSTClient, fmt: str) -> int:
                         refresh=False)
 
     try:
-        options = {name: getattr(args, name) for name in _OPTIONS}
         result = client.stylize(
-            args.content, args.style, on_progress=on_progress, on_heartbeat=on_heartbeat, on_retry=on_retry,
-            timeout_s=args.timeout_s,
-            styles=[_file_weight(item) for item in args.styles], init_image=args.init_image,
-            content_layers=_layer_weights(args.content_layers, "--content-layers"),
-            style_layers=_layer_weights(args.style_layers, "--style-layers"), **options)
+            args.content, args.style, stylize_options(args), on_progress=on_progress, on_heartbeat=on_heartbeat,
+            on_retry=on_retry, timeout_s=args.timeout_s,
+            styles=[_file_weight(item) for item in args.styles], init_image=args.init_image)
     finally:
         if bar is not None:
             bar.close()

@@ -14,6 +14,7 @@ import difflib
 import numbers
 import os
 import sys
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, TypedDict
@@ -29,18 +30,20 @@ if TYPE_CHECKING:
 #: An image argument: encoded bytes (PNG, JPEG, WebP, GIF …) or the path of such a file.
 Image = bytes | str | os.PathLike
 
-#: Option name -> (proto enum, value prefix); the allowed values are the enum's, lower-cased, without prefix.
-_ENUMS = {
-    "optimizer": (pb.Optimizer, "OPTIMIZER_"),
-    "preset": (pb.Preset, "PRESET_"),
-    "init": (pb.Init, "INIT_"),
-    "pooling": (pb.Pooling, "POOLING_"),
-    "color_control": (pb.ColorControl, "COLOR_CONTROL_"),
-    "precision": (pb.Precision, "PRECISION_"),
-    "normalization": (pb.Normalization, "NORMALIZATION_"),
-}
+
+def _value_prefix(enum) -> str:
+    """The value names' common prefix up to its last ``_``, e.g. ``COLOR_CONTROL_`` (of ``COLOR_CONTROL_NONE`` …)."""
+    common = os.path.commonprefix([value.name for value in enum.values])
+    return common[:common.rindex("_") + 1]
+
+
+#: Option name -> (proto enum descriptor, value prefix), for every enum-typed field of ``StylizeRequest``; the
+#: allowed values are the enum's, lower-cased, without prefix, less ``…_UNSPECIFIED`` (unset: the server's default).
+_ENUMS = {field.name: (field.enum_type, _value_prefix(field.enum_type))
+          for field in pb.StylizeRequest.DESCRIPTOR.fields if field.enum_type is not None}
 #: Option name -> its allowed values, e.g. ``CHOICES["optimizer"] == ("lbfgs", "adam")``.
-CHOICES = {name: tuple(key[len(prefix):].lower() for key in enum.keys() if not key.endswith("_UNSPECIFIED"))
+CHOICES = {name: tuple(value.name[len(prefix):].lower() for value in enum.values
+                       if not value.name.endswith("_UNSPECIFIED"))
            for name, (enum, prefix) in _ENUMS.items()}
 
 # The enums' values as the options take them (tests/test_options.py checks them against CHOICES).
@@ -57,11 +60,20 @@ Normalization = Literal["none", "target"]
 IMAGE_FIELDS = ("content_image", "style_image", "styles", "init_image")
 
 
+def option(doc: str, *, default: object = None):
+    """A :class:`StylizeOptions` field: its default (None: unset, the server's default) and its documentation, kept
+    in the field's ``metadata["doc"]`` (attribute docstrings are lost at runtime): :func:`help` lists it under
+    the class's "Fields", ``nst stylize --help`` under the field's flag."""
+    return dataclasses.field(default=default, metadata={"doc": doc})
+
+
 @dataclass(frozen=True, kw_only=True, repr=False)
 class StylizeOptions:
-    """The controls of one job (``nst.v1.StylizeRequest`` less its images); every field defaults to the
-    server's default. Build one and pass it to :meth:`NSTClient.stylize` / :func:`build_request`, or pass the
-    same names as keywords; :meth:`replace` derives a variant.
+    """The controls of one job (``nst.v1.StylizeRequest`` less its images); every field defaults to None
+    (``keep_content_alpha``: False), unset: the server's default. Build one and pass it to
+    :meth:`NSTClient.stylize` / :func:`build_request`, or pass the same names as keywords; :meth:`replace` derives
+    a variant. Each field is documented where it is declared (:func:`option`; "Fields" below); ``nst stylize``
+    has one flag per field, built from it.
 
     Enum fields take the proto value's name, lower-cased and without its prefix (``optimizer="adam"`` for
     ``OPTIMIZER_ADAM``); :data:`CHOICES` lists them.
@@ -74,69 +86,75 @@ class StylizeOptions:
             there: INVALID_ARGUMENT naming the field.
     """
 
-    max_side_px: int | None = None
-    """Longest side of the generated image, px; None or 0: the server's default (256)."""
-    iterations: int | None = None
-    """Optimiser iterations; None or 0: the server's default (200)."""
-    content_weight: float | None = None
-    """Alpha, the content cost's weight; None: the server's default (1, or the preset's)."""
-    style_weight: float | None = None
-    """Beta, the style cost's weight; None: the server's default (15 on normalised costs, or the preset's)."""
-    seed: int | None = None
-    """Seeds the initial noise (uint64); None: 0. Same inputs, seed and settings give the same bytes on one
-    device."""
-    optimizer: Optimizer | None = None
-    """``lbfgs`` or ``adam``; None: the server's default (L-BFGS)."""
-    learning_rate: float | None = None
-    """Adam's step in pixel levels (0..255 units); None: the server's default."""
-    noise_ratio: float | None = None
-    """Share of noise in the initial image, 0..1; None: the server's default."""
-    progress_every: int | None = None
-    """Send a ``Progress`` every N iterations; None or 0: every iteration."""
-    style_scale: float | None = None
-    """The style image's longest side relative to the output's; None: 1.0."""
-    preset: Preset | None = None
-    """Starting point for all other fields (``seed``: the seed's course recipe, Adam, alpha 10, beta 40;
-    ``classic``: L-BFGS, alpha 1, beta 1e-4, one scale and level); fields set here override it. None: the
-    server's defaults."""
-    init: Init | None = None
-    """Initial image: ``noisy_content`` (None: the default; mean + (1 - r)(content - mean) + r U(-20, 20),
-    r = noise_ratio), ``content``, ``random`` (uniform over 0..255) or ``image`` (``init_image``, resized)."""
-    content_layers: Mapping[str, float] | None = None
-    """``{layer: weight}`` of the content cost, e.g. ``{"relu4_2": 1.0}`` (None: that); layers ``relu1_1``,
-    ``relu2_1``, ``relu3_1``, ``relu4_1``, ``relu4_2``, ``relu5_1``."""
-    style_layers: Mapping[str, float] | None = None
-    """``{layer: lambda}`` of the style cost; None: ``relu1_1`` … ``relu5_1`` at 0.2 each."""
-    pooling: Pooling | None = None
-    """``max`` (None: the default) or ``avg`` (Gatys et al. 2016)."""
-    tv_weight: float | None = None
-    """Total variation weight; None: 0."""
-    color_control: ColorControl | None = None
-    """``none`` (None: the default; colours follow the style), ``luminance`` (transfer on luminance, keep the
-    content's chroma) or ``match_style_colors`` (match the style's colour mean/covariance to the content's)."""
-    scales: int | None = None
-    """Coarse-to-fine: the number of scales (at most); None: 3; 1: a single scale."""
-    start_side_px: int | None = None
-    """Longest side at the first scale, px; None or 0: ``max_side_px / 2^(scales-1)``."""
-    precision: Precision | None = None
-    """``auto`` (None: the default; bf16 where the replica's device runs it natively, else fp32), ``fp32``,
-    ``bf16`` or ``fp16``."""
-    preview_every: int | None = None
-    """A preview PNG in every N-th ``Progress``; None or 0: none."""
-    preview_max_side_px: int | None = None
-    """Longest side of the previews, px; None or 0: 128."""
-    convergence_tolerance: float | None = None
-    """Stop when the relative cost decrease over 10 iterations is below this; None: the server's default."""
-    lbfgs_history: int | None = None
-    """L-BFGS history size; None or 0: 100."""
-    keep_content_alpha: bool = False
-    """The result is RGBA carrying the content's alpha (resized); False: RGB."""
-    normalization: Normalization | None = None
-    """``target`` (None: the default; each cost divided by its target's size, so alpha and beta weigh relative
-    errors) or ``none`` (the seed's J = alpha J_content + beta J_style as it is)."""
-    pyramid_levels: int | None = None
-    """Costs at this many sizes of the generated image (1, 0.71, 0.5 … of its side), averaged; None: 3; 1: its
-    own size only."""
+    max_side_px: int | None = option(
+        "Longest side of the generated image, px; the content is resized to it keeping its aspect ratio. "
+        "nst-server accepts 16 up to its --max-side-px (1024 by default); unset or 0: the server's default, 256.")
+    iterations: int | None = option(
+        "Optimiser iterations in all (split across the scales); nst-server accepts up to its --max-iterations "
+        "(2000 by default); unset or 0: the server's default, 200.")
+    content_weight: float | None = option(
+        "Alpha, the content cost's weight; unset: the server's default (1, or the preset's).")
+    style_weight: float | None = option(
+        "Beta, the style cost's weight; unset: the server's default (15 on normalised costs, see "
+        "``normalization``; or the preset's).")
+    seed: int | None = option(
+        "Seeds the initial noise (0 … 2^64 - 1); unset: 0. Same inputs, seed and settings give the same bytes "
+        "on one device.")
+    optimizer: Optimizer | None = option(
+        "``lbfgs`` or ``adam``; unset: the server's default (L-BFGS, or the preset's).")
+    learning_rate: float | None = option(
+        "Adam's step in pixel levels (0..255 units); unset: the server's default (2).")
+    noise_ratio: float | None = option(
+        "Share of noise in the initial image (``init`` noisy_content), 0..1; unset: the server's default (0.6).")
+    progress_every: int | None = option(
+        "Send a ``Progress`` every N iterations (the last one always); unset or 0: every iteration.")
+    style_scale: float | None = option(
+        "The style image's longest side relative to the output's; unset: 1.")
+    preset: Preset | None = option(
+        "Starting point for all other fields (``seed``: the seed's course recipe, Adam, alpha 10, beta 40, its "
+        "costs as they are; ``classic``: this service's defaults before normalised multi-scale costs, L-BFGS, "
+        "alpha 1, beta 1e-4, one scale and level); fields set here override it. Unset: the server's defaults.")
+    init: Init | None = option(
+        "Initial image: ``noisy_content`` (unset: the default; mean + (1 - r)(content - mean) + r U(-20, 20), "
+        "r = noise_ratio), ``content``, ``random`` (uniform over 0..255) or ``image`` (``init_image``, resized).")
+    content_layers: Mapping[str, float] | None = option(
+        "The content cost's layers and their weights; unset: relu4_2 at 1. Layers: relu1_1, relu2_1, relu3_1, "
+        "relu4_1, relu4_2, relu5_1.")
+    style_layers: Mapping[str, float] | None = option(
+        "The style cost's layers and their weights (lambda); unset: relu1_1, relu2_1, relu3_1, relu4_1 and "
+        "relu5_1 at 0.2 each.")
+    pooling: Pooling | None = option(
+        "``max`` (unset: the default) or ``avg`` (Gatys et al. 2016).")
+    tv_weight: float | None = option(
+        "Total variation weight; unset: 0.")
+    color_control: ColorControl | None = option(
+        "``none`` (unset: the default; colours follow the style), ``luminance`` (transfer on luminance, keep the "
+        "content's chroma) or ``match_style_colors`` (match the style's colour mean/covariance to the content's).")
+    scales: int | None = option(
+        "Coarse-to-fine: the number of scales (at most); unset: 3; 1: a single scale.")
+    start_side_px: int | None = option(
+        "Longest side at the first scale, px; unset or 0: max_side_px / 2^(scales-1).")
+    precision: Precision | None = option(
+        "``auto`` (unset: the default; bf16 where the replica's device runs it natively, else fp32), ``fp32``, "
+        "``bf16`` or ``fp16``.")
+    preview_every: int | None = option(
+        "A preview PNG in every N-th ``Progress``; unset or 0: none.")
+    preview_max_side_px: int | None = option(
+        "Longest side of the previews, px; unset or 0: 128.")
+    convergence_tolerance: float | None = option(
+        "Stop when the relative cost decrease over 10 iterations (at the final scale) is below this; unset: the "
+        "server's default (0: off).")
+    lbfgs_history: int | None = option(
+        "L-BFGS history size; unset or 0: 100.")
+    keep_content_alpha: bool = option(
+        "The result is RGBA carrying the content's transparency (its alpha, resized) where the content has any; "
+        "otherwise, and by default, RGB.", default=False)
+    normalization: Normalization | None = option(
+        "``target`` (unset: the default; each cost divided by its target's size, so alpha and beta weigh relative "
+        "errors) or ``none`` (the seed's J = alpha J_content + beta J_style as it is).")
+    pyramid_levels: int | None = option(
+        "Costs at this many sizes of the generated image, half an octave apart (1, 0.71, 0.5 … of its side), "
+        "averaged; unset: 3; 1: its own size only.")
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -183,13 +201,27 @@ class StylizeOptions:
                 continue
             if name in _ENUMS:
                 enum, prefix = _ENUMS[name]
-                setattr(request, name, enum.Value(prefix + value.upper()))
+                setattr(request, name, enum.values_by_name[prefix + value.upper()].number)
             elif name in ("content_layers", "style_layers"):
                 for layer, weight in value.items():
                     getattr(request, name).add(layer=layer, weight=weight)
             else:
                 setattr(request, name, value)
         return request
+
+
+def _document_fields(cls: type) -> None:
+    """Appends "Fields:", each field with its documentation, to the class docstring (for :func:`help`)."""
+    if cls.__doc__ is None:                     # python -OO
+        return
+    lines = ["", "    Fields:"]
+    for field in dataclasses.fields(cls):
+        lines += textwrap.wrap(f"{field.name}: {field.metadata['doc']}", 112, initial_indent=" " * 8,
+                               subsequent_indent=" " * 12, break_on_hyphens=False)
+    cls.__doc__ = cls.__doc__.rstrip() + "\n" + "\n".join(lines) + "\n    "
+
+
+_document_fields(StylizeOptions)
 
 
 class StylizeOverrides(TypedDict, total=False):
