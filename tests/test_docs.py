@@ -131,3 +131,42 @@ def test_link_checker_finds_broken_links(tmp_path, monkeypatch):
     problems = broken(page)
     assert len(problems) == 2, problems
     assert "missing.png" in problems[0] and "#nope" in problems[1]
+
+
+PARAMETER_ROW = re.compile(r"^\| `(\w+)`(?: / `(--[\w-]+)[^`]*`)?[^|]*\|")
+
+
+def parameter_rows(text: str) -> list[tuple[str, str | None]]:
+    """(proto field, CLI flag or None) of each row of the table under "## Parameters" in docs/algorithm.md."""
+    section = text.split("\n## Parameters\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    parsed = [PARAMETER_ROW.match(line) for line in rows]
+    assert all(parsed), [line for line, match in zip(rows, parsed) if not match]
+    return [match.groups() for match in parsed]
+
+
+def test_the_parameter_table_has_a_row_per_request_control_naming_its_flag():
+    """docs/algorithm.md's parameter table: a row for every control of StylizeRequest (every field of
+    nst_client.StylizeOptions) naming the ``nst stylize`` flag the CLI builds for it, and no row for a field the
+    request does not have (the image fields may have rows: ``styles`` / ``--style FILE:WEIGHT``)."""
+    import dataclasses
+
+    from nst_client import StylizeOptions, cli
+    from nst_client.options import IMAGE_FIELDS
+    stylize = cli.build_parser()._subparsers._group_actions[0].choices["stylize"]
+    flags = {action.dest: action.option_strings[0] for action in stylize._actions if action.option_strings}
+    controls = [field.name for field in dataclasses.fields(StylizeOptions)]
+    rows = parameter_rows((ROOT / "docs" / "algorithm.md").read_text(encoding="utf-8"))
+    assert sorted({name for name, _ in rows} - set(IMAGE_FIELDS)) == sorted(controls)
+    for name, flag in rows:
+        if name in controls:
+            assert flag == flags[name], f"docs/algorithm.md: the row of {name} names {flag}, nst has {flags[name]}"
+    assert [name for name, _ in rows if name in controls].count("preset") == 2      # one row per preset
+    assert len([name for name, _ in rows if name in controls]) == len(controls) + 1
+
+
+def test_parameter_rows_are_read_as_meant():
+    table = ("\n## Parameters\n\n| parameter (proto / CLI) | meaning |\n|---|---|\n"
+             "| `max_side_px` / `--size` | longest side |\n| `styles` / `--style FILE:WEIGHT` (repeatable) | more |\n"
+             "| `progress_every` | a Progress |\n\n## Next\n\n| `other` | x |\n")
+    assert parameter_rows(table) == [("max_side_px", "--size"), ("styles", "--style"), ("progress_every", None)]
