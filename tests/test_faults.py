@@ -23,6 +23,7 @@ from nst_client import NSTClient, NSTError, build_request
 from nst_client.cli import main as client_main
 from nst_proto.v1 import style_transfer_pb2 as pb
 from nst_server import engine, images
+from nst_server.errors import ImageInputError
 
 FLOAT_FIELDS = ("content_weight", "style_weight", "learning_rate", "noise_ratio", "style_scale", "tv_weight",
                 "convergence_tolerance")
@@ -254,7 +255,7 @@ def test_without_png_metadata_keeps_the_image_chunks_byte_for_byte():
 def test_a_truncated_png_with_metadata_is_still_refused():
     data = _png_with([_chunk(b"iTXt", b"Comment\0\x01\x00\0\0" + BOMB_TEXT)])
     cut = data[:data.index(b"IDAT") + 10]
-    with pytest.raises(images.ImageInputError, match="content_image: cannot be decoded"):
+    with pytest.raises(ImageInputError, match="content_image: cannot be decoded"):
         images.decode_image(cut, "content_image")
 
 

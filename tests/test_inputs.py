@@ -19,8 +19,9 @@ from PIL import Image, ImageCms
 from conftest import encode, shared_dir
 from nst_client import NSTClient, NSTError
 from nst_proto.v1 import style_transfer_pb2 as pb
-from nst_server.images import (ALPHA_BACKGROUND, DEFAULT_MAX_INPUT_PIXELS, ImageInputError, decode_image,
-                               decode_image_and_alpha, encode_png_with_alpha, resize_to_max_side, to_rgb)
+from nst_server.errors import ImageInputError
+from nst_server.images import (ALPHA_BACKGROUND, DEFAULT_MAX_INPUT_PIXELS, decode_image, decode_image_and_alpha,
+                               encode_png_with_alpha, resize_to_max_side, to_rgb)
 
 WHITE = ALPHA_BACKGROUND
 

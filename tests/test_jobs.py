@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from nst_server import metrics
-from nst_server.jobs import (STOP_CLIENT, Admission, FaultInjection, ServerBusy, is_out_of_memory,
-                             parse_fault_injection)
+from nst_server.errors import ServerBusy
+from nst_server.jobs import STOP_CLIENT, Admission, FaultInjection, is_out_of_memory, parse_fault_injection
 
 
 def test_parse_fault_injection():

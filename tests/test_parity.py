@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from nst_export import OUTPUT_LAYERS
-from nst_server.model import ModelFileError, StyleModels
+from nst_server.errors import ModelFileError
+from nst_server.model import StyleModels
 
 
 @pytest.mark.parametrize("height,width", [(64, 64), (96, 136)])

@@ -293,7 +293,7 @@ async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> Non
 
     Raises:
         ValueError, OSError: bad TLS settings or files. RuntimeError: the address cannot be bound.
-        nst_server.model.ModelFileError: the model file is missing or invalid.
+        nst_server.errors.ModelFileError: the model file is missing or invalid.
     """
     credentials = server_credentials(config)
     grpc_log = logging.getLogger("grpc._cython.cygrpc")

@@ -13,8 +13,8 @@ from nst_proto.console import tolerate_console
 from nst_export.onnx_export import DEFAULT_MODEL_PATH
 from nst_export.vgg import MIN_SIDE_PX
 from nst_server.app import MAX_DURATION_S, ServerConfig, serve
+from nst_server.errors import ModelFileError
 from nst_server.jobs import FAULT_INJECT_ENV, parse_fault_injection
-from nst_server.model import ModelFileError
 from nst_server.servicer import HEARTBEAT_S_RANGE, MAX_BATCH_WAIT_MS, SEND_TIMEOUT_S_RANGE, ServerLimits
 
 #: Ranges of the flags (argparse refuses the rest with a usage error naming the flag): ports; gRPC's integer

@@ -17,7 +17,8 @@ The input contract (docs/api.md, "Inputs, limits and errors"):
   (e.g. a compressed text chunk over ``PngImagePlugin.MAX_TEXT_CHUNK``, Pillow's guard against text bombs)
   is decoded again without its metadata chunks, and EXIF that cannot be read leaves the image as stored;
   both are logged. The pixel budget and the decompression-bomb guard stay;
-- a truncated, corrupt or unreadable file is an :class:`ImageInputError` (the servicer's INVALID_ARGUMENT),
+- a truncated, corrupt or unreadable file is an :class:`~nst_server.errors.ImageInputError` (the servicer's
+  INVALID_ARGUMENT),
   never a crash.
 """
 
@@ -32,6 +33,7 @@ import torch
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from nst_export.vgg import MIN_SIDE_PX
+from nst_server.errors import ImageInputError
 
 #: Background that transparent pixels are composited over (RGB, 0..255): white.
 ALPHA_BACKGROUND = (255, 255, 255)
@@ -51,17 +53,6 @@ log = logging.getLogger(__name__)
 
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
-
-
-class ImageInputError(ValueError):
-    """An input image that cannot be used; ``field`` names the request field, ``reason`` says why (with the
-    limit, where a limit was crossed). ``str(error)`` is ``"{field}: {reason}"``."""
-
-    def __init__(self, field: str, message: str, over_limit: bool = False) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.reason = message
-        self.over_limit = over_limit          # refused by a size limit, not by the decoder
 
 
 def open_image(data: bytes, field: str, max_pixels: int = DEFAULT_MAX_INPUT_PIXELS,

@@ -1,5 +1,6 @@
 """Admission control and the life of one job, apart from gRPC: N running + Q waiting slots, the stop flag
-the engine polls once per iteration, the iteration meter, and the failure classes a job can end with.
+the engine polls once per iteration, the iteration meter, and which failures are out of memory (the error
+classes, :class:`~nst_server.errors.ServerBusy` among them, live in :mod:`nst_server.errors`).
 
 Threads: :class:`Admission` is used on the event loop only; a :class:`Job` is shared between the event loop
 (admission, cancellation) and one worker thread (:meth:`Job.start`, :meth:`Job.should_stop`,
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from nst_server import metrics
+from nst_server.errors import ServerBusy
 
 #: Values of ``Job.stopped_by``; ``send_timeout``: the client stopped reading (``--send-timeout-s``).
 STOP_CLIENT, STOP_DEADLINE, STOP_SHUTDOWN, STOP_SEND_TIMEOUT = "client", "deadline", "shutdown", "send_timeout"
@@ -23,10 +25,6 @@ STOP_CLIENT, STOP_DEADLINE, STOP_SHUTDOWN, STOP_SEND_TIMEOUT = "client", "deadli
 #: Environment variable of the fault-injection hook (tests only; see :func:`parse_fault_injection`).
 FAULT_INJECT_ENV = "NST_FAULT_INJECT"
 FAULT_KINDS = ("oom", "error")
-
-
-class ServerBusy(Exception):
-    """N jobs run and Q wait already; the message says so and names the limits."""
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ import torch
 from onnx import numpy_helper
 
 from nst_export.vgg import LAYER_STRIDE, MIN_SIDE_PX, OUTPUT_CHANNELS, OUTPUT_LAYERS, VGG19Features
+from nst_server.errors import ModelFileError
 
 log = logging.getLogger(__name__)
 
@@ -108,10 +109,6 @@ def cuda_options(device_id: int = 0) -> dict[str, str]:
     """
     return {"device_id": str(device_id), "cudnn_conv_algo_search": CUDNN_CONV_ALGO_SEARCH,
             "arena_extend_strategy": "kSameAsRequested", "use_tf32": "0"}
-
-
-class ModelFileError(RuntimeError):
-    """The ONNX file is missing, unreadable, or is not a VGG-19 feature stack written by ``nst-export``."""
 
 
 def choose_providers(requested: list[str] | None = None) -> list[str]:
