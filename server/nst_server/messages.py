@@ -6,6 +6,7 @@ from __future__ import annotations
 from nst_proto.v1 import style_transfer_pb2 as pb
 from nst_export.vgg import MIN_SIDE_PX
 from nst_server import engine
+from nst_server.errors import FieldError
 from nst_server.images import decode_image, decode_image_and_alpha
 
 OPTIMIZERS = {pb.OPTIMIZER_LBFGS: "lbfgs", pb.OPTIMIZER_ADAM: "adam"}
@@ -26,21 +27,12 @@ STOP_REASONS = {
 }
 
 
-class RequestError(ValueError):
-    """A request field out of range; ``field`` names it."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.reason = message
-
-
 def _enum(request: pb.StylizeRequest, name: str, mapping: dict, values: dict, key: str) -> None:
     value = getattr(request, name)
     if value == 0:                                   # *_UNSPECIFIED: keep the preset's value
         return
     if value not in mapping:
-        raise RequestError(name, f"unknown value {value}")
+        raise FieldError(name, f"unknown value {value}")
     values[key] = mapping[value]
 
 
@@ -48,7 +40,7 @@ def _layers(entries, name: str) -> dict[str, float]:
     layers: dict[str, float] = {}
     for entry in entries:
         if entry.layer in layers:
-            raise RequestError(name, f"layer {entry.layer!r} is listed twice")
+            raise FieldError(name, f"layer {entry.layer!r} is listed twice")
         layers[entry.layer] = entry.weight
     return layers
 
@@ -60,19 +52,19 @@ def settings_from_request(request: pb.StylizeRequest, limits) -> engine.StyleTra
     Args:
         limits: the server's limits (``max_side_px``, ``max_iterations``).
     Raises:
-        RequestError: a field is out of range (the message names it and the limit).
+        FieldError: a field is out of range; ``field`` names it, ``reason`` says why (with the limit).
     """
     if request.preset not in PRESETS:
-        raise RequestError("preset", f"unknown value {request.preset}")
+        raise FieldError("preset", f"unknown value {request.preset}")
     values: dict = {}
     if request.max_side_px:
         if not MIN_SIDE_PX <= request.max_side_px <= limits.max_side_px:
-            raise RequestError("max_side_px", f"must be between {MIN_SIDE_PX} and {limits.max_side_px} px, "
-                                              f"got {request.max_side_px}")
+            raise FieldError("max_side_px", f"must be between {MIN_SIDE_PX} and {limits.max_side_px} px, "
+                                            f"got {request.max_side_px}")
         values["max_side_px"] = request.max_side_px
     if request.iterations:
         if request.iterations > limits.max_iterations:
-            raise RequestError("iterations", f"must be at most {limits.max_iterations}, got {request.iterations}")
+            raise FieldError("iterations", f"must be at most {limits.max_iterations}, got {request.iterations}")
         values["iterations"] = request.iterations
     for name in ("content_weight", "style_weight", "learning_rate", "noise_ratio", "style_scale", "tv_weight",
                  "convergence_tolerance", "seed", "scales", "pyramid_levels"):
@@ -92,30 +84,23 @@ def settings_from_request(request: pb.StylizeRequest, limits) -> engine.StyleTra
     if request.style_layers:
         values["style_layers"] = _layers(request.style_layers, "style_layers")
     settings = engine.StyleTransferSettings.preset(PRESETS[request.preset], **values)
-    try:
-        settings.validate()
-    except ValueError as exc:
-        field, _, reason = str(exc).partition(" ")
-        raise RequestError(field, reason) from None
+    settings.validate()
     style_side = settings.max_side_px * settings.style_scale              # finite: validate() bounds it
     if round(style_side) > limits.max_side_px:
         # The style image is resized to this side (upscaled if need be): an unbounded scale would let one request
         # allocate without limit, and no session profile covers it.
-        raise RequestError("style_scale", f"{settings.style_scale:g} x max_side_px {settings.max_side_px} gives "
-                                          f"a {round(style_side)} px style image; the server's limit is "
-                                          f"{limits.max_side_px} px")
+        raise FieldError("style_scale", f"{settings.style_scale:g} x max_side_px {settings.max_side_px} gives "
+                                        f"a {round(style_side)} px style image; the server's limit is "
+                                        f"{limits.max_side_px} px")
     if settings.init == "image" and not request.init_image:
-        raise RequestError("init_image", "is required when init is INIT_IMAGE")
+        raise FieldError("init_image", "is required when init is INIT_IMAGE")
     count = len(request.styles) + (1 if request.style_image else 0)
     if count > engine.MAX_STYLES:
-        raise RequestError("styles", f"{count} style images (style_image included), at most {engine.MAX_STYLES} "
-                                     f"may be blended")
+        raise FieldError("styles", f"{count} style images (style_image included), at most {engine.MAX_STYLES} "
+                                   f"may be blended")
     if not request.style_image and not request.styles:
-        raise RequestError("style_image", "is empty; send style_image or at least one entry in styles")
-    try:
-        engine.blend_weights([entry.blend_weight for entry in request.styles] or [1.0])
-    except ValueError as exc:
-        raise RequestError("styles", str(exc)) from None
+        raise FieldError("style_image", "is empty; send style_image or at least one entry in styles")
+    engine.blend_weights([entry.blend_weight for entry in request.styles] or [1.0])     # FieldError naming styles
     return settings
 
 

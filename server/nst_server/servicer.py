@@ -10,7 +10,8 @@ when its worker thread is done with it (after handing its free memory back to th
 for longer than ``heartbeat_s``: when neither the queue nor the engine gave anything to send for that long, a
 ``Heartbeat`` goes out (position, time waited). Failures end the job, never the server: invalid requests and
 inputs are INVALID_ARGUMENT (with ``google.rpc.BadRequest`` details), a full queue or out of memory
-RESOURCE_EXHAUSTED, a job stopped by the shutdown UNAVAILABLE, anything else INTERNAL. The interceptors
+RESOURCE_EXHAUSTED, a job stopped by the shutdown UNAVAILABLE, anything else INTERNAL (:func:`abort_for`, from the
+errors of :mod:`nst_server.errors`). The interceptors
 (:mod:`nst_server.interceptors`) write one log line per call.
 """
 
@@ -22,7 +23,6 @@ import dataclasses
 import importlib.metadata
 import logging
 import os
-import re
 import socket
 import threading
 import time
@@ -44,14 +44,16 @@ from nst_proto.v1 import style_transfer_pb2_grpc as pb_grpc
 from nst_export.vgg import MIN_SIDE_PX, OUTPUT_LAYERS
 from nst_server import engine, metrics
 from nst_server.batching import ReplicaBatcher
-from nst_server.images import ImageInputError
+from nst_server.errors import NSTServerError
 from nst_server.interceptors import annotate, deadline_passed
-from nst_server.jobs import (STOP_CLIENT, STOP_DEADLINE, STOP_SEND_TIMEOUT, STOP_SHUTDOWN, Admission, Job, ServerBusy,
+from nst_server.jobs import (STOP_CLIENT, STOP_DEADLINE, STOP_SEND_TIMEOUT, STOP_SHUTDOWN, Admission, Job,
                              is_out_of_memory)
-from nst_server.messages import (DEFAULT_RESULT_CHUNK_BYTES, RequestError, decode_inputs, settings_from_request,
-                                 to_proto)
+from nst_server.messages import DEFAULT_RESULT_CHUNK_BYTES, decode_inputs, settings_from_request, to_proto
 from nst_server.model import StyleModels, release_free_memory
 from nst_server.precision import default_precision
+from nst_server.events import Progress, Result, STOP_CANCELLED
+from nst_server.objective import batch_pass
+from nst_server.settings import PRECISIONS, StyleTransferSettings
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +163,7 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
         """The jobs' shared :class:`ReplicaBatcher` when ``max_batch_size > 1`` (built once the models are loaded)."""
         with self._batcher_lock:                    # worker threads ask for it
             if self._batcher is None and self.limits.max_batch_size > 1 and self.models is not None:
-                self._batcher = ReplicaBatcher(engine.batch_pass(self.models), self.limits.max_batch_size,
+                self._batcher = ReplicaBatcher(batch_pass(self.models), self.limits.max_batch_size,
                                                self.limits.batch_wait_ms / 1000.0)
             return self._batcher
 
@@ -209,7 +211,7 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
             max_side_px=self.limits.max_side_px,
             precision=precision,
             precision_reason=precision_reason,
-            supported_precisions=["auto", *engine.PRECISIONS],
+            supported_precisions=["auto", *PRECISIONS],
             max_iterations=self.limits.max_iterations,
             max_running_jobs=self.limits.max_running_jobs,
             max_queued_jobs=self.limits.max_queued_jobs,
@@ -233,13 +235,10 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
             if self.models is None:
                 raise _Abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading; watch grpc.health.v1")
             try:
-                settings = settings_from_request(request, self.limits)
-            except RequestError as exc:
-                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.field) from None
-            try:
-                job = self.admission.admit(job_id, request.seed if request.HasField("seed") else None)
-            except ServerBusy as exc:
-                raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
+                settings = settings_from_request(request, self.limits)          # FieldError
+                job = self.admission.admit(job_id, request.seed if request.HasField("seed") else None)  # ServerBusy
+            except NSTServerError as exc:
+                raise abort_for(exc) from None
             async with contextlib.aclosing(self._run(job, request, settings)) as messages:
                 async for message in messages:
                     # A yield returns once gRPC has handed the message to the transport, which waits for the
@@ -290,7 +289,7 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
                     "reading; the job is being stopped (%d iterations done; it ends within one more) and its slot "
                     "is freed", job.job_id, peer, self.limits.send_timeout_s, job.iterations)
 
-    async def _run(self, job: Job, request: pb.StylizeRequest, settings: engine.StyleTransferSettings):
+    async def _run(self, job: Job, request: pb.StylizeRequest, settings: StyleTransferSettings):
         """Run ``job`` on a worker thread; yield its stream messages, ``JobAccepted`` first (once the work is
         submitted, so that a client slow to take it delays nothing).
 
@@ -314,8 +313,8 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
                 inputs = decode_inputs(request, limits.max_input_pixels)
                 for event in engine.stylize(self.models, inputs, settings, should_stop=job.should_stop,
                                              batcher=self.batcher):
-                    job.count_iterations(event.iteration if isinstance(event, engine.Progress) else event.iterations)
-                    if (isinstance(event, engine.Progress) and event.preview_png
+                    job.count_iterations(event.iteration if isinstance(event, Progress) else event.iterations)
+                    if (isinstance(event, Progress) and event.preview_png
                             and queue.qsize() >= MAX_QUEUED_EVENTS_WITH_PREVIEWS):
                         event = dataclasses.replace(event, preview_png=b"")     # a slow reader: skip this preview
                     put(event)
@@ -376,22 +375,15 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
         ``result_sent``).
 
         Raises:
-            _Abort: the item is a failure: INVALID_ARGUMENT (inputs), RESOURCE_EXHAUSTED (out of memory), INTERNAL.
+            _Abort: the item is a failure (:func:`abort_for`): INVALID_ARGUMENT (inputs), RESOURCE_EXHAUSTED (out of
+                memory), INTERNAL.
         """
-        job_id = job.job_id
-        if isinstance(item, ImageInputError | ValueError):
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(item), getattr(item, "field", None))
-        if isinstance(item, BaseException) and is_out_of_memory(item):
-            raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                         f"job {job_id} ran out of memory after {job.iterations} iterations "
-                         f"({type(item).__name__}: {item}); try a smaller max_side_px or fewer styles")
         if isinstance(item, BaseException):
-            raise _Abort(grpc.StatusCode.INTERNAL, f"job {job_id} failed after {job.iterations} "
-                         f"iterations: {type(item).__name__}: {item}")
-        if (isinstance(item, engine.Result) and item.stop_reason == engine.STOP_CANCELLED
+            raise abort_for(item, job)
+        if (isinstance(item, Result) and item.stop_reason == STOP_CANCELLED
                 and job.stopped_by == STOP_SHUTDOWN):
             return []                                # _DONE follows: UNAVAILABLE
-        if isinstance(item, engine.Result):
+        if isinstance(item, Result):
             job.result_sent = True
         return to_proto(item, self.limits.result_chunk_bytes)
 
@@ -409,8 +401,9 @@ def _outcome(code: grpc.StatusCode, admitted: bool) -> str:
 
 def _failure(job: Job, exc: BaseException) -> BaseException:
     """Worker thread: log a job's exception (with its traceback) and return it stripped of the traceback,
-    whose frames would otherwise keep the job's tensors alive while the handler reports it."""
-    if isinstance(exc, ImageInputError | ValueError):
+    whose frames would otherwise keep the job's tensors alive while the handler reports it. A domain error (a field
+    out of range, an unusable image) is the caller's, not logged."""
+    if isinstance(exc, NSTServerError):
         return exc
     if is_out_of_memory(exc):
         log.error("job %s ran out of memory after %d iterations: %s: %s", job.job_id, job.iterations,
@@ -423,8 +416,6 @@ def _failure(job: Job, exc: BaseException) -> BaseException:
         torch.cuda.empty_cache()
     return exc
 
-
-_REQUEST_FIELDS = frozenset(pb.StylizeRequest.DESCRIPTOR.fields_by_name)
 
 #: Longest status message sent, characters. Messages may quote the request (a layer name, the blend weights, an
 #: exception's text); message and BadRequest details travel in the trailers, which gRPC caps at 16 KiB by default,
@@ -441,25 +432,49 @@ def shorten(text: str, limit: int = MAX_STATUS_MESSAGE_CHARS) -> str:
 
 
 class _Abort(Exception):
-    """End the call with ``code`` and ``message``; ``field`` names the offending request field (when None,
-    the request field the message starts with, e.g. ``"max_side_px must be …"``, else "" for the request as
-    a whole)."""
+    """End the call with ``code`` and ``message``. With INVALID_ARGUMENT, ``field`` and ``reason`` are its
+    ``google.rpc.BadRequest`` field violation: the request field to fix ("" for the request as a whole) and what is
+    wrong with it (None: the message). Built from a failure by :func:`abort_for`."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, field: str | None = None) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, field: str = "", reason: str | None = None) -> None:
         message = shorten(message)
         super().__init__(message)
         self.code, self.message, self.field = code, message, field
+        self.reason = message if reason is None else shorten(reason)
 
     def rpc_status(self) -> grpc.Status:
         """The status with one ``google.rpc.BadRequest`` field violation (field, description) in its details
         (grpcio-status; clients read it with ``grpc_status.rpc_status.from_call``)."""
-        field = self.field
-        if field is None:
-            head = re.split(r"[\s:\[.]", self.message, maxsplit=1)[0]
-            field = head if head in _REQUEST_FIELDS else ""
-        description = self.message.removeprefix(f"{field}: ") if field else self.message
-        violation = error_details_pb2.BadRequest.FieldViolation(field=field, description=description)
+        violation = error_details_pb2.BadRequest.FieldViolation(field=self.field, description=self.reason)
         detail = any_pb2.Any()
         detail.Pack(error_details_pb2.BadRequest(field_violations=[violation]))
         return rpc_status.to_status(status_pb2.Status(code=self.code.value[0], message=self.message,
                                                        details=[detail]))
+
+
+def abort_for(exc: BaseException, job: Job | None = None) -> _Abort:
+    """The status a call ends with for a failure: the one place where errors become gRPC statuses.
+
+    - a domain error (:class:`~nst_server.errors.NSTServerError`): its ``status``; its message; for a
+      :class:`~nst_server.errors.FieldError` (an unusable image too) the ``BadRequest`` violation's field and
+      description are its ``field`` and ``reason``;
+    - out of memory (:func:`~nst_server.jobs.is_out_of_memory`): RESOURCE_EXHAUSTED, naming the job and what to
+      lower;
+    - any other ``ValueError``: INVALID_ARGUMENT with field "" (the request as a whole). Every range check of the
+      server and the engine raises a FieldError, so this is a check that lost its field;
+    - anything else: INTERNAL, with the exception's type and text.
+
+    Args:
+        job: the job that failed (its id and iterations go in the message); None before admission.
+    """
+    if isinstance(exc, NSTServerError):
+        return _Abort(exc.status, str(exc), getattr(exc, "field", ""), getattr(exc, "reason", None))
+    where = "the request" if job is None else f"job {job.job_id}"
+    after = "" if job is None else f" after {job.iterations} iterations"
+    if is_out_of_memory(exc):
+        return _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                      f"{where} ran out of memory{after} ({type(exc).__name__}: {exc}); try a smaller max_side_px or "
+                      f"fewer styles")
+    if isinstance(exc, ValueError):
+        return _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    return _Abort(grpc.StatusCode.INTERNAL, f"{where} failed{after}: {type(exc).__name__}: {exc}")
