@@ -1,39 +1,61 @@
 """Between proto messages and the engine: ``StylizeRequest`` to settings and inputs (validation names the
-offending field), engine events to ``StylizeResponse``."""
+offending field), engine events to ``StylizeResponse``.
+
+The request's controls map onto :class:`~nst_server.settings.StyleTransferSettings` by name, derived from the proto's
+descriptors (:data:`ENUMS`, :data:`LAYER_FIELDS`, :data:`SCALAR_FIELDS`): a new control needs its field in the proto
+and in the settings (default, range in ``validate()``), and nothing here. Every ``StylizeRequest`` field is a setting
+of the same name except :data:`INPUT_FIELDS` and ``preset`` (tests/test_messages.py checks it).
+"""
 
 from __future__ import annotations
 
+import os
+
 from nst_proto.v1 import style_transfer_pb2 as pb
 from nst_export.vgg import MIN_SIDE_PX
-from nst_server import engine
+
 from nst_server.errors import FieldError
 from nst_server.images import decode_image, decode_image_and_alpha
+from nst_server.events import Costs, JobInputs, Progress, Result, STOP_CANCELLED, STOP_CONVERGED, STOP_ITERATIONS, STOP_NON_FINITE
+from nst_server.settings import MAX_STYLES, StyleTransferSettings, blend_weights
 
-OPTIMIZERS = {pb.OPTIMIZER_LBFGS: "lbfgs", pb.OPTIMIZER_ADAM: "adam"}
-PRESETS = {pb.PRESET_UNSPECIFIED: "default", pb.PRESET_SEED: "seed", pb.PRESET_CLASSIC: "classic"}
-INITS = {pb.INIT_NOISY_CONTENT: "noisy_content", pb.INIT_CONTENT: "content", pb.INIT_RANDOM: "random",
-         pb.INIT_IMAGE: "image"}
-POOLINGS = {pb.POOLING_MAX: "max", pb.POOLING_AVG: "avg"}
-COLOR_CONTROLS = {pb.COLOR_CONTROL_NONE: "none", pb.COLOR_CONTROL_LUMINANCE: "luminance",
-                  pb.COLOR_CONTROL_MATCH_STYLE_COLORS: "match_style_colors"}
-PRECISIONS = {pb.PRECISION_FP32: "fp32", pb.PRECISION_BF16: "bf16", pb.PRECISION_FP16: "fp16",
-              pb.PRECISION_AUTO: "auto"}
-NORMALIZATIONS = {pb.NORMALIZATION_NONE: "none", pb.NORMALIZATION_TARGET: "target"}
+#: ``StylizeRequest`` fields that are no settings: the images (:func:`decode_inputs`) and how the result carries the
+#: content's transparency. ``preset`` is none either: it chooses the settings that the other fields override.
+INPUT_FIELDS = ("content_image", "style_image", "styles", "init_image", "keep_content_alpha")
+
+
+def _value_names(enum) -> dict[int, str]:
+    """Enum number -> the setting's value: the value's name without the values' common prefix, lower-cased
+    (``COLOR_CONTROL_MATCH_STYLE_COLORS`` -> ``"match_style_colors"``); the 0 value (``…_UNSPECIFIED``: keep the
+    preset's value) left out."""
+    common = os.path.commonprefix([value.name for value in enum.values])
+    prefix = common[:common.rindex("_") + 1]
+    return {value.number: value.name[len(prefix):].lower() for value in enum.values if value.number != 0}
+
+
+_REQUEST = pb.StylizeRequest.DESCRIPTOR
+_SETTING_FIELDS = [field for field in _REQUEST.fields if field.name not in (*INPUT_FIELDS, "preset")]
+
+#: Preset number -> :meth:`StyleTransferSettings.preset` name; ``PRESET_UNSPECIFIED`` is ``"default"``.
+PRESETS = {0: "default", **_value_names(_REQUEST.fields_by_name["preset"].enum_type)}
+#: Enum-typed setting field -> {number: value}, e.g. ``ENUMS["optimizer"] == {1: "lbfgs", 2: "adam"}``; 0 (unset)
+#: keeps the preset's value, a number the proto does not define is refused.
+ENUMS = {field.name: _value_names(field.enum_type) for field in _SETTING_FIELDS if field.enum_type is not None}
+#: ``repeated LayerWeight`` setting fields, each a ``{layer: weight}`` setting (a layer listed twice is refused).
+LAYER_FIELDS = tuple(field.name for field in _SETTING_FIELDS
+                     if field.is_repeated and field.message_type is pb.LayerWeight.DESCRIPTOR)
+#: Scalar setting fields (number, bool): copied when the request sets them, proto3 ``optional`` ones by presence
+#: (an explicit 0 counts), the others when non-zero (0: the preset's value).
+SCALAR_FIELDS = tuple(field.name for field in _SETTING_FIELDS
+                      if not field.is_repeated and field.enum_type is None and field.message_type is None)
+_PRESENCE = frozenset(field.name for field in _SETTING_FIELDS if field.has_presence)
+
 STOP_REASONS = {
-    engine.STOP_ITERATIONS: pb.STOP_REASON_ITERATIONS_DONE,
-    engine.STOP_CANCELLED: pb.STOP_REASON_CANCELLED,
-    engine.STOP_NON_FINITE: pb.STOP_REASON_NON_FINITE_COST,
-    engine.STOP_CONVERGED: pb.STOP_REASON_CONVERGED,
+    STOP_ITERATIONS: pb.STOP_REASON_ITERATIONS_DONE,
+    STOP_CANCELLED: pb.STOP_REASON_CANCELLED,
+    STOP_NON_FINITE: pb.STOP_REASON_NON_FINITE_COST,
+    STOP_CONVERGED: pb.STOP_REASON_CONVERGED,
 }
-
-
-def _enum(request: pb.StylizeRequest, name: str, mapping: dict, values: dict, key: str) -> None:
-    value = getattr(request, name)
-    if value == 0:                                   # *_UNSPECIFIED: keep the preset's value
-        return
-    if value not in mapping:
-        raise FieldError(name, f"unknown value {value}")
-    values[key] = mapping[value]
 
 
 def _layers(entries, name: str) -> dict[str, float]:
@@ -45,9 +67,10 @@ def _layers(entries, name: str) -> dict[str, float]:
     return layers
 
 
-def settings_from_request(request: pb.StylizeRequest, limits) -> engine.StyleTransferSettings:
-    """Map a request onto :class:`engine.StyleTransferSettings`: the preset's values, overridden by every field
-    the request sets (proto3 ``optional`` fields by presence, others when non-zero).
+def settings_from_request(request: pb.StylizeRequest, limits) -> StyleTransferSettings:
+    """Map a request onto :class:`StyleTransferSettings`: the preset's values, overridden by every field
+    the request sets (proto3 ``optional`` fields by presence, others when non-zero; enums when not ``…_UNSPECIFIED``),
+    then checked: the settings' ranges (``validate()``) and the server's own limits.
 
     Args:
         limits: the server's limits (``max_side_px``, ``max_iterations``).
@@ -56,34 +79,26 @@ def settings_from_request(request: pb.StylizeRequest, limits) -> engine.StyleTra
     """
     if request.preset not in PRESETS:
         raise FieldError("preset", f"unknown value {request.preset}")
+    if request.max_side_px and not MIN_SIDE_PX <= request.max_side_px <= limits.max_side_px:
+        raise FieldError("max_side_px", f"must be between {MIN_SIDE_PX} and {limits.max_side_px} px, "
+                                        f"got {request.max_side_px}")
+    if request.iterations > limits.max_iterations:
+        raise FieldError("iterations", f"must be at most {limits.max_iterations}, got {request.iterations}")
     values: dict = {}
-    if request.max_side_px:
-        if not MIN_SIDE_PX <= request.max_side_px <= limits.max_side_px:
-            raise FieldError("max_side_px", f"must be between {MIN_SIDE_PX} and {limits.max_side_px} px, "
-                                            f"got {request.max_side_px}")
-        values["max_side_px"] = request.max_side_px
-    if request.iterations:
-        if request.iterations > limits.max_iterations:
-            raise FieldError("iterations", f"must be at most {limits.max_iterations}, got {request.iterations}")
-        values["iterations"] = request.iterations
-    for name in ("content_weight", "style_weight", "learning_rate", "noise_ratio", "style_scale", "tv_weight",
-                 "convergence_tolerance", "seed", "scales", "pyramid_levels"):
-        if request.HasField(name):
+    for name in SCALAR_FIELDS:
+        if request.HasField(name) if name in _PRESENCE else getattr(request, name):
             values[name] = getattr(request, name)
-    for name in ("progress_every", "start_side_px", "preview_every", "preview_max_side_px", "lbfgs_history"):
+    for name, numbers in ENUMS.items():
+        number = getattr(request, name)
+        if number == 0:                                   # …_UNSPECIFIED: keep the preset's value
+            continue
+        if number not in numbers:
+            raise FieldError(name, f"unknown value {number}")
+        values[name] = numbers[number]
+    for name in LAYER_FIELDS:
         if getattr(request, name):
-            values[name] = getattr(request, name)
-    _enum(request, "optimizer", OPTIMIZERS, values, "optimizer")
-    _enum(request, "init", INITS, values, "init")
-    _enum(request, "pooling", POOLINGS, values, "pooling")
-    _enum(request, "color_control", COLOR_CONTROLS, values, "color_control")
-    _enum(request, "precision", PRECISIONS, values, "precision")
-    _enum(request, "normalization", NORMALIZATIONS, values, "normalization")
-    if request.content_layers:
-        values["content_layers"] = _layers(request.content_layers, "content_layers")
-    if request.style_layers:
-        values["style_layers"] = _layers(request.style_layers, "style_layers")
-    settings = engine.StyleTransferSettings.preset(PRESETS[request.preset], **values)
+            values[name] = _layers(getattr(request, name), name)
+    settings = StyleTransferSettings.preset(PRESETS[request.preset], **values)
     settings.validate()
     style_side = settings.max_side_px * settings.style_scale              # finite: validate() bounds it
     if round(style_side) > limits.max_side_px:
@@ -95,20 +110,20 @@ def settings_from_request(request: pb.StylizeRequest, limits) -> engine.StyleTra
     if settings.init == "image" and not request.init_image:
         raise FieldError("init_image", "is required when init is INIT_IMAGE")
     count = len(request.styles) + (1 if request.style_image else 0)
-    if count > engine.MAX_STYLES:
-        raise FieldError("styles", f"{count} style images (style_image included), at most {engine.MAX_STYLES} "
+    if count > MAX_STYLES:
+        raise FieldError("styles", f"{count} style images (style_image included), at most {MAX_STYLES} "
                                    f"may be blended")
     if not request.style_image and not request.styles:
         raise FieldError("style_image", "is empty; send style_image or at least one entry in styles")
-    engine.blend_weights([entry.blend_weight for entry in request.styles] or [1.0])     # FieldError naming styles
+    blend_weights([entry.blend_weight for entry in request.styles] or [1.0])     # FieldError naming styles
     return settings
 
 
-def decode_inputs(request: pb.StylizeRequest, max_input_pixels: int) -> engine.JobInputs:
+def decode_inputs(request: pb.StylizeRequest, max_input_pixels: int) -> JobInputs:
     """Decode the request's images (Pillow; see :func:`nst_server.images.decode_image`).
 
     ``style_image``, when set, is a style with blend weight 1; every ``styles[k]`` follows with its own
-    ``blend_weight`` (weights are relative: :func:`nst_server.engine.blend_weights`).
+    ``blend_weight`` (weights are relative: :func:`nst_server.settings.blend_weights`).
 
     Raises:
         ImageInputError: an image cannot be used (the message names the field).
@@ -120,11 +135,11 @@ def decode_inputs(request: pb.StylizeRequest, max_input_pixels: int) -> engine.J
     for index, entry in enumerate(request.styles):
         styles.append((decode_image(entry.image, f"styles[{index}].image", max_input_pixels), entry.blend_weight))
     init = decode_image(request.init_image, "init_image", max_input_pixels) if request.init_image else None
-    return engine.JobInputs(content=content, styles=styles, init_image=init,
+    return JobInputs(content=content, styles=styles, init_image=init,
                             content_alpha=alpha if request.keep_content_alpha else None)
 
 
-def _costs(costs: engine.Costs) -> pb.Costs:
+def _costs(costs: Costs) -> pb.Costs:
     return pb.Costs(content=costs.content, style=costs.style, total=costs.total,
                     total_variation=costs.total_variation)
 
@@ -133,11 +148,11 @@ def _costs(costs: engine.Costs) -> pb.Costs:
 DEFAULT_RESULT_CHUNK_BYTES = 1 << 20
 
 
-def to_proto(event: engine.Progress | engine.Result,
+def to_proto(event: Progress | Result,
              chunk_bytes: int = DEFAULT_RESULT_CHUNK_BYTES) -> list[pb.StylizeResponse]:
     """Engine event to stream messages: one for a Progress; for a Result, the PNG's ImageChunk pieces (when it
     is larger than ``chunk_bytes``) and then the Result."""
-    if isinstance(event, engine.Progress):
+    if isinstance(event, Progress):
         width, height = event.size
         return [pb.StylizeResponse(progress=pb.Progress(
             iteration=event.iteration, costs=_costs(event.costs), elapsed_ms=event.elapsed_ms,
