@@ -67,7 +67,7 @@ def test_a_small_job_streams_to_its_result(server, small_images):
     png = b"".join(c.data for c in chunks)
     assert len(png) == chunks[0].total_bytes
     assert Image.open(io.BytesIO(png)).size == (64, 48) == (messages[-1].result.width_px,
-                                                             messages[-1].result.height_px)
+                                                            messages[-1].result.height_px)
 
 
 def test_stylize_returns_the_same_result_as_the_sync_client(server, small_images):

@@ -233,7 +233,7 @@ def test_the_helper_is_standard_library_only():
 # The CLI's result (nst stylize -o) and its fallback.
 
 def test_write_image_keeps_the_old_file_and_falls_back_when_the_target_fills_up(tmp_path, monkeypatch,
-                                                                                 disk_full_after):
+                                                                                disk_full_after):
     folder, spare = tmp_path / "out", tmp_path / "spare"
     folder.mkdir()
     spare.mkdir()

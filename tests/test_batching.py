@@ -11,13 +11,18 @@ import pytest
 import torch
 from PIL import Image
 
-from nst_server import engine
+from nst_server import engine, settings as settings_room
 from nst_server.batching import ReplicaBatcher
+from nst_server.costs import CostTerms
+from nst_server.events import JobInputs, Result, STOP_CANCELLED, STOP_ITERATIONS, STOP_NON_FINITE
+from nst_server.objective import batch_pass, evaluate
+from nst_server.settings import StyleTransferSettings
+from nst_server.targets import compute_targets
 
 
-def _inputs(small_images) -> engine.JobInputs:
+def _inputs(small_images) -> JobInputs:
     content, style = (Image.open(io.BytesIO(data)).convert("RGB") for data in small_images)
-    return engine.JobInputs(content=content, styles=[(style, 1.0)])
+    return JobInputs(content=content, styles=[(style, 1.0)])
 
 
 def _run_concurrently(models, inputs, settings_list, batcher, should_stop_list=None, timeout_s=300.0):
@@ -47,11 +52,11 @@ def test_a_batched_pass_gives_each_job_its_own_costs_and_gradient(models):
     pass of its image alone (VGG-19's batch items are independent)."""
     generator = torch.Generator().manual_seed(0)
     images = [torch.rand(1, 3, 48, 64, generator=generator) * 255.0 for _ in range(3)]
-    settings = engine.StyleTransferSettings()
-    targets = [engine.compute_targets(models, images[(i + 1) % 3] / 255.0, [(images[(i + 2) % 3] / 255.0, 1.0)],
-                                      settings) for i in range(3)]
-    costs = [lambda feats, image, t=t: engine.evaluate(feats, image, t, settings) for t in targets]
-    run_pass = engine.batch_pass(models)
+    settings = StyleTransferSettings()
+    targets = [compute_targets(models, images[(i + 1) % 3] / 255.0, [(images[(i + 2) % 3] / 255.0, 1.0)],
+                               settings) for i in range(3)]
+    costs = [lambda feats, image, t=t: evaluate(feats, image, t, settings) for t in targets]
+    run_pass = batch_pass(models)
     key = ((1, 3, 48, 64), "max", "fp32")
     alone = []
     for image, cost in zip(images, costs):
@@ -84,15 +89,15 @@ def test_a_batched_pass_gives_each_job_its_own_costs_and_gradient(models):
 
 def test_batched_jobs_get_their_own_results(models, small_images):
     inputs = _inputs(small_images)
-    settings = [engine.StyleTransferSettings(max_side_px=64, iterations=6, seed=seed) for seed in (1, 2, 3)]
+    settings = [StyleTransferSettings(max_side_px=64, iterations=6, seed=seed) for seed in (1, 2, 3)]
     alone = [list(engine.stylize(models, inputs, s))[-1] for s in settings]
-    batcher = ReplicaBatcher(engine.batch_pass(models), max_batch=3, max_wait_s=60.0)
+    batcher = ReplicaBatcher(batch_pass(models), max_batch=3, max_wait_s=60.0)
     together = _run_concurrently(models, inputs, settings, batcher)
     # A job that starts iterating before the others have joined runs alone; once all three have joined, each
     # waits for the others (60 s at most): 3 jobs x 6 iterations in passes of 3 after the first few.
     assert batcher.stats.evaluations == 18 and batcher.stats.largest == 3 and batcher.stats.passes <= 10
     for single, batched in zip(alone, together):
-        assert isinstance(batched, engine.Result), batched
+        assert isinstance(batched, Result), batched
         assert batched.iterations == 6
         # Equal up to rounding, which L-BFGS amplifies over the iterations (about 1e-6 after two, 4e-4 after
         # six at this size): the gradients themselves are checked to 1e-4 above.
@@ -103,12 +108,12 @@ def test_batched_jobs_get_their_own_results(models, small_images):
 
 def test_different_sizes_or_settings_never_share_a_pass(models, small_images):
     inputs = _inputs(small_images)
-    settings = [engine.StyleTransferSettings(max_side_px=64, iterations=4),
-                engine.StyleTransferSettings(max_side_px=48, iterations=4),
-                engine.StyleTransferSettings(max_side_px=64, iterations=4, pooling="avg")]
-    batcher = ReplicaBatcher(engine.batch_pass(models), max_batch=3, max_wait_s=60.0)
+    settings = [StyleTransferSettings(max_side_px=64, iterations=4),
+                StyleTransferSettings(max_side_px=48, iterations=4),
+                StyleTransferSettings(max_side_px=64, iterations=4, pooling="avg")]
+    batcher = ReplicaBatcher(batch_pass(models), max_batch=3, max_wait_s=60.0)
     results = _run_concurrently(models, inputs, settings, batcher)
-    assert all(isinstance(r, engine.Result) for r in results), results
+    assert all(isinstance(r, Result) for r in results), results
     assert batcher.stats.passes == batcher.stats.evaluations == 12
 
 
@@ -116,34 +121,34 @@ def test_a_job_that_leaves_does_not_hold_the_others(models, small_images):
     """With an (effectively) unbounded wait, a job still in its batch's group after it stopped would hang the
     other one: leaving the loop must leave the group."""
     inputs = _inputs(small_images)
-    settings = [engine.StyleTransferSettings(max_side_px=64, iterations=3),
-                engine.StyleTransferSettings(max_side_px=64, iterations=9, seed=5),
-                engine.StyleTransferSettings(max_side_px=64, iterations=9, seed=6)]
+    settings = [StyleTransferSettings(max_side_px=64, iterations=3),
+                StyleTransferSettings(max_side_px=64, iterations=9, seed=5),
+                StyleTransferSettings(max_side_px=64, iterations=9, seed=6)]
     polls = {"n": 0}
 
     def stop_after_two() -> bool:
         polls["n"] += 1
         return polls["n"] > 2
 
-    batcher = ReplicaBatcher(engine.batch_pass(models), max_batch=3, max_wait_s=3600.0)
+    batcher = ReplicaBatcher(batch_pass(models), max_batch=3, max_wait_s=3600.0)
     results = _run_concurrently(models, inputs, settings, batcher,
                                 should_stop_list=[None, stop_after_two, None], timeout_s=600.0)
-    assert [r.stop_reason for r in results] == [engine.STOP_ITERATIONS, engine.STOP_CANCELLED,
-                                                engine.STOP_ITERATIONS]
+    assert [r.stop_reason for r in results] == [STOP_ITERATIONS, STOP_CANCELLED,
+                                                STOP_ITERATIONS]
     assert [r.iterations for r in results] == [3, 2, 9]
 
 
 def test_a_non_finite_job_does_not_spoil_its_batch(models, small_images, monkeypatch):
-    # Requests cannot ask for such a weight any more (engine.MAX_WEIGHT); the engine's non-finite guard stays.
-    monkeypatch.setattr(engine, "MAX_WEIGHT", 1e39)
+    # Requests cannot ask for such a weight any more (MAX_WEIGHT); the engine's non-finite guard stays.
+    monkeypatch.setattr(settings_room, "MAX_WEIGHT", 1e39)
     inputs = _inputs(small_images)
-    settings = [engine.StyleTransferSettings(max_side_px=64, iterations=4, style_weight=1e38),   # J overflows
-                engine.StyleTransferSettings(max_side_px=64, iterations=4)]
+    settings = [StyleTransferSettings(max_side_px=64, iterations=4, style_weight=1e38),   # J overflows
+                StyleTransferSettings(max_side_px=64, iterations=4)]
     alone = list(engine.stylize(models, inputs, settings[1]))[-1]
-    batcher = ReplicaBatcher(engine.batch_pass(models), max_batch=2, max_wait_s=60.0)
+    batcher = ReplicaBatcher(batch_pass(models), max_batch=2, max_wait_s=60.0)
     broken, healthy = _run_concurrently(models, inputs, settings, batcher)
-    assert broken.stop_reason == engine.STOP_NON_FINITE and broken.image.std() > 5
-    assert healthy.stop_reason == engine.STOP_ITERATIONS
+    assert broken.stop_reason == STOP_NON_FINITE and broken.image.std() > 5
+    assert healthy.stop_reason == STOP_ITERATIONS
     assert healthy.costs.total == pytest.approx(alone.costs.total, rel=1e-2)
 
 
@@ -160,7 +165,7 @@ def test_an_error_in_a_batched_pass_reaches_every_job_of_the_batch(models):
         with batcher.joined(("k",)):
             all_joined.wait(60)
             try:
-                batcher.evaluate(("k",), pixels, lambda feats, image: (feats[0].sum(),))
+                batcher.evaluate(("k",), pixels, lambda feats, image: CostTerms(*[feats[0].sum()] * 4))
             except torch.OutOfMemoryError as exc:
                 errors.append(str(exc))
 
@@ -191,7 +196,7 @@ def test_server_batches_concurrent_jobs(onnx_path, small_images, tmp_path):
     import serving
     from nst_client import NSTClient
     server = serving.start(onnx_path, tmp_path / "server.log", ["--max-running-jobs", "2", "--max-batch-size", "2",
-                                                                 "--batch-wait-ms", "5000"])
+                                                                "--batch-wait-ms", "5000"])
     try:
         with NSTClient(server.target, timeout_s=300) as client:
             assert client.model_info().max_batch_size == 2

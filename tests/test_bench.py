@@ -11,6 +11,9 @@ import pytest
 
 from nst_client.bench import CSV_COLUMNS, percentiles, synthetic_pair
 from nst_client.cli import main as client_main
+from nst_server.objective import evaluate
+from nst_server.settings import StyleTransferSettings
+from nst_server.targets import compute_targets
 
 
 def test_percentiles_match_numpy():
@@ -76,17 +79,17 @@ def test_tutorial_loop_costs_the_same_function_as_the_engine(models, small_image
     import torch
     from PIL import Image
 
-    from nst_server import engine
+    
     from nst_bench.tutorial import run_tutorial
     from nst_server.images import resize_to_max_side, to_tensor
     content, style = (Image.open(io.BytesIO(data)).convert("RGB") for data in small_images)
-    settings = engine.StyleTransferSettings.preset("classic", max_side_px=32, iterations=3, precision="fp32")
+    settings = StyleTransferSettings.preset("classic", max_side_px=32, iterations=3, precision="fp32")
     trace = run_tutorial(models, content, style, settings, 3)
     assert len(trace.times_s) == len(trace.totals) == 3
     c = to_tensor(resize_to_max_side(content, 32))
-    targets = engine.compute_targets(models, c, [(to_tensor(resize_to_max_side(style, 32)), 1.0)], settings)
+    targets = compute_targets(models, c, [(to_tensor(resize_to_max_side(style, 32)), 1.0)], settings)
     with torch.no_grad():
-        expected = engine.evaluate(models.replica(c), c * 255.0, targets, settings)[-1].item()
+        expected = evaluate(models.replica(c), c * 255.0, targets, settings).total.item()
     assert trace.totals[0] == pytest.approx(expected, rel=1e-4)
 
 

@@ -13,8 +13,9 @@ from nst_client import NSTClient, NSTError
 from nst_client.cli import main as client_main
 from nst_proto.v1 import style_transfer_pb2 as pb
 from nst_proto.v1 import style_transfer_pb2_grpc as pb_grpc
-from nst_server import engine
+
 from nst_server.interceptors import BearerTokenInterceptor
+from nst_server.settings import MAX_STYLES, blend_weights
 
 
 def _png(color: tuple[int, int, int], size: tuple[int, int] = (32, 32)) -> bytes:
@@ -52,19 +53,19 @@ def test_a_huge_layer_name_is_invalid_argument_naming_the_field(server, field):
     assert len(details) <= 1000 and kinds == []
 
 
-@pytest.mark.parametrize("count", [engine.MAX_STYLES + 1, 2000])
+@pytest.mark.parametrize("count", [MAX_STYLES + 1, 2000])
 def test_too_many_styles_are_refused_before_admission(server, count):
     # 600 distinct 32 px styles in a 100 kB request held the only worker for 205 s even when the client cancelled
     # right after JobAccepted (style targets are built before the first iteration, where the cancel is read).
     styles = [pb.StyleImage(image=_png((index % 256, index // 256, 7)), blend_weight=1) for index in range(count)]
     code, details, kinds = _call(server, _request(styles=styles))
     assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, details[:200])
-    assert details == f"styles: {count} style images (style_image included), at most {engine.MAX_STYLES} may be blended"
+    assert details == f"styles: {count} style images (style_image included), at most {MAX_STYLES} may be blended"
     assert kinds == []                     # refused before admission: no JobAccepted, no style targets built
 
 
 def test_max_styles_are_still_served(server):
-    styles = [pb.StyleImage(image=_png((10 * index, 40, 200)), blend_weight=index) for index in range(engine.MAX_STYLES - 1)]
+    styles = [pb.StyleImage(image=_png((10 * index, 40, 200)), blend_weight=index) for index in range(MAX_STYLES - 1)]
     code, details, kinds = _call(server, _request(style_image=_png((20, 200, 20)), styles=styles))
     assert code == grpc.StatusCode.OK, details
     assert kinds[0] == "accepted" and kinds[-1] == "result"
@@ -72,8 +73,9 @@ def test_max_styles_are_still_served(server):
 
 def test_a_bad_blend_weight_among_many_is_named_alone():
     with pytest.raises(ValueError) as error:
-        engine.blend_weights([1.2345678901234567] * 5000 + [-1.0])
-    assert str(error.value) == "style blend weights must be finite and >= 0, got -1.0 (weight 5001 of 5001)"
+        blend_weights([1.2345678901234567] * 5000 + [-1.0])
+    assert error.value.field == "styles"
+    assert error.value.reason == "style blend weights must be finite and >= 0, got -1.0 (weight 5001 of 5001)"
 
 
 @pytest.mark.parametrize("token", ["sekrit\n", "a\nb", "sékrit", "tab\there"])

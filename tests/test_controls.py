@@ -7,8 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
-from nst_server import color, engine
+from nst_server import color, engine, settings as settings_room
 from nst_server.images import resize_to_max_side, to_tensor
+from nst_server.events import JobInputs, STOP_CONVERGED, STOP_ITERATIONS, STOP_NON_FINITE
+from nst_server.objective import evaluate
+from nst_server.settings import DEFAULT_STYLE_LAYERS, StyleTransferSettings, blend_weights
+from nst_server.targets import compute_targets, features
 
 
 def _open(data: bytes) -> Image.Image:
@@ -26,20 +30,20 @@ def run(models, content, styles, **settings):
     settings.setdefault("max_side_px", 32)
     settings.setdefault("iterations", 6)
     init_image = settings.pop("init_image", None)
-    inputs = engine.JobInputs(content=content, styles=styles, init_image=init_image)
-    events = list(engine.stylize(models, inputs, engine.StyleTransferSettings(**settings)))
+    inputs = JobInputs(content=content, styles=styles, init_image=init_image)
+    events = list(engine.stylize(models, inputs, StyleTransferSettings(**settings)))
     return events[:-1], events[-1]
 
 
 def test_seed_preset_is_the_course_recipe():
-    seed = engine.StyleTransferSettings.preset("seed")
+    seed = StyleTransferSettings.preset("seed")
     assert (seed.content_weight, seed.style_weight, seed.optimizer, seed.learning_rate) == (10.0, 40.0, "adam", 2.0)
     assert (seed.noise_ratio, seed.iterations, seed.scales, seed.init) == (0.6, 200, 1, "noisy_content")
     assert seed.content_layers == {"relu4_2": 1.0}
     assert seed.style_layers == {layer: 0.2 for layer in ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")}
-    assert engine.StyleTransferSettings.preset("seed", iterations=5).iterations == 5
+    assert StyleTransferSettings.preset("seed", iterations=5).iterations == 5
     with pytest.raises(ValueError, match="preset"):
-        engine.StyleTransferSettings.preset("vangogh")
+        StyleTransferSettings.preset("vangogh")
 
 
 def test_blend_weight_one_and_zero_equals_the_single_style(models, images):
@@ -52,10 +56,10 @@ def test_blend_weight_one_and_zero_equals_the_single_style(models, images):
 
 
 def test_blend_weights_normalise():
-    assert engine.blend_weights([2.0, 6.0]) == [0.25, 0.75]
-    assert engine.blend_weights([0.0, 0.0]) == [0.5, 0.5]
+    assert blend_weights([2.0, 6.0]) == [0.25, 0.75]
+    assert blend_weights([0.0, 0.0]) == [0.5, 0.5]
     with pytest.raises(ValueError, match="blend weights"):
-        engine.blend_weights([1.0, -1.0])
+        blend_weights([1.0, -1.0])
 
 
 def test_larger_tv_weight_lowers_total_variation(models, images):
@@ -106,15 +110,15 @@ def test_colour_control_on_grayscale_inputs_has_no_nan(models, images, mode):
     for c, s in ((gray_content, gray_style), (content, gray_style), (gray_content, flat)):
         progress, result = run(models, c, [(s, 1.0)], color_control=mode, iterations=3)
         assert all(np.isfinite([p.costs.total for p in progress]))
-        assert np.isfinite(result.costs.total) and result.stop_reason == engine.STOP_ITERATIONS
+        assert np.isfinite(result.costs.total) and result.stop_reason == STOP_ITERATIONS
 
 
 def test_non_finite_cost_ends_the_job_with_the_best_image(models, images, monkeypatch):
-    # Requests cannot ask for such a weight any more (engine.MAX_WEIGHT); the engine's non-finite guard stays.
-    monkeypatch.setattr(engine, "MAX_WEIGHT", 1e39)
+    # Requests cannot ask for such a weight any more (MAX_WEIGHT); the engine's non-finite guard stays.
+    monkeypatch.setattr(settings_room, "MAX_WEIGHT", 1e39)
     content, style, _ = images
     progress, result = run(models, content, [(style, 1.0)], style_weight=1e38)   # J overflows fp32
-    assert result.stop_reason == engine.STOP_NON_FINITE
+    assert result.stop_reason == STOP_NON_FINITE
     assert result.image.std() > 5 and progress == []
 
 
@@ -144,7 +148,7 @@ def test_layer_choices_and_weights(models, images):
     base = run(models, content, [(style, 1.0)], iterations=1)[0][0].costs
     shallow = run(models, content, [(style, 1.0)], iterations=1, content_layers={"relu1_1": 1.0})[0][0].costs
     double = run(models, content, [(style, 1.0)], iterations=1,
-                 style_layers={k: 0.4 for k in engine.DEFAULT_STYLE_LAYERS})[0][0].costs
+                 style_layers={k: 0.4 for k in DEFAULT_STYLE_LAYERS})[0][0].costs
     assert shallow.content != base.content
     assert double.style == pytest.approx(2 * base.style, rel=1e-5)
 
@@ -152,7 +156,7 @@ def test_layer_choices_and_weights(models, images):
 def test_average_pooling_uses_the_replica_for_targets(models, images):
     content, style, _ = images
     img = to_tensor(resize_to_max_side(content, 32))
-    avg = engine.features(models, img, "avg")
+    avg = features(models, img, "avg")
     with torch.no_grad():
         expected = models.replica(img, pooling="avg")[-1]
     assert torch.equal(avg["relu5_1"], expected)
@@ -169,7 +173,7 @@ def test_coarse_to_fine_schedule_reaches_the_output_size(models, images):
     assert progress[0].size == (32, 24) and progress[-1].size == (64, 48)
     assert [p.iteration for p in progress] == list(range(1, 9))
     assert result.image.shape == (48, 64, 3)
-    assert engine.scale_sides(engine.StyleTransferSettings(max_side_px=512, scales=3), 0.75) == [128, 256, 512]
+    assert engine.scale_sides(StyleTransferSettings(max_side_px=512, scales=3), 0.75) == [128, 256, 512]
     assert engine.split_iterations(200, 3) == [66, 66, 68]
 
 
@@ -192,7 +196,7 @@ def test_previews_every_n_iterations(models, images):
 def test_convergence_tolerance_stops_early(models, images):
     content, style, _ = images
     progress, result = run(models, content, [(style, 1.0)], iterations=100, convergence_tolerance=1.0)
-    assert result.stop_reason == engine.STOP_CONVERGED
+    assert result.stop_reason == STOP_CONVERGED
     assert result.iterations == engine.CONVERGENCE_WINDOW + 1 == len(progress)
 
 
@@ -209,14 +213,14 @@ def test_quality_on_real_images(models, shared):
     the content image's own, and the content cost stays below the style image's."""
     content = Image.open(shared / "images" / "tubingen.jpg").convert("RGB")
     style = Image.open(shared / "images" / "starry_night.jpg").convert("RGB")
-    settings = engine.StyleTransferSettings(max_side_px=128)
+    settings = StyleTransferSettings(max_side_px=128)
     _, result = run(models, content, [(style, 1.0)], max_side_px=128, iterations=settings.iterations)
     height, width = result.image.shape[:2]
     content_t = to_tensor(resize_to_max_side(content, 128))
-    targets = engine.compute_targets(models, content_t, [(to_tensor(resize_to_max_side(style, 128)), 1.0)],
-                                     settings)
-    as_content = engine.evaluate(models.features(content_t), content_t * 255, targets, settings)
+    targets = compute_targets(models, content_t, [(to_tensor(resize_to_max_side(style, 128)), 1.0)],
+                              settings)
+    as_content = evaluate(models.features(content_t), content_t * 255, targets, settings)
     style_t = to_tensor(style.resize((width, height), Image.Resampling.LANCZOS))
-    as_style = engine.evaluate(models.features(style_t), style_t * 255, targets, settings)
-    assert result.costs.style <= as_content[1].item() / 20, (result.costs, as_content[1].item())
-    assert result.costs.content < as_style[0].item(), (result.costs, as_style[0].item())
+    as_style = evaluate(models.features(style_t), style_t * 255, targets, settings)
+    assert result.costs.style <= as_content.style.item() / 20, (result.costs, as_content.style.item())
+    assert result.costs.content < as_style.content.item(), (result.costs, as_style.content.item())

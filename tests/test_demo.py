@@ -83,4 +83,4 @@ def test_demo_exports_serves_and_stylizes(tmp_path):
     photo, result = colour_histogram(sample_image(SAMPLE_CONTENT)), colour_histogram(output)
     print("colour overlap with the painting: result", overlap(result, painting), "photo", overlap(photo, painting))
     assert overlap(result, painting) > overlap(photo, painting) + 0.1, (overlap(result, painting),
-                                                                         overlap(photo, painting))
+                                                                        overlap(photo, painting))

@@ -22,8 +22,9 @@ import serving
 from nst_client import NSTClient, NSTError, build_request
 from nst_client.cli import main as client_main
 from nst_proto.v1 import style_transfer_pb2 as pb
-from nst_server import engine, images
+from nst_server import images
 from nst_server.errors import ImageInputError
+from nst_server.settings import blend_weights
 
 FLOAT_FIELDS = ("content_weight", "style_weight", "learning_rate", "noise_ratio", "style_scale", "tv_weight",
                 "convergence_tolerance")
@@ -54,7 +55,7 @@ def _finite(costs: pb.Costs) -> bool:
     ([0.0, 0.0], [0.5, 0.5]),
 ])
 def test_blend_weights_never_overflow_or_vanish(weights, expected):
-    result = engine.blend_weights(weights)
+    result = blend_weights(weights)
     assert result == pytest.approx(expected, abs=1e-15)
     assert all(math.isfinite(w) for w in result) and math.fsum(result) == pytest.approx(1.0)
 
@@ -174,7 +175,7 @@ def test_every_numeric_field_over_its_whole_range_gives_a_result_or_invalid_argu
                 assert error.startswith("INVALID_ARGUMENT"), error
                 return
             assert result.image_png and Image.open(io.BytesIO(result.image_png)).size == (result.width_px,
-                                                                                         result.height_px)
+                                                                                          result.height_px)
             if result.stop_reason != pb.STOP_REASON_NON_FINITE_COST:
                 assert _finite(result.costs), result.costs
 
@@ -286,7 +287,7 @@ def _cli_files(tmp_path, small_images):
     (".", "is not a picture format"),
 ])
 def test_the_cli_refuses_an_output_it_cannot_write_before_sending_the_job(tmp_path, small_images, capsys, name,
-                                                                         words):
+                                                                          words):
     """Checked before connecting: the server address is one where nothing listens."""
     files = _cli_files(tmp_path, small_images)
     code = client_main(["stylize", *files, "-o", str(tmp_path / name), "--server", "127.0.0.1:1", "--quiet"])
@@ -313,7 +314,7 @@ def test_bench_outputs_are_checked_before_the_sweep(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("suffix,fmt,extra", [(".jpg", "JPEG", ["--quality", "80"]), (".webp", "WEBP", []),
-                                             (".tiff", "TIFF", []), (".png", "PNG", [])])
+                                              (".tiff", "TIFF", []), (".png", "PNG", [])])
 def test_the_written_format_follows_the_suffix(server, tmp_path, small_images, capsys, suffix, fmt, extra):
     files = _cli_files(tmp_path, small_images)
     target = tmp_path / f"out{suffix}"

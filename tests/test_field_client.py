@@ -94,7 +94,7 @@ def test_health_check_on_loopback_ignores_http_proxy(server, refused_port):
         for target in (server.target, f"localhost:{port}"):
             done = _run("nst", "health", "--server", target, env=_env(**{variable: proxy}))
             assert (done.returncode, done.stdout.decode().strip()) == (0, "SERVING"), (variable, target,
-                                                                                     done.stderr.decode())
+                                                                                       done.stderr.decode())
 
 
 def test_library_clients_on_loopback_ignore_http_proxy(server, refused_port, monkeypatch):

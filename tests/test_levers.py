@@ -9,8 +9,11 @@ import torch
 from PIL import Image
 
 import serving
-from nst_server import costs, engine
+from nst_server import costs, engine, objective as objective_room, targets as targets_room
 from nst_server.images import resize_to_max_side
+from nst_server.events import JobInputs
+from nst_server.settings import StyleTransferSettings
+from nst_server.targets import features, pyramid_sizes
 
 
 def _reference_style_cost(style_gram, generated):
@@ -68,16 +71,16 @@ def test_gram_matrix_is_the_same_in_both_layouts():
 
 def _job(models, small_images, **changes):
     content, style = (Image.open(io.BytesIO(data)).convert("RGB") for data in small_images)
-    inputs = engine.JobInputs(content=content, styles=[(style, 1.0)])
-    settings = engine.StyleTransferSettings(max_side_px=32, iterations=3, **{"precision": "fp32", **changes})
+    inputs = JobInputs(content=content, styles=[(style, 1.0)])
+    settings = StyleTransferSettings(max_side_px=32, iterations=3, **{"precision": "fp32", **changes})
     events = list(engine.stylize(models, inputs, settings))
     return events[0], events[-1]
 
 
 def test_channels_last_changes_no_cost(models, small_images, monkeypatch):
-    monkeypatch.setattr(engine, "CHANNELS_LAST", False)
+    monkeypatch.setattr(objective_room, "CHANNELS_LAST", False)
     first_nchw, result_nchw = _job(models, small_images)
-    monkeypatch.setattr(engine, "CHANNELS_LAST", True)
+    monkeypatch.setattr(objective_room, "CHANNELS_LAST", True)
     first_cl, result_cl = _job(models, small_images)
     assert models.replica.conv1_1.weight.is_contiguous(memory_format=torch.channels_last)
     assert first_cl.costs.total == pytest.approx(first_nchw.costs.total, rel=1e-5)
@@ -85,23 +88,25 @@ def test_channels_last_changes_no_cost(models, small_images, monkeypatch):
 
 
 def test_style_cache_serves_the_second_job(models, small_images, monkeypatch):
-    monkeypatch.setattr(engine, "STYLE_CACHE_ENTRIES", 0)
+    monkeypatch.setattr(targets_room, "STYLE_CACHE_ENTRIES", 0)
     _, uncached = _job(models, small_images, seed=3)
-    monkeypatch.setattr(engine, "STYLE_CACHE_ENTRIES", 2)
-    models.__dict__.pop("_nst_style_cache", None)
+    monkeypatch.setattr(targets_room, "STYLE_CACHE_ENTRIES", 2)
+    models.style_cache.clear()
     calls = []
-    real = engine.features
-    monkeypatch.setattr(engine, "features", lambda *a, **k: calls.append(a[1].shape) or real(*a, **k))
+    real = features
+    counted = lambda *a, **k: calls.append(a[1].shape) or real(*a, **k)       # noqa: E731
+    monkeypatch.setattr(targets_room, "features", counted)        # the targets' passes
+    monkeypatch.setattr(engine, "features", counted)              # the delivered image's
     _, first = _job(models, small_images, seed=3)
     _, second = _job(models, small_images, seed=3)
     width, height = resize_to_max_side(Image.open(io.BytesIO(small_images[0])), 32).size
-    levels = len(engine.pyramid_sizes(height, width, engine.StyleTransferSettings().pyramid_levels))
+    levels = len(pyramid_sizes(height, width, StyleTransferSettings().pyramid_levels))
     # Per pyramid level: content and style, content and the delivered image; then no style.
     assert len(calls) == (2 * 2 + 1) * levels
     assert first.png == second.png == uncached.png
     _job(models, small_images, seed=3, style_scale=0.9)
     _job(models, small_images, seed=3, pooling="avg")
-    assert len(models._nst_style_cache) == 2                    # three keys seen, the oldest evicted
+    assert len(models.style_cache) == 2                    # three keys seen, the oldest evicted
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads each thread's CPU time from Linux /proc")

@@ -9,6 +9,8 @@ import torch
 from PIL import Image
 
 from nst_server import engine, precision
+from nst_server.events import JobInputs
+from nst_server.settings import StyleTransferSettings
 
 
 @pytest.fixture()
@@ -58,11 +60,11 @@ def test_cpu_flags_reads_proc_cpuinfo(tmp_path, monkeypatch):
 def test_an_auto_job_runs_and_reports_the_chosen_precision(models, small_images, fake_cpu, flags, expected):
     fake_cpu(flags)
     content, style = (Image.open(io.BytesIO(b)).convert("RGB") for b in small_images)
-    result = list(engine.stylize(models, engine.JobInputs(content=content, styles=[(style, 1.0)]),
-                                 engine.StyleTransferSettings(max_side_px=32, iterations=2)))[-1]
+    result = list(engine.stylize(models, JobInputs(content=content, styles=[(style, 1.0)]),
+                                 StyleTransferSettings(max_side_px=32, iterations=2)))[-1]
     assert result.precision == expected
-    explicit = list(engine.stylize(models, engine.JobInputs(content=content, styles=[(style, 1.0)]),
-                                   engine.StyleTransferSettings(max_side_px=32, iterations=2, precision="fp32")))
+    explicit = list(engine.stylize(models, JobInputs(content=content, styles=[(style, 1.0)]),
+                                   StyleTransferSettings(max_side_px=32, iterations=2, precision="fp32")))
     assert explicit[-1].precision == "fp32"
 
 

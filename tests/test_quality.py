@@ -15,6 +15,10 @@ from PIL import Image
 
 from nst_server import engine
 from nst_server.images import resize_lanczos, resize_to_max_side, to_tensor
+from nst_server.events import JobInputs
+from nst_server.objective import evaluate
+from nst_server.settings import MAX_PYRAMID_LEVELS, StyleTransferSettings
+from nst_server.targets import Targets, compute_targets, features, level_targets, pyramid_sizes
 from nst_tools import quality
 
 PAINTINGS = ("starry_night", "the_scream", "shipwreck")
@@ -38,23 +42,22 @@ def test_resize_lanczos_is_pillows_lanczos(size):
 
 
 def test_pyramid_sizes_are_half_octaves_down_to_16_px():
-    assert engine.pyramid_sizes(384, 512, 3) == [(384, 512), (272, 362), (192, 256)]
-    assert engine.pyramid_sizes(24, 32, 3) == [(24, 32), (17, 23)]           # 12 px would be under 16
-    assert engine.pyramid_sizes(384, 512, 1) == [(384, 512)]
-    assert len(engine.pyramid_sizes(16384, 16384, engine.MAX_PYRAMID_LEVELS)) == engine.MAX_PYRAMID_LEVELS
+    assert pyramid_sizes(384, 512, 3) == [(384, 512), (272, 362), (192, 256)]
+    assert pyramid_sizes(24, 32, 3) == [(24, 32), (17, 23)]           # 12 px would be under 16
+    assert pyramid_sizes(384, 512, 1) == [(384, 512)]
+    assert len(pyramid_sizes(16384, 16384, MAX_PYRAMID_LEVELS)) == MAX_PYRAMID_LEVELS
 
 
 def test_normalisers_are_the_costs_of_an_image_without_features(models, small_images):
     import io
     content, style = (to_tensor(Image.open(io.BytesIO(b)).convert("RGB")) for b in small_images)
-    settings = engine.StyleTransferSettings()
-    level = engine.level_targets(models, content, [(style, 1.0)], settings)
-    zero = {layer: torch.zeros_like(value) for layer, value in engine.features(models, content, "max").items()}
-    j_content, j_style, _, _ = engine.evaluate(zero, content * 255, engine.Targets([level]),
-                                               settings.replace(normalization="none", pyramid_levels=1))
-    assert level.content_norm == pytest.approx(float(j_content[0]), rel=1e-5)
-    assert level.style_norm == pytest.approx(float(j_style[0]), rel=1e-5)
-    classic = engine.level_targets(models, content, [(style, 1.0)], settings.replace(normalization="none"))
+    settings = StyleTransferSettings()
+    level = level_targets(models, content, [(style, 1.0)], settings)
+    zero = {layer: torch.zeros_like(value) for layer, value in features(models, content, "max").items()}
+    terms = evaluate(zero, content * 255, Targets([level]), settings.replace(normalization="none", pyramid_levels=1))
+    assert level.content_norm == pytest.approx(float(terms.content[0]), rel=1e-5)
+    assert level.style_norm == pytest.approx(float(terms.style[0]), rel=1e-5)
+    classic = level_targets(models, content, [(style, 1.0)], settings.replace(normalization="none"))
     assert (classic.content_norm, classic.style_norm) == (1.0, 1.0)
 
 
@@ -66,10 +69,10 @@ def test_normalised_style_cost_does_not_depend_on_the_paintings_magnitudes(model
     raw, normalised = [], []
     for name in PAINTINGS:
         style = to_tensor(resize_to_max_side(_real(shared, name), 128))
-        settings = engine.StyleTransferSettings(pyramid_levels=1)
-        targets = engine.compute_targets(models, content, [(style, 1.0)], settings)
-        _, j_style, _, _ = engine.evaluate(models.features(content), content * 255, targets,
-                                           settings.replace(normalization="none"))
+        settings = StyleTransferSettings(pyramid_levels=1)
+        targets = compute_targets(models, content, [(style, 1.0)], settings)
+        j_style = evaluate(models.features(content), content * 255, targets,
+                           settings.replace(normalization="none")).style
         raw.append(float(j_style[0]))
         normalised.append(float(j_style[0]) / targets.levels[0].style_norm)
     assert max(raw) / min(raw) > 4
@@ -84,8 +87,8 @@ def test_defaults_match_the_style_at_half_size_for_every_painting(models, shared
     content = _real(shared, "tubingen")
     for name in PAINTINGS:
         style = _real(shared, name)
-        events = list(engine.stylize(models, engine.JobInputs(content=content, styles=[(style, 1.0)]),
-                                     engine.StyleTransferSettings(max_side_px=128)))
+        events = list(engine.stylize(models, JobInputs(content=content, styles=[(style, 1.0)]),
+                                     StyleTransferSettings(max_side_px=128)))
         result = Image.fromarray(events[-1].image)
         half = quality.judge(models, content, style, result, 64)
         photo = quality.judge(models, content, style, content, 64)
@@ -98,8 +101,8 @@ def test_defaults_match_the_style_at_half_size_for_every_painting(models, shared
 def test_judge_at_the_jobs_size_is_the_results_costs(models, small_images):
     import io
     content, style = (Image.open(io.BytesIO(b)).convert("RGB") for b in small_images)
-    settings = engine.StyleTransferSettings(max_side_px=48, iterations=4, precision="fp32")
-    result = list(engine.stylize(models, engine.JobInputs(content=content, styles=[(style, 1.0)]), settings))[-1]
+    settings = StyleTransferSettings(max_side_px=48, iterations=4, precision="fp32")
+    result = list(engine.stylize(models, JobInputs(content=content, styles=[(style, 1.0)]), settings))[-1]
     judged = quality.judge(models, content, style, Image.fromarray(result.image), 48)
     assert judged.content == pytest.approx(result.costs.content, rel=1e-4)
     assert judged.style == pytest.approx(result.costs.style, rel=1e-4)

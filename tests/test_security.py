@@ -94,10 +94,10 @@ def test_the_asyncio_client_speaks_tls_and_sends_the_token(tls_server, certifica
 def test_plaintext_or_untrusting_clients_cannot_talk_to_the_tls_server(tls_server):
     with NSTClient(tls_server.target, token=TOKEN) as client:                     # no TLS
         assert _code(lambda: client.health(timeout_s=5)) in (grpc.StatusCode.UNAVAILABLE,
-                                                              grpc.StatusCode.DEADLINE_EXCEEDED)
+                                                             grpc.StatusCode.DEADLINE_EXCEEDED)
     with NSTClient(tls_server.target, tls=True, token=TOKEN) as client:          # system roots only
         assert _code(lambda: client.health(timeout_s=5)) in (grpc.StatusCode.UNAVAILABLE,
-                                                              grpc.StatusCode.DEADLINE_EXCEEDED)
+                                                             grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 def test_missing_or_wrong_token_is_unauthenticated_and_health_stays_open(tls_server, certificate, small_images):

@@ -59,7 +59,6 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from nst_server import engine
 from nst_server.images import resize_to_max_side
 from nst_server.model import StyleModels
 from nst_server.precision import default_precision
@@ -71,6 +70,8 @@ from nst_bench.measure import (Trace, batched_jobs, compute_thread_sleeps, itera
 from nst_bench.report import (add_matmul_again, add_ratios, add_speed, batching, bf16_pass, bf16_runs, log, machine,
                               time_to_quality, write)
 from nst_bench.tutorial import run_tutorial
+from nst_server.events import JobInputs
+from nst_server.settings import StyleTransferSettings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,13 +135,13 @@ class _Run:
     models: StyleModels
     content_image: Image.Image
     style_image: Image.Image
-    settings: engine.StyleTransferSettings           # the classic preset at --size and --iterations, fp32
+    settings: StyleTransferSettings           # the classic preset at --size and --iterations, fp32
     report: dict = field(default_factory=dict)
     server: str | None = None                        # host:port of the child nst-server, (c)
     process: subprocess.Popen | None = None
 
     def __post_init__(self) -> None:
-        self.inputs = engine.JobInputs(content=self.content_image, styles=[(self.style_image, 1.0)])
+        self.inputs = JobInputs(content=self.content_image, styles=[(self.style_image, 1.0)])
         self.content_bytes, self.style_bytes = encoded(self.content_image), encoded(self.style_image)
 
     @property
@@ -289,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:       # a usage error naming the option, before any export, load or run (was a traceback mid-run)
-        engine.StyleTransferSettings.preset("classic", max_side_px=args.size, iterations=args.iterations).validate()
+        StyleTransferSettings.preset("classic", max_side_px=args.size, iterations=args.iterations).validate()
     except ValueError as exc:
         parser.error(f"--size/--iterations: {exc}")
     out = Path(args.output)
@@ -303,8 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     content_image, style_image = load_image(content_path, args.size), load_image(style_path, args.size)
     models = StyleModels.load(model_path, providers=args.providers.split(",") if args.providers else None,
                               device=args.device)
-    settings = engine.StyleTransferSettings.preset("classic", max_side_px=args.size, iterations=args.iterations,
-                                                   precision="fp32")
+    settings = StyleTransferSettings.preset("classic", max_side_px=args.size, iterations=args.iterations,
+                                            precision="fp32")
     run = _Run(args=args, out=out, model_path=model_path, content_path=content_path, style_path=style_path,
                models=models, content_image=content_image, style_image=style_image, settings=settings)
     device = models.device

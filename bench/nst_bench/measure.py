@@ -25,12 +25,16 @@ import torch
 from PIL import Image
 
 from nst_export.vgg import CONV_LAYERS, OUTPUT_LAYERS
-from nst_server import costs, engine
+from nst_server import costs, engine, objective as objective_room, targets as targets_room
 from nst_server.batching import ReplicaBatcher
 from nst_server.images import resize_to_max_side
 from nst_server.model import StyleModels
 
 from nst_bench.inputs import load_image
+from nst_server.events import JobInputs, Progress
+from nst_server.objective import batch_pass, evaluate, replica_input
+from nst_server.settings import DEFAULT_CONTENT_LAYERS, DEFAULT_STYLE_LAYERS, PRECISIONS, StyleTransferSettings
+from nst_server.targets import LevelTargets, Targets, layer_positions
 
 #: The convolution whose ReLU output each layer is, and the pool count before it.
 _LAYER_CONV = {"relu1_1": "conv1_1", "relu2_1": "conv2_1", "relu3_1": "conv3_1", "relu4_1": "conv4_1",
@@ -53,8 +57,8 @@ def iteration_flops(height: int, width: int, content_layers: dict[str, float] | 
     Returns:
         ``{"forward", "backward", "gram", "total"}`` in FLOPs.
     """
-    content_layers = content_layers if content_layers is not None else engine.DEFAULT_CONTENT_LAYERS
-    style_layers = style_layers if style_layers is not None else engine.DEFAULT_STYLE_LAYERS
+    content_layers = content_layers if content_layers is not None else DEFAULT_CONTENT_LAYERS
+    style_layers = style_layers if style_layers is not None else DEFAULT_STYLE_LAYERS
     names = [name for name, _, _ in CONV_LAYERS]
     deepest = max(names.index(_LAYER_CONV[layer]) for layer in {*content_layers, *style_layers})
     forward = 0.0
@@ -67,7 +71,7 @@ def iteration_flops(height: int, width: int, content_layers: dict[str, float] | 
     gram = 0.0
     for layer in style_layers:
         channels = CONV_LAYERS[names.index(_LAYER_CONV[layer])][2]
-        gram += 2 * (2.0 * channels**2 * engine.layer_positions(height, width, layer))
+        gram += 2 * (2.0 * channels**2 * layer_positions(height, width, layer))
     return {"forward": forward, "backward": forward, "gram": gram, "total": 2 * forward + gram}
 
 
@@ -194,7 +198,7 @@ class Trace:
                 "last_total": self.totals[-1] if self.totals else math.nan, "final_costs": self.final_costs}
 
 
-def run_engine(models: StyleModels, inputs: engine.JobInputs, settings: engine.StyleTransferSettings,
+def run_engine(models: StyleModels, inputs: JobInputs, settings: StyleTransferSettings,
                target: float | None = None, name: str = "engine") -> Trace:
     """:func:`engine.stylize` in this process; with ``target``, stop at the first iteration whose J <= target.
 
@@ -205,7 +209,7 @@ def run_engine(models: StyleModels, inputs: engine.JobInputs, settings: engine.S
     started = time.perf_counter()
     final_size = resize_to_max_side(inputs.content, settings.max_side_px).size
     for event in engine.stylize(models, inputs, settings.replace(progress_every=1)):
-        if isinstance(event, engine.Progress):
+        if isinstance(event, Progress):
             if event.size != final_size:
                 trace.final_scale_from = len(trace.times_s) + 1
             trace.times_s.append(event.elapsed_ms / 1000.0)
@@ -219,7 +223,7 @@ def run_engine(models: StyleModels, inputs: engine.JobInputs, settings: engine.S
     return trace
 
 
-def run_server(target_address: str, content: bytes, style: bytes, settings: engine.StyleTransferSettings,
+def run_server(target_address: str, content: bytes, style: bytes, settings: StyleTransferSettings,
                target: float | None = None) -> Trace:
     """One job through gRPC (client library stream); clocks read on the client as messages arrive. With
     ``target``, the stream is closed (the job cancelled) at the first Progress whose J <= target."""
@@ -248,7 +252,7 @@ def run_server(target_address: str, content: bytes, style: bytes, settings: engi
     return trace
 
 
-def lever_ablation(models: StyleModels, inputs: engine.JobInputs, settings: engine.StyleTransferSettings,
+def lever_ablation(models: StyleModels, inputs: JobInputs, settings: StyleTransferSettings,
                    repeats: int, warmup: int) -> dict:
     """Each speed lever of the engine switched off in turn against all of them on, in one process.
 
@@ -259,7 +263,7 @@ def lever_ablation(models: StyleModels, inputs: engine.JobInputs, settings: engi
     Returns:
         ``{"per_iteration_s": {config: s}, "gain_over_off": {lever: off / on}, "first_progress_s": {...}}``.
     """
-    levers = {"channels_last": (engine, "CHANNELS_LAST", False),
+    levers = {"channels_last": (objective_room, "CHANNELS_LAST", False),
               "fast_style_gradient": (costs, "FAST_STYLE_GRADIENT", False)}
 
     @contextlib.contextmanager
@@ -283,7 +287,7 @@ def lever_ablation(models: StyleModels, inputs: engine.JobInputs, settings: engi
     run_engine(models, inputs, short)                                        # fills the cache
     for _ in range(max(1, repeats)):
         first["style_cache_warm"].append(run_engine(models, inputs, short).times_s[0])
-        with switched(engine, "STYLE_CACHE_ENTRIES", 0):
+        with switched(targets_room, "STYLE_CACHE_ENTRIES", 0):
             first["style_cache_off"].append(run_engine(models, inputs, short).times_s[0])
     first_progress = {name: min(values) for name, values in first.items()}
     return {"per_iteration_s": per_iteration, "runs_per_iteration_s": times,
@@ -300,25 +304,25 @@ def replica_pass_s(models: StyleModels, batch: int, height: int, width: int, rep
                    precision: str = "fp32", warmup: int = 2) -> float:
     """Median seconds of one replica forward + backward (to the input) of the default layers' costs at one pyramid
     level (no normalisers), batch ``batch`` of ``(3, height, width)`` images, after ``warmup`` passes (oneDNN
-    creates its primitives per shape), with the engine's levers as they are set (:func:`engine.replica_input`).
-    ``precision``: autocast dtype name of :data:`engine.PRECISIONS` (costs and Gram matrices stay fp32)."""
+    creates its primitives per shape), with the engine's levers as they are set (:func:`replica_input`).
+    ``precision``: autocast dtype name of :data:`PRECISIONS` (costs and Gram matrices stay fp32)."""
     device = models.device
-    settings = engine.StyleTransferSettings()
+    settings = StyleTransferSettings()
     pixels = torch.rand(batch, 3, height, width, device=device) * 255.0
     with torch.no_grad():
         feats = dict(zip(OUTPUT_LAYERS, models.replica(pixels[:1] / 255.0)))
-    targets = engine.Targets(levels=[engine.LevelTargets(
+    targets = Targets(levels=[LevelTargets(
         size=(height, width), content={k: feats[k] for k in settings.content_layers},
         style_grams={k: costs.gram_matrix(feats[k]) for k in settings.style_layers})])
     times = []
-    dtype = engine.PRECISIONS[precision]
+    dtype = PRECISIONS[precision]
     for index in range(warmup + repeats):
         x = pixels.clone().requires_grad_(True)
         start = time.perf_counter()
-        image = engine.replica_input(models, x / 255.0)
+        image = replica_input(models, x / 255.0)
         with torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext():
             feats = models.replica(image)
-        total = engine.evaluate(feats, x, targets, settings)[-1]
+        total = evaluate(feats, x, targets, settings).total
         total.sum().backward()
         sync(device)
         if index >= warmup:
@@ -332,8 +336,8 @@ def batched_jobs(models: StyleModels, content: Image.Image, style: Image.Image, 
     and run at once in threads sharing a :class:`~nst_server.batching.ReplicaBatcher` of ``max_batch=jobs``
     (``wait_ms``: its wait, the server's ``--batch-wait-ms``), best of ``repeats`` interleaved rounds; the
     delivered costs of both ways, for the check that batching changes only rounding."""
-    inputs = engine.JobInputs(content=content, styles=[(style, 1.0)])
-    settings = [engine.StyleTransferSettings(max_side_px=side, iterations=iterations, seed=seed)
+    inputs = JobInputs(content=content, styles=[(style, 1.0)])
+    settings = [StyleTransferSettings(max_side_px=side, iterations=iterations, seed=seed)
                 for seed in range(jobs)]
     sequential, together, stats = [], [], []
     costs_sequential: list[float] = []
@@ -342,7 +346,7 @@ def batched_jobs(models: StyleModels, content: Image.Image, style: Image.Image, 
         start = time.perf_counter()
         costs_sequential = [list(engine.stylize(models, inputs, s))[-1].costs.total for s in settings]
         sequential.append(time.perf_counter() - start)
-        batcher = ReplicaBatcher(engine.batch_pass(models), max_batch=jobs, max_wait_s=wait_ms / 1000.0)
+        batcher = ReplicaBatcher(batch_pass(models), max_batch=jobs, max_wait_s=wait_ms / 1000.0)
 
         def job(index: int) -> None:
             events = list(engine.stylize(models, inputs, settings[index], batcher=batcher))
@@ -378,8 +382,8 @@ def _rss_job(model: str, content: str, style: str, size: int, iterations: int, d
     the job (see :func:`_high_water_kib`)."""
     models = StyleModels.load(model, device=device)
     loaded = _high_water_kib()
-    inputs = engine.JobInputs(content=load_image(content, size), styles=[(load_image(style, size), 1.0)])
-    for _ in engine.stylize(models, inputs, engine.StyleTransferSettings(max_side_px=size, iterations=iterations)):
+    inputs = JobInputs(content=load_image(content, size), styles=[(load_image(style, size), 1.0)])
+    for _ in engine.stylize(models, inputs, StyleTransferSettings(max_side_px=size, iterations=iterations)):
         pass
     peak = _high_water_kib()
     cuda_peak = torch.cuda.max_memory_allocated() if models.device.type == "cuda" else 0

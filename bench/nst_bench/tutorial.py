@@ -22,11 +22,12 @@ from PIL import Image
 from torch import nn
 
 from nst_export.vgg import CONV_LAYERS
-from nst_server import costs, engine
+from nst_server import costs
 from nst_server.images import resize_to_max_side, to_tensor
 from nst_server.model import StyleModels
 
 from nst_bench.measure import Trace, sync
+from nst_server.settings import StyleTransferSettings
 
 
 class _Done(Exception):
@@ -90,7 +91,7 @@ def _layers_only(model: nn.Sequential, image: torch.Tensor) -> torch.Tensor:
 
 
 def tutorial_model(replica: nn.Module, content: torch.Tensor, style: torch.Tensor,
-                   settings: engine.StyleTransferSettings) -> tuple[nn.Sequential, list[StyleLoss], list[ContentLoss]]:
+                   settings: StyleTransferSettings) -> tuple[nn.Sequential, list[StyleLoss], list[ContentLoss]]:
     """The tutorial's ``get_style_model_and_losses`` over copies of the replica's convolutions (same weights,
     plain NCHW layout whatever the engine's levers did to the replica).
 
@@ -134,7 +135,7 @@ def tutorial_model(replica: nn.Module, content: torch.Tensor, style: torch.Tenso
 
 
 def run_tutorial(models: StyleModels, content_image: Image.Image, style_image: Image.Image,
-                 settings: engine.StyleTransferSettings, iterations: int) -> Trace:
+                 settings: StyleTransferSettings, iterations: int) -> Trace:
     """The tutorial's ``run_style_transfer`` for exactly ``iterations`` evaluations (one per iteration).
 
     Returns:

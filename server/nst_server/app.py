@@ -22,10 +22,11 @@ from nst_server.interceptors import BearerTokenInterceptor, RpcLogInterceptor
 from nst_server.jobs import FaultInjection
 from nst_server import metrics
 from nst_server.metrics import start_metrics_server
-from nst_server import engine, reflection
+from nst_server import reflection
 from nst_server.model import StyleModels, tensorrt_options
 from nst_server.precision import default_precision
 from nst_server.servicer import ServerLimits, StyleTransferServicer
+from nst_server.objective import batch_pass
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +207,7 @@ def warm_up(models: StyleModels) -> None:
     image = torch.rand(1, 3, 32, 32, device=models.device, requires_grad=True)
     models.features(image)
     key = (tuple(image.shape), models.replica.pooling, default_precision(models.device)[0])
-    sum(out.float().sum() for out in engine.batch_pass(models)(image, key)).backward()
+    sum(out.float().sum() for out in batch_pass(models)(image, key)).backward()
 
 
 class ClosedCallFilter(logging.Filter):

@@ -34,11 +34,12 @@ from dataclasses import dataclass, field
 import torch
 
 from nst_server import metrics
+from nst_server.costs import CostTerms
 
-CostFunction = Callable[[tuple[torch.Tensor, ...], torch.Tensor], tuple[torch.Tensor, ...]]
-"""``cost(features, pixels) -> (J_content, J_style, TV, J)``, each ``(1,)`` float32: one job's costs of its
-slice of the replica's features (a tuple in ``OUTPUT_LAYERS`` order, each ``(1, C, H_l, W_l)``) and of its
-image ``pixels`` ``(1, 3, H, W)`` in pixel levels."""
+CostFunction = Callable[[tuple[torch.Tensor, ...], torch.Tensor], CostTerms]
+"""``cost(features, pixels) -> CostTerms`` (content, style, total variation, total, each ``(1,)`` float32): one
+job's costs of its slice of the replica's features (a tuple in ``OUTPUT_LAYERS`` order, each
+``(1, C, H_l, W_l)``) and of its image ``pixels`` ``(1, 3, H, W)`` in pixel levels."""
 
 
 @dataclass(eq=False)
@@ -47,7 +48,7 @@ class _Request:
     cost: CostFunction
     taken: bool = False
     done: bool = False
-    result: tuple[torch.Tensor, ...] | None = None
+    result: CostTerms | None = None
     error: BaseException | None = None
 
 
@@ -110,7 +111,7 @@ class ReplicaBatcher:
                     del self._groups[key]
                 self._cond.notify_all()
 
-    def evaluate(self, key: tuple, pixels: torch.Tensor, cost: CostFunction) -> tuple[torch.Tensor, ...]:
+    def evaluate(self, key: tuple, pixels: torch.Tensor, cost: CostFunction) -> CostTerms:
         """One job's costs and gradient for this iteration, possibly computed in a batch with other jobs.
 
         Args:
@@ -120,7 +121,8 @@ class ReplicaBatcher:
                 on return its ``.grad`` holds dJ/dpixels when J is finite (it is left untouched otherwise).
             cost: computes the job's costs from its features (:data:`CostFunction`).
         Returns:
-            ``cost``'s tuple for this job (with autograd history).
+            ``cost``'s :class:`~nst_server.costs.CostTerms` for this job (with autograd history); the batch's
+            gradient is that of the sum of each job's finite ``total``.
         Raises:
             Whatever the batched pass raised (every job of that batch gets it).
         """
@@ -170,8 +172,8 @@ class ReplicaBatcher:
                 totals = []
                 for index, r in enumerate(batch):
                     r.result = r.cost(tuple(f[index:index + 1] for f in features), r.pixels)
-                    if torch.isfinite(r.result[-1]).all():
-                        totals.append(r.result[-1].sum())
+                    if torch.isfinite(r.result.total).all():
+                        totals.append(r.result.total.sum())
                 if totals:
                     torch.stack(totals).sum().backward()
         except BaseException as exc:   # handed to every job of the batch, re-raised in its own thread

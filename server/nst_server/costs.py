@@ -10,7 +10,7 @@ volume.
 * ``J_style(S, G) = sum_l lambda_l J_style^[l](S, G)``
 * ``J(G) = alpha J_content(C, G) + beta J_style(S, G)``
 
-The sums over layers and the objective are the engine's (:func:`nst_server.engine.evaluate`), which by default
+The sums over layers and the objective are the objective's (:func:`nst_server.objective.evaluate`), which by default
 divides each term by its target's size and averages over a resolution pyramid; the seed's ``J`` is its
 ``normalization="none"``, one-level case. A style image of another size than the generated image has its
 Gram matrix rescaled to the generated image's positions (:func:`rescale_gram`).
@@ -22,6 +22,8 @@ the style gradient's product runs in bf16 when the activations are bf16 (:data:`
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 
@@ -31,6 +33,24 @@ FAST_STYLE_GRADIENT = True
 #: Speed lever (issue 13): with bf16 activations, that backward product runs in bf16 (its result is cast to
 #: bf16 anyway); the forward Gram matrix and the costs stay fp32.
 BF16_STYLE_GRADIENT = True
+
+
+class CostTerms(NamedTuple):
+    """The costs of a batch of generated images, each ``(B,)`` float32 (with autograd history while optimising).
+
+    ``content`` and ``style`` are the seed's ``J_content`` and ``J_style`` at the generated image's own size,
+    ``total_variation`` the mean squared neighbour difference (pixel levels^2), and ``total`` the objective the
+    job minimises (:func:`nst_server.objective.evaluate`), whose gradient the optimiser follows.
+    """
+
+    content: torch.Tensor
+    style: torch.Tensor
+    total_variation: torch.Tensor
+    total: torch.Tensor
+
+    def detach(self) -> "CostTerms":
+        """The same costs without autograd history."""
+        return CostTerms(*(term.detach() for term in self))
 
 
 def _channels_last(features: torch.Tensor) -> bool:

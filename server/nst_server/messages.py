@@ -15,8 +15,9 @@ from nst_proto.v1 import style_transfer_pb2 as pb
 from nst_export.vgg import MIN_SIDE_PX
 
 from nst_server.errors import FieldError
+from nst_server.events import (STOP_CANCELLED, STOP_CONVERGED, STOP_ITERATIONS, STOP_NON_FINITE, Costs, JobInputs,
+                               Progress, Result)
 from nst_server.images import decode_image, decode_image_and_alpha
-from nst_server.events import Costs, JobInputs, Progress, Result, STOP_CANCELLED, STOP_CONVERGED, STOP_ITERATIONS, STOP_NON_FINITE
 from nst_server.settings import MAX_STYLES, StyleTransferSettings, blend_weights
 
 #: ``StylizeRequest`` fields that are no settings: the images (:func:`decode_inputs`) and how the result carries the
@@ -136,7 +137,7 @@ def decode_inputs(request: pb.StylizeRequest, max_input_pixels: int) -> JobInput
         styles.append((decode_image(entry.image, f"styles[{index}].image", max_input_pixels), entry.blend_weight))
     init = decode_image(request.init_image, "init_image", max_input_pixels) if request.init_image else None
     return JobInputs(content=content, styles=styles, init_image=init,
-                            content_alpha=alpha if request.keep_content_alpha else None)
+                     content_alpha=alpha if request.keep_content_alpha else None)
 
 
 def _costs(costs: Costs) -> pb.Costs:

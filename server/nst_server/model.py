@@ -11,6 +11,8 @@ import ctypes
 import json
 import logging
 import os
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -193,6 +195,10 @@ class StyleModels:
         replica: forward + backward passes during optimisation.
         providers: execution providers the session actually uses (``session.get_providers()``).
         metadata: the ONNX file's ``metadata_props``.
+        style_cache: style Gram matrices of recent style images, an LRU managed by
+            :func:`nst_server.targets.style_grams` under ``style_cache_lock``.
+        replica_channels_last: whether the replica's weights are now in channels_last
+            (:func:`nst_server.objective.replica_input` converts them once, under ``layout_lock``).
     """
 
     path: Path
@@ -202,6 +208,10 @@ class StyleModels:
     metadata: dict[str, str]
     device: torch.device
     output_names: list[str] = field(default_factory=lambda: list(OUTPUT_LAYERS))
+    style_cache: OrderedDict = field(default_factory=OrderedDict, repr=False, compare=False)
+    style_cache_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    replica_channels_last: bool = False
+    layout_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @classmethod
     def load(cls, path: str | os.PathLike, providers: list[str] | None = None,

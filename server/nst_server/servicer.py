@@ -32,7 +32,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
-import numpy as np
 import onnxruntime
 import torch
 from google.protobuf import any_pb2
@@ -312,7 +311,7 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
             try:
                 inputs = decode_inputs(request, limits.max_input_pixels)
                 for event in engine.stylize(self.models, inputs, settings, should_stop=job.should_stop,
-                                             batcher=self.batcher):
+                                            batcher=self.batcher):
                     job.count_iterations(event.iteration if isinstance(event, Progress) else event.iterations)
                     if (isinstance(event, Progress) and event.preview_png
                             and queue.qsize() >= MAX_QUEUED_EVENTS_WITH_PREVIEWS):
@@ -449,7 +448,7 @@ class _Abort(Exception):
         detail = any_pb2.Any()
         detail.Pack(error_details_pb2.BadRequest(field_violations=[violation]))
         return rpc_status.to_status(status_pb2.Status(code=self.code.value[0], message=self.message,
-                                                       details=[detail]))
+                                                      details=[detail]))
 
 
 def abort_for(exc: BaseException, job: Job | None = None) -> _Abort:

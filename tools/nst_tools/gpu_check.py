@@ -43,6 +43,8 @@ from pathlib import Path
 import torch
 
 from nst_proto.files import atomic_open, atomic_write_text
+from nst_server.events import JobInputs, Progress
+from nst_server.settings import StyleTransferSettings
 
 #: Benchmark options on a GPU (512 px, N = 300) and in the CPU smoke mode.
 GPU_BENCHMARK = ["--size", "512", "--iterations", "50", "--warmup-iterations", "5", "--ttq-iterations", "300",
@@ -121,13 +123,12 @@ def _inputs(side: int):
     import numpy as np
     from PIL import Image
 
-    from nst_server import engine
     y, x = np.mgrid[0:side * 3 // 4, 0:side]
     content = np.stack([x * 255 // side, y * 255 // max(1, side * 3 // 4), np.full_like(x, 120)], -1)
     samples = Path(__file__).resolve().parent / "samples"
     paintings = sorted(samples.glob("*.jpg"))
     style = Image.open(paintings[0]).convert("RGB") if paintings else Image.fromarray(content.astype("uint8")[::-1])
-    return engine.JobInputs(content=Image.fromarray(content.astype("uint8")), styles=[(style, 1.0)])
+    return JobInputs(content=Image.fromarray(content.astype("uint8")), styles=[(style, 1.0)])
 
 
 def sweep(model_path: Path, sides: tuple[int, ...], precisions: tuple[str, ...], iterations: int = 4,
@@ -158,7 +159,7 @@ def sweep(model_path: Path, sides: tuple[int, ...], precisions: tuple[str, ...],
             if deadline is not None and time.monotonic() > deadline:
                 row[str(side)] = {"error": "skipped: out of time budget"}
                 continue
-            settings = engine.StyleTransferSettings(
+            settings = StyleTransferSettings(
                 max_side_px=side, iterations=iterations, scales=1, pyramid_levels=1,
                 precision="fp32" if precision == "tf32" else precision)
             started = time.monotonic()
@@ -174,7 +175,7 @@ def sweep(model_path: Path, sides: tuple[int, ...], precisions: tuple[str, ...],
                 if models.device.type == "cuda":
                     torch.cuda.empty_cache()
                 continue
-            elapsed = [event.elapsed_ms / 1000.0 for event in events if isinstance(event, engine.Progress)]
+            elapsed = [event.elapsed_ms / 1000.0 for event in events if isinstance(event, Progress)]
             steps = [b - a for a, b in zip(elapsed, elapsed[1:])]
             row[str(side)] = {"s_per_iteration": statistics.median(steps) if steps else None,
                               "iterations": len(elapsed), "peak_gib": _peak_memory_gib(models.device),
@@ -190,7 +191,7 @@ def default_job(model_path: Path, side: int, iterations: int | None = None) -> d
     from nst_server.model import StyleModels
 
     models = StyleModels.load(model_path)
-    settings = engine.StyleTransferSettings(max_side_px=side)
+    settings = StyleTransferSettings(max_side_px=side)
     if iterations is not None:
         settings = settings.replace(iterations=iterations)
     figures: dict = {"side_px": side, "iterations": settings.iterations, "replica_device": str(models.device)}

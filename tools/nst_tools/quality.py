@@ -31,9 +31,12 @@ import torch
 from PIL import Image, ImageDraw
 
 from nst_proto.files import atomic_path, atomic_write_text
-from nst_server import costs, engine
+from nst_server import engine
 from nst_server.images import resize_to_max_side, to_tensor
 from nst_server.model import StyleModels
+from nst_server.objective import evaluate
+from nst_server.settings import StyleTransferSettings
+from nst_server.targets import compute_targets, features
 
 #: The pairs of the quality issue: (content, style) file names in ``$NST_SHARED_DIR/images``.
 DEFAULT_PAIRS = ("tubingen.jpg:starry_night.jpg", "tubingen.jpg:the_scream.jpg", "tubingen.jpg:shipwreck.jpg")
@@ -66,19 +69,20 @@ def judge(models: StyleModels, content: Image.Image, style: Image.Image, result:
     Raises:
         ValueError: ``size_px`` gives an image under the network's 16 px minimum.
     """
-    settings = engine.StyleTransferSettings(normalization="none", pyramid_levels=1)
+    settings = StyleTransferSettings(normalization="none", pyramid_levels=1)
     content_t = to_tensor(resize_to_max_side(content, size_px))                # (1, 3, H, W) RGB [0, 1]
     style_t = to_tensor(resize_to_max_side(style, size_px))
     result_t = to_tensor(result.convert("RGB").resize((content_t.shape[3], content_t.shape[2]),
-                                                       Image.Resampling.LANCZOS))
+                                                      Image.Resampling.LANCZOS))
     if min(*content_t.shape[2:], *style_t.shape[2:]) < engine.MIN_SIDE_PX:
         raise ValueError(f"size_px {size_px} makes an image smaller than the network's {engine.MIN_SIDE_PX} px "
                          f"minimum")
     with torch.no_grad():
-        targets = engine.compute_targets(models, content_t.to(models.device), [(style_t.to(models.device), 1.0)],
-                                         settings)
-        feats = engine.features(models, result_t.to(models.device), settings.pooling)
-        j_content, j_style, _, _ = engine.evaluate(feats, result_t * 255.0, targets, settings)
+        targets = compute_targets(models, content_t.to(models.device), [(style_t.to(models.device), 1.0)],
+                                  settings)
+        feats = features(models, result_t.to(models.device), settings.pooling)
+        terms = evaluate(feats, result_t * 255.0, targets, settings)
+        j_content, j_style = terms.content, terms.style
     return Judgement(size_px=size_px, content=float(j_content[0]), style=float(j_style[0]))
 
 

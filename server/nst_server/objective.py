@@ -1,0 +1,144 @@
+"""The function a job minimises: :func:`evaluate` (the seed's content and style costs of the generated image
+against its targets, over the resolution pyramid, with total variation), :class:`Objective` (one scale's cost and
+gradient through the PyTorch replica, shared with other jobs by the batcher) and the replica's pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+
+from nst_export.vgg import OUTPUT_LAYERS
+from nst_server import costs
+from nst_server.batching import ReplicaBatcher
+from nst_server.costs import CostTerms
+from nst_server.images import resize_lanczos
+from nst_server.model import StyleModels
+from nst_server.settings import PRECISIONS, StyleTransferSettings
+from nst_server.targets import Targets
+
+# Speed levers, each kept because ``nst-benchmark`` measured a gain (docs/benchmarks.md). Module attributes, so
+# that the benchmark can switch them off to measure them; they change no result beyond float rounding.
+#: The replica's weights and the generated image in channels_last (NHWC), oneDNN's native layout on CPU (no
+#: reorder around each convolution) and the Tensor Cores' on CUDA. The weights are converted on first use.
+CHANNELS_LAST = True
+
+
+def replica_input(models: StyleModels, image: torch.Tensor) -> torch.Tensor:
+    """``image`` in the layout the replica runs in: channels_last when :data:`CHANNELS_LAST` (the replica's
+    weights are converted to match, once, under the models' layout lock; jobs running meanwhile see equal
+    values)."""
+    if models.replica_channels_last != CHANNELS_LAST:
+        with models.layout_lock:
+            if models.replica_channels_last != CHANNELS_LAST:
+                models.replica.to(memory_format=torch.channels_last if CHANNELS_LAST else torch.contiguous_format)
+                models.replica_channels_last = CHANNELS_LAST
+    return image.contiguous(memory_format=torch.channels_last) if CHANNELS_LAST else image
+
+
+
+def evaluate(feats: dict[str, torch.Tensor] | tuple[torch.Tensor, ...], pixels: torch.Tensor, targets: Targets,
+             settings: StyleTransferSettings,
+             level_feats: list[dict[str, torch.Tensor] | tuple[torch.Tensor, ...]] = ()) -> CostTerms:
+    """The costs of a batch of generated images, each ``(B,)`` float32 (:class:`~nst_server.costs.CostTerms`).
+
+    ``J_content`` and ``J_style`` are the seed's costs at the generated image's own size. ``J`` is the objective
+    the job minimises: the mean over the pyramid's levels of ``alpha J_content / c + beta J_style / s`` (each
+    level's costs of the image downsampled to that level, ``c`` and ``s`` its normalisers, 1 without
+    normalisation), plus ``tv_weight * TV``. With one level and ``normalization == "none"`` it is the seed's
+    ``J = alpha J_content + beta J_style`` (+ TV).
+
+    Args:
+        feats: the generated image's features (dict, or the replica's tuple in OUTPUT_LAYERS order).
+        pixels: the generated image ``(B, 3, H, W)`` in pixel levels, for the total variation.
+        level_feats: the features of the image downsampled to each coarser level of ``targets`` (the levels
+            without features are left out of ``J``).
+    """
+    j_content = j_style = None
+    objective = 0.0
+    all_feats = [feats, *level_feats]
+    for level, level_feat in zip(targets.levels, all_feats):
+        level_feat = feats_dict(level_feat)
+        content = sum(weight * costs.content_cost(level.content[layer], level_feat[layer])
+                      for layer, weight in settings.content_layers.items())
+        style = sum(weight * costs.style_layer_cost(level.style_grams[layer], level_feat[layer])
+                    for layer, weight in settings.style_layers.items())
+        if j_content is None:
+            j_content, j_style = content, style
+        objective = objective + (settings.content_weight * content / level.content_norm
+                                 + settings.style_weight * style / level.style_norm)
+    tv = costs.total_variation(pixels)
+    total = objective / min(len(targets.levels), len(all_feats)) + settings.tv_weight * tv
+    return CostTerms(content=j_content, style=j_style, total_variation=tv, total=total)
+
+
+def feats_dict(feats: dict[str, torch.Tensor] | tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+    """The replica's tuple of features (OUTPUT_LAYERS order) as ``{layer: tensor}``; a dict unchanged."""
+    return feats if isinstance(feats, dict) else dict(zip(OUTPUT_LAYERS, feats))
+
+
+def downsample(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``pixels`` ``(B, 3, H, W)`` in pixel levels resized to ``size`` ``(H', W')`` with Pillow's Lanczos filter
+    (differentiable) and clamped to [0, 255] as an 8-bit image would be.
+
+    Lanczos, not a blurrier filter: with antialiased bilinear downsampling the optimiser learned to hide
+    high-frequency patterns that the filter removes and a viewer's Lanczos does not (J_style at half size
+    6.3e7 under the bilinear filter, 4.8e8 under Lanczos, for the same image).
+    """
+    return resize_lanczos(pixels, size).clamp(0.0, 255.0)
+
+
+def _autocast(models: StyleModels, precision: str):
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=models.device.type, dtype=dtype)
+
+
+def batch_pass(models: StyleModels) -> Callable[[torch.Tensor, tuple], tuple[torch.Tensor, ...]]:
+    """The replica pass a :class:`~nst_server.batching.ReplicaBatcher` runs for jobs of key
+    ``(shape, pooling, precision)``: ``images`` ``(B, 3, H, W)`` RGB [0, 1] -> the replica's features."""
+    def run_pass(images: torch.Tensor, key: tuple) -> tuple[torch.Tensor, ...]:
+        _, pooling, precision = key
+        with _autocast(models, precision):
+            return models.replica(replica_input(models, images), pooling=pooling)
+    return run_pass
+
+
+class Objective:
+    """The function one scale of a job minimises: ``J`` of :func:`evaluate` against the scale's ``targets``, the
+    coarser pyramid levels' features from the image downsampled, every replica pass through ``replica_pass``
+    (:func:`batch_pass`) with ``key`` ``(shape, pooling, precision)``; through ``batcher`` when given, which
+    shares each pass with other jobs of equal key."""
+
+    def __init__(self, targets: Targets, settings: StyleTransferSettings,
+                 replica_pass: Callable[[torch.Tensor, tuple], tuple[torch.Tensor, ...]], key: tuple,
+                 batcher: ReplicaBatcher | None = None) -> None:
+        self.targets, self.settings, self.replica_pass, self.key, self.batcher = (targets, settings, replica_pass,
+                                                                                  key, batcher)
+
+    def cost(self, feats: tuple[torch.Tensor, ...], image: torch.Tensor) -> CostTerms:
+        """:func:`evaluate`'s costs of ``image`` ``(B, 3, H, W)`` (pixel levels) given its features at its own
+        size (a :data:`~nst_server.batching.CostFunction`)."""
+        level_feats = [self.replica_pass(downsample(image, level.size) / 255.0, self.key)
+                       for level in self.targets.levels[1:]]
+        return evaluate(feats, image, self.targets, self.settings, level_feats)
+
+    def costs_and_gradient(self, pixels: torch.Tensor) -> CostTerms:
+        """The costs of ``pixels`` ``(1, 3, H, W)`` (a leaf with ``requires_grad``), detached; ``pixels.grad``
+        holds dJ/dpixels when J is finite."""
+        pixels.grad = None
+        if self.batcher is not None:
+            terms = self.batcher.evaluate(self.key, pixels, self.cost)
+        else:
+            terms = self.cost(self.replica_pass(pixels / 255.0, self.key), pixels)
+            if torch.isfinite(terms.total).all():
+                terms.total.sum().backward()
+        return terms.detach()
+
+    def total(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``J`` ``(B,)`` of ``pixels``, forward only (never batched)."""
+        with torch.no_grad():
+            return self.cost(self.replica_pass(pixels / 255.0, self.key), pixels).total
