@@ -1,4 +1,4 @@
-"""Breaker pass (issue 12, kind 6): hostile or malformed input to every RPC and CLI command gets a clear error
+"""Breaker pass: hostile or malformed input to every RPC and CLI command gets a clear error
 naming the problem, never a crash, a hang, a misleading status or a lost job; against a real server."""
 
 from __future__ import annotations

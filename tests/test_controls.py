@@ -1,4 +1,4 @@
-"""Each engine control shows its effect (issue 3), on synthetic images in-process and on real images."""
+"""Each engine control shows its effect on synthetic images in-process and on real images."""
 
 import io
 

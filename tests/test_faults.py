@@ -1,4 +1,4 @@
-"""Faults from the field (issue 12), each kind with its case as a test.
+"""Faults from the field (reported by users of the service), each kind with its case as a test.
 
 Kind 1: finite request numbers whose derived arithmetic (a sum, a product, a normaliser, a memory size)
 overflows or vanishes. Each such number is either computed safely or refused as INVALID_ARGUMENT naming its
@@ -261,7 +261,8 @@ def test_a_truncated_png_with_metadata_is_still_refused():
 
 
 def test_the_itxt_case_is_stylized_through_the_server(client, shared, small_images):
-    """`../shared/cases/itxt_compressed_2mib.png` was refused as "truncated or corrupt header"."""
+    """A PNG with a 2 MiB compressed iTXt chunk (a case that broke other tools, from the shared cases folder) was
+    refused as "truncated or corrupt header"."""
     case = shared / "cases" / "itxt_compressed_2mib.png"
     if not case.exists():
         pytest.skip(f"{case} is absent (set NST_SHARED_DIR)")

@@ -28,12 +28,8 @@ import grpc
 import numpy as np
 from PIL import Image
 
-try:                                                     # the stubs' public home
-    from nst_proto.v1 import style_transfer_pb2 as pb
-    from nst_proto.v1 import style_transfer_pb2_grpc as pb_grpc
-except ImportError:                                      # before the stubs moved (the baseline of issue 21's change)
-    from nst_client._proto.nst.v1 import style_transfer_pb2 as pb
-    from nst_client._proto.nst.v1 import style_transfer_pb2_grpc as pb_grpc
+from nst_proto.v1 import style_transfer_pb2 as pb
+from nst_proto.v1 import style_transfer_pb2_grpc as pb_grpc
 
 
 def _png(image: Image.Image) -> bytes:

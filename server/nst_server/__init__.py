@@ -4,7 +4,7 @@ import os as _os
 
 #: Entries kept by oneDNN's primitive cache and by ideep's (PyTorch's oneDNN layer) computation cache: one entry
 #: per convolution direction and input shape. Their default of 1024 each let a server's resident memory grow by
-#: about 1 MiB per new image shape for hundreds of shapes (issue 12: +20 % over 40 jobs of 40 sizes); one job
+#: about 1 MiB per new image shape for hundreds of shapes (+20 % RSS over 40 jobs of 40 sizes, measured); one job
 #: uses at most about 80 (13 convolutions, forward and backward, at each pyramid level of one scale), so 256
 #: bounds the memory without recreating primitives inside a job (256 px default job: 0.374 s per iteration
 #: against 0.369 s with the defaults, within noise). Set in the environment here, before

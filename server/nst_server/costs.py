@@ -30,7 +30,7 @@ import torch
 #: Speed lever (kept: see docs/benchmarks.md): :func:`style_layer_cost` differentiates through its own
 #: backward, one matrix product ``(D + D^T) A``, where autograd through ``A A^T`` computes two. Same values.
 FAST_STYLE_GRADIENT = True
-#: Speed lever (issue 13): with bf16 activations, that backward product runs in bf16 (its result is cast to
+#: Speed lever (docs/benchmarks.md): with bf16 activations, that backward product runs in bf16 (its result is cast to
 #: bf16 anyway); the forward Gram matrix and the costs stay fp32.
 BF16_STYLE_GRADIENT = True
 

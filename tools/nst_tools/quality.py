@@ -2,7 +2,7 @@
 
 For every (content, style) pair and every variant (a set of request options, e.g. the server's defaults
 against an older setting), one job runs through a real ``nst-server`` (started here from ``--model``, or the
-one at ``--server``) and its delivered PNG is judged at each evaluation size (GUIDE.md, "Judging a picture"):
+one at ``--server``) and its delivered PNG is judged at each evaluation size (matching a style only at the size optimised leaves its larger structure out):
 content, style and result are each resized with Lanczos so that their longest side is that size, and the seed's
 ``J_content`` (relu4_2) and ``J_style`` (relu1_1 ... relu5_1, lambda 0.2 each) of the result are computed
 against them with the style Gram matrix scaled by ``P_G / P_S`` (:func:`judge`). A style matched only at the
