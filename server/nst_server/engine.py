@@ -1,6 +1,10 @@
-"""The style-transfer engine: targets, the optimisation loop over the generated image's pixels, the result.
+"""The style-transfer engine: the coarse-to-fine schedule, the optimisation loop over the generated image's
+pixels, the delivered result.
 
-It knows nothing of gRPC. :func:`stylize` is a generator: it yields :class:`Progress` after each reported
+The engine's rooms: :mod:`nst_server.settings` (every control, its default and range), :mod:`nst_server.events`
+(what a job takes and gives), :mod:`nst_server.targets` (content features, style Gram matrices, normalisers),
+:mod:`nst_server.objective` (the costs minimised, the replica's pass), :mod:`nst_server.optimizers` (L-BFGS, Adam)
+and this module (the loop). It knows nothing of gRPC. :func:`stylize` is a generator: it yields :class:`Progress` after each reported
 iteration and ends with one :class:`Result`. It runs the schedule's scales in turn; one scale's loop (cost and
 gradient, optimiser step, projection, best iterate, progress, cancellation, convergence) is
 :func:`_optimise_scale`, and the delivery of the best image :func:`_deliver`.
@@ -10,7 +14,7 @@ the onnxruntime session (from the replica with ``pooling="avg"``, which the expo
 generated image starts as noisy content and is optimised (by default with L-BFGS, as Gatys et al.; Adam as the
 seed's course) on the content and style costs, with gradients from the PyTorch replica. Progress and Result
 always report the seed's ``J_content`` and ``J_style`` of the image at its own size; their ``total`` is the
-objective the job minimises (:func:`evaluate`).
+objective the job minimises (:func:`nst_server.objective.evaluate`).
 
 Departures from the seed. The first five are controls with the seed's behaviour one setting away:
 ``preset="seed"`` sets the first four back and leaves ``precision`` at ``"auto"`` (``"fp32"`` is the seed's);
