@@ -221,10 +221,10 @@ def test_the_deadline_covers_the_job(server, small_images):
         async with AsyncNSTClient(server.target) as client:
             with pytest.raises(NSTError) as error:
                 await client.stylize(*small_images, LONG, timeout_s=1.0)
+            await _eventually(lambda: _idle(server))        # the server stopped the job when the deadline passed
             return error.value
-    started = time.monotonic()
+    # LONG's 2000 iterations run until cancelled: the call ends by its deadline, not by the job's end.
     assert asyncio.run(run()).code == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert time.monotonic() - started < 10
 
 
 def test_a_refused_job_is_sent_again_and_waiting_jobs_get_heartbeats(server, small_images):
