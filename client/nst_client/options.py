@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, TypedDict
 
+from nst_proto import enum_value_names
 from nst_proto.v1 import style_transfer_pb2 as pb
 
 if TYPE_CHECKING:
@@ -31,20 +32,13 @@ if TYPE_CHECKING:
 Image = bytes | str | os.PathLike
 
 
-def _value_prefix(enum) -> str:
-    """The value names' common prefix up to its last ``_``, e.g. ``COLOR_CONTROL_`` (of ``COLOR_CONTROL_NONE`` …)."""
-    common = os.path.commonprefix([value.name for value in enum.values])
-    return common[:common.rindex("_") + 1]
-
-
-#: Option name -> (proto enum descriptor, value prefix), for every enum-typed field of ``StylizeRequest``; the
-#: allowed values are the enum's, lower-cased, without prefix, less ``…_UNSPECIFIED`` (unset: the server's default).
-_ENUMS = {field.name: (field.enum_type, _value_prefix(field.enum_type))
+#: Option name -> {value: enum number}, for every enum-typed field of ``StylizeRequest``; the values are the enum's
+#: names lower-cased without their prefix, less ``…_UNSPECIFIED`` (unset: the server's default), as the server
+#: spells them (:func:`nst_proto.enum_value_names`).
+_ENUMS = {field.name: {name: number for number, name in enum_value_names(field.enum_type).items()}
           for field in pb.StylizeRequest.DESCRIPTOR.fields if field.enum_type is not None}
 #: Option name -> its allowed values, e.g. ``CHOICES["optimizer"] == ("lbfgs", "adam")``.
-CHOICES = {name: tuple(value.name[len(prefix):].lower() for value in enum.values
-                       if not value.name.endswith("_UNSPECIFIED"))
-           for name, (enum, prefix) in _ENUMS.items()}
+CHOICES = {name: tuple(values) for name, values in _ENUMS.items()}
 
 # The enums' values as the options take them (tests/test_options.py checks them against CHOICES).
 Optimizer = Literal["lbfgs", "adam"]
@@ -200,8 +194,7 @@ class StylizeOptions:
             if value is None:
                 continue
             if name in _ENUMS:
-                enum, prefix = _ENUMS[name]
-                setattr(request, name, enum.values_by_name[prefix + value.upper()].number)
+                setattr(request, name, _ENUMS[name][value])
             elif name in ("content_layers", "style_layers"):
                 for layer, weight in value.items():
                     getattr(request, name).add(layer=layer, weight=weight)

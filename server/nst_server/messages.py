@@ -9,8 +9,7 @@ of the same name except :data:`INPUT_FIELDS` and ``preset`` (tests/test_messages
 
 from __future__ import annotations
 
-import os
-
+from nst_proto import enum_value_names as _value_names
 from nst_proto.v1 import style_transfer_pb2 as pb
 from nst_export.vgg import MIN_SIDE_PX
 
@@ -23,15 +22,6 @@ from nst_server.settings import MAX_STYLES, StyleTransferSettings, blend_weights
 #: ``StylizeRequest`` fields that are no settings: the images (:func:`decode_inputs`) and how the result carries the
 #: content's transparency. ``preset`` is none either: it chooses the settings that the other fields override.
 INPUT_FIELDS = ("content_image", "style_image", "styles", "init_image", "keep_content_alpha")
-
-
-def _value_names(enum) -> dict[int, str]:
-    """Enum number -> the setting's value: the value's name without the values' common prefix, lower-cased
-    (``COLOR_CONTROL_MATCH_STYLE_COLORS`` -> ``"match_style_colors"``); the 0 value (``…_UNSPECIFIED``: keep the
-    preset's value) left out."""
-    common = os.path.commonprefix([value.name for value in enum.values])
-    prefix = common[:common.rindex("_") + 1]
-    return {value.number: value.name[len(prefix):].lower() for value in enum.values if value.number != 0}
 
 
 _REQUEST = pb.StylizeRequest.DESCRIPTOR
