@@ -225,7 +225,7 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
         job_id = uuid.uuid4().hex[:12]
         annotate(job=job_id)
         job: Job | None = None
-        outcome = "failed"
+        outcome: str | None = "failed"
         peer = context.peer()
         loop = asyncio.get_running_loop()
         try:
@@ -255,6 +255,9 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
             outcome = "completed"
         except _Abort as exc:
             outcome = _outcome(exc.code, admitted=job is not None)
+            if job is None:             # counted before the status is sent, so a client that reads the metrics
+                metrics.JOBS.labels(outcome).inc()        # after its refusal sees the refusal counted
+                outcome = None
             if exc.code == grpc.StatusCode.INVALID_ARGUMENT:         # with google.rpc.BadRequest details
                 await context.abort_with_status(exc.rpc_status())
             await context.abort(exc.code, exc.message)
@@ -268,7 +271,7 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
                 job.request_stop(reason)
             raise
         finally:
-            if job is None or not job.undeliverable:     # else counted when the send timed out
+            if outcome is not None and (job is None or not job.undeliverable):  # else counted already
                 metrics.JOBS.labels(outcome).inc()
             if job is not None:
                 job.stop.set()                          # whatever ended the call, the worker stops too
