@@ -212,14 +212,16 @@ class ImageChunk(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., offset: _Optional[int] = ..., total_bytes: _Optional[int] = ...) -> None: ...
 
 class JobAccepted(_message.Message):
-    __slots__ = ("job_id", "queue_position", "replica")
+    __slots__ = ("job_id", "queue_position", "replica", "memory_bytes")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     QUEUE_POSITION_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     queue_position: int
     replica: str
-    def __init__(self, job_id: _Optional[str] = ..., queue_position: _Optional[int] = ..., replica: _Optional[str] = ...) -> None: ...
+    memory_bytes: int
+    def __init__(self, job_id: _Optional[str] = ..., queue_position: _Optional[int] = ..., replica: _Optional[str] = ..., memory_bytes: _Optional[int] = ...) -> None: ...
 
 class Costs(_message.Message):
     __slots__ = ("content", "style", "total", "total_variation")
@@ -234,7 +236,7 @@ class Costs(_message.Message):
     def __init__(self, content: _Optional[float] = ..., style: _Optional[float] = ..., total: _Optional[float] = ..., total_variation: _Optional[float] = ...) -> None: ...
 
 class Progress(_message.Message):
-    __slots__ = ("iteration", "costs", "elapsed_ms", "preview_png", "scale", "width_px", "height_px")
+    __slots__ = ("iteration", "costs", "elapsed_ms", "preview_png", "scale", "width_px", "height_px", "scales", "remaining_ms")
     ITERATION_FIELD_NUMBER: _ClassVar[int]
     COSTS_FIELD_NUMBER: _ClassVar[int]
     ELAPSED_MS_FIELD_NUMBER: _ClassVar[int]
@@ -242,6 +244,8 @@ class Progress(_message.Message):
     SCALE_FIELD_NUMBER: _ClassVar[int]
     WIDTH_PX_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_PX_FIELD_NUMBER: _ClassVar[int]
+    SCALES_FIELD_NUMBER: _ClassVar[int]
+    REMAINING_MS_FIELD_NUMBER: _ClassVar[int]
     iteration: int
     costs: Costs
     elapsed_ms: float
@@ -249,7 +253,9 @@ class Progress(_message.Message):
     scale: int
     width_px: int
     height_px: int
-    def __init__(self, iteration: _Optional[int] = ..., costs: _Optional[_Union[Costs, _Mapping]] = ..., elapsed_ms: _Optional[float] = ..., preview_png: _Optional[bytes] = ..., scale: _Optional[int] = ..., width_px: _Optional[int] = ..., height_px: _Optional[int] = ...) -> None: ...
+    scales: int
+    remaining_ms: float
+    def __init__(self, iteration: _Optional[int] = ..., costs: _Optional[_Union[Costs, _Mapping]] = ..., elapsed_ms: _Optional[float] = ..., preview_png: _Optional[bytes] = ..., scale: _Optional[int] = ..., width_px: _Optional[int] = ..., height_px: _Optional[int] = ..., scales: _Optional[int] = ..., remaining_ms: _Optional[float] = ...) -> None: ...
 
 class Result(_message.Message):
     __slots__ = ("image_png", "width_px", "height_px", "costs", "iterations", "best_iteration", "stop_reason", "elapsed_ms", "precision")
@@ -278,7 +284,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("output_layers", "input_contract_json", "weights_source", "weights_sha256", "weights_input_contract_json", "execution_providers", "replica_device", "pooling", "versions", "min_side_px", "max_side_px", "precision", "supported_precisions", "max_iterations", "max_running_jobs", "max_queued_jobs", "max_batch_size", "precision_reason", "intra_op_threads", "threads_source", "heartbeat_s", "replica")
+    __slots__ = ("output_layers", "input_contract_json", "weights_source", "weights_sha256", "weights_input_contract_json", "execution_providers", "replica_device", "pooling", "versions", "min_side_px", "max_side_px", "precision", "supported_precisions", "max_iterations", "max_running_jobs", "max_queued_jobs", "max_batch_size", "precision_reason", "intra_op_threads", "threads_source", "heartbeat_s", "replica", "memory_budget_bytes", "memory_budget_source", "largest_output_side_px")
     class VersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -308,6 +314,9 @@ class ModelInfo(_message.Message):
     THREADS_SOURCE_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_S_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BUDGET_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    LARGEST_OUTPUT_SIDE_PX_FIELD_NUMBER: _ClassVar[int]
     output_layers: _containers.RepeatedScalarFieldContainer[str]
     input_contract_json: str
     weights_source: str
@@ -330,4 +339,7 @@ class ModelInfo(_message.Message):
     threads_source: str
     heartbeat_s: float
     replica: str
-    def __init__(self, output_layers: _Optional[_Iterable[str]] = ..., input_contract_json: _Optional[str] = ..., weights_source: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., weights_input_contract_json: _Optional[str] = ..., execution_providers: _Optional[_Iterable[str]] = ..., replica_device: _Optional[str] = ..., pooling: _Optional[str] = ..., versions: _Optional[_Mapping[str, str]] = ..., min_side_px: _Optional[int] = ..., max_side_px: _Optional[int] = ..., precision: _Optional[str] = ..., supported_precisions: _Optional[_Iterable[str]] = ..., max_iterations: _Optional[int] = ..., max_running_jobs: _Optional[int] = ..., max_queued_jobs: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., precision_reason: _Optional[str] = ..., intra_op_threads: _Optional[int] = ..., threads_source: _Optional[str] = ..., heartbeat_s: _Optional[float] = ..., replica: _Optional[str] = ...) -> None: ...
+    memory_budget_bytes: int
+    memory_budget_source: str
+    largest_output_side_px: int
+    def __init__(self, output_layers: _Optional[_Iterable[str]] = ..., input_contract_json: _Optional[str] = ..., weights_source: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., weights_input_contract_json: _Optional[str] = ..., execution_providers: _Optional[_Iterable[str]] = ..., replica_device: _Optional[str] = ..., pooling: _Optional[str] = ..., versions: _Optional[_Mapping[str, str]] = ..., min_side_px: _Optional[int] = ..., max_side_px: _Optional[int] = ..., precision: _Optional[str] = ..., supported_precisions: _Optional[_Iterable[str]] = ..., max_iterations: _Optional[int] = ..., max_running_jobs: _Optional[int] = ..., max_queued_jobs: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., precision_reason: _Optional[str] = ..., intra_op_threads: _Optional[int] = ..., threads_source: _Optional[str] = ..., heartbeat_s: _Optional[float] = ..., replica: _Optional[str] = ..., memory_budget_bytes: _Optional[int] = ..., memory_budget_source: _Optional[str] = ..., largest_output_side_px: _Optional[int] = ...) -> None: ...
