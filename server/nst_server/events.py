@@ -60,6 +60,8 @@ class Progress:
     scale: int = 1              # 1-based index in the coarse-to-fine schedule
     size: tuple[int, int] = (0, 0)   # (width, height) optimised at this scale, px
     preview_png: bytes = b""
+    scales: int = 1             # scales in the job's schedule
+    remaining_ms: float = 0.0   # estimated time to the Result (0: unknown)
 
 
 @dataclass(frozen=True)

@@ -147,7 +147,8 @@ def to_proto(event: Progress | Result,
         width, height = event.size
         return [pb.StylizeResponse(progress=pb.Progress(
             iteration=event.iteration, costs=_costs(event.costs), elapsed_ms=event.elapsed_ms,
-            preview_png=event.preview_png, scale=event.scale, width_px=width, height_px=height))]
+            preview_png=event.preview_png, scale=event.scale, width_px=width, height_px=height,
+            scales=event.scales, remaining_ms=event.remaining_ms))]
     height, width = event.image.shape[:2]
     png, messages = event.png, []
     if len(png) > chunk_bytes:
