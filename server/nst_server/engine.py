@@ -64,11 +64,12 @@ from nst_server.events import (STOP_CANCELLED, STOP_CONVERGED, STOP_ITERATIONS, 
                                Progress, Result)
 from nst_server.images import encode_png, encode_png_with_alpha, resize_to_max_side, to_tensor, to_uint8
 from nst_server.model import StyleModels
-from nst_server.objective import Objective, batch_pass, downsample, evaluate
+from nst_server.objective import Objective, batch_pass, downsample, evaluate, tiled_costs
 from nst_server.optimizers import make_optimizer
 from nst_server.precision import default_precision
 from nst_server.settings import MAX_STYLES, StyleTransferSettings, blend_weights
-from nst_server.targets import Targets, compute_targets, features, pyramid_sizes
+from nst_server.targets import Targets, compute_targets, features, pyramid_sizes, session_forward
+from nst_server.tiling import needs_tiles
 
 #: Window of the convergence test, iterations.
 CONVERGENCE_WINDOW = 10
@@ -368,10 +369,14 @@ def _deliver(job: _Job, inputs: JobInputs, targets: Targets, tally: _Tally) -> R
     settings, models = job.settings, job.models
     image = to_uint8(tally.best_pixels)                                    # (H, W, 3) uint8
     delivered = to_tensor(Image.fromarray(image, "RGB")).to(models.device)
-    level_feats = [features(models, downsample(delivered * 255.0, level.size) / 255.0, settings.pooling)
-                   for level in targets.levels[1:]]
-    final = Costs.of(evaluate(features(models, delivered, settings.pooling), delivered * 255.0, targets, settings,
-                              level_feats))
+    if needs_tiles(*delivered.shape[2:]):
+        final = Costs.of(tiled_costs(session_forward(models, settings.pooling), delivered * 255.0, targets,
+                                     settings))
+    else:
+        level_feats = [features(models, downsample(delivered * 255.0, level.size) / 255.0, settings.pooling)
+                       for level in targets.levels[1:]]
+        final = Costs.of(evaluate(features(models, delivered, settings.pooling), delivered * 255.0, targets,
+                                  settings, level_feats))
     output = job.palette.finish(image)
     return Result(image=output, png=encode_png_with_alpha(output, inputs.content_alpha), costs=final,
                   iterations=tally.iteration, best_iteration=tally.best_iteration, stop_reason=tally.stop_reason,

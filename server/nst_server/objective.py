@@ -17,7 +17,8 @@ from nst_server.costs import CostTerms
 from nst_server.images import resize_lanczos
 from nst_server.model import StyleModels
 from nst_server.settings import PRECISIONS, StyleTransferSettings
-from nst_server.targets import Targets
+from nst_server.targets import LevelTargets, Targets, layer_positions
+from nst_server.tiling import Forward, needs_tiles, tiled_backward, tiled_features
 
 # Speed levers, each kept because ``nst-benchmark`` measured a gain (docs/benchmarks.md). Module attributes, so
 # that the benchmark can switch them off to measure them; they change no result beyond float rounding.
@@ -126,10 +127,22 @@ class Objective:
                        for level in self.targets.levels[1:]]
         return evaluate(feats, image, self.targets, self.settings, level_feats)
 
+    @property
+    def tiled(self) -> bool:
+        """Whether the replica's passes at this scale run in tiles (:mod:`nst_server.tiling`): the generated
+        image is larger than :data:`~nst_server.tiling.MAX_PASS_PIXELS`."""
+        return needs_tiles(*self.targets.levels[0].size)
+
+    def _forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.replica_pass(image, self.key)
+
     def costs_and_gradient(self, pixels: torch.Tensor) -> CostTerms:
         """The costs of ``pixels`` ``(1, 3, H, W)`` (a leaf with ``requires_grad``), detached; ``pixels.grad``
-        holds dJ/dpixels when J is finite."""
+        holds dJ/dpixels when J is finite. A large image is passed in tiles (:func:`tiled_costs_and_gradient`),
+        never batched."""
         pixels.grad = None
+        if self.tiled:
+            return tiled_costs_and_gradient(self._forward, pixels, self.targets, self.settings)
         if self.batcher is not None:
             terms = self.batcher.evaluate(self.key, pixels, self.cost)
         else:
@@ -140,5 +153,89 @@ class Objective:
 
     def total(self, pixels: torch.Tensor) -> torch.Tensor:
         """``J`` ``(B,)`` of ``pixels``, forward only (never batched)."""
+        if self.tiled:
+            return tiled_costs(self._forward, pixels, self.targets, self.settings).total
         with torch.no_grad():
             return self.cost(self.replica_pass(pixels / 255.0, self.key), pixels).total
+
+
+def _level_factors(level: LevelTargets, settings: StyleTransferSettings, levels: int) -> tuple[float, float]:
+    """The factors of one level's ``J_content`` and ``J_style`` in ``J`` (:func:`evaluate`)."""
+    return (settings.content_weight / (level.content_norm * levels),
+            settings.style_weight / (level.style_norm * levels))
+
+
+def _tiled_level(forward: Forward, image: torch.Tensor, level: LevelTargets, settings: StyleTransferSettings
+                 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """One level's ``J_content``, ``J_style`` ``(1,)`` and ``D_l = G_l - G_S`` of ``image`` ``(1, 3, h, w)``
+    pixel levels, from a forward pass over tiles."""
+    passed = tiled_features(forward, image / 255.0, gram_layers=tuple(settings.style_layers),
+                            keep_layers=tuple(settings.content_layers))
+    content = sum(weight * costs.content_cost(level.content[layer], passed.kept[layer])
+                  for layer, weight in settings.content_layers.items())
+    height, width = image.shape[2:]
+    diffs = {layer: passed.grams[layer] - level.style_grams[layer] for layer in settings.style_layers}
+    style = sum(weight * diffs[layer].pow(2).flatten(1).sum(1)
+                / (4.0 * diffs[layer].shape[1] ** 2 * layer_positions(height, width, layer) ** 2)
+                for layer, weight in settings.style_layers.items())
+    return content, style, diffs
+
+
+def tiled_costs(forward: Forward, pixels: torch.Tensor, targets: Targets,
+                settings: StyleTransferSettings) -> CostTerms:
+    """:func:`evaluate`'s costs of ``pixels`` ``(1, 3, H, W)`` (pixel levels), every level's features from
+    forward passes over tiles (:func:`nst_server.tiling.tiled_features`; ``forward`` is the replica's pass or the
+    session's), without autograd. Equal to :func:`evaluate` on the whole image up to float rounding."""
+    with torch.no_grad():
+        pixels = pixels.detach()
+        levels = len(targets.levels)
+        objective, first = 0.0, None
+        for level in targets.levels:
+            image = pixels if level.size == tuple(pixels.shape[2:]) else downsample(pixels, level.size)
+            content, style, _ = _tiled_level(forward, image, level, settings)
+            first = first or (content, style)
+            content_factor, style_factor = _level_factors(level, settings, levels)
+            objective = objective + content_factor * content + style_factor * style
+        tv = costs.total_variation(pixels)
+        return CostTerms(content=first[0], style=first[1], total_variation=tv,
+                         total=objective + settings.tv_weight * tv)
+
+
+def tiled_costs_and_gradient(forward: Forward, pixels: torch.Tensor, targets: Targets,
+                             settings: StyleTransferSettings) -> CostTerms:
+    """The costs of ``pixels`` ``(1, 3, H, W)`` (a leaf with ``requires_grad``, pixel levels) and
+    ``pixels.grad`` = dJ/dpixels, with the replica's memory bounded by a tile (:mod:`nst_server.tiling`).
+
+    Each pyramid level: a forward pass over tiles gives its costs and ``D_l = G_l - G_S``; a forward and
+    backward pass per tile gives the gradient with respect to the level's image, ``dJ/dG_l = beta_level
+    lambda_l 2 D_l / norm_l`` held constant; the levels' gradients are carried back through the downsampling
+    (autograd) to ``pixels``. The same ``J`` as :func:`evaluate` on the whole image, and its gradient, up to float
+    rounding (tests/test_tiling.py).
+    """
+    levels = len(targets.levels)
+    images, grads = [], []
+    objective, first = 0.0, None
+    for level in targets.levels:
+        image = pixels if level.size == tuple(pixels.shape[2:]) else downsample(pixels, level.size)
+        detached = image.detach()
+        content, style, diffs = _tiled_level(forward, detached, level, settings)
+        first = first or (content, style)
+        content_factor, style_factor = _level_factors(level, settings, levels)
+        objective = objective + content_factor * content + style_factor * style
+        if not torch.isfinite(objective).all():
+            break
+        height, width = detached.shape[2:]
+        gram_weights = {layer: (style_factor * weight * 2.0
+                                / (4.0 * diffs[layer].shape[1] ** 2 * layer_positions(height, width, layer) ** 2))
+                        * diffs[layer] for layer, weight in settings.style_layers.items()}
+        content_terms = {layer: (level.content[layer],
+                                 content_factor * weight / (4.0 * level.content[layer][0].numel()))
+                         for layer, weight in settings.content_layers.items()}
+        grad = tiled_backward(forward, detached / 255.0, gram_weights, content_terms) / 255.0
+        images.append(image)
+        grads.append(grad)
+    tv = costs.total_variation(pixels)
+    total = objective + settings.tv_weight * tv
+    if torch.isfinite(total).all():
+        torch.autograd.backward([*images, settings.tv_weight * tv], [*grads, torch.ones_like(tv)])
+    return CostTerms(content=first[0], style=first[1], total_variation=tv, total=total).detach()

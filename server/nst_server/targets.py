@@ -15,6 +15,7 @@ from nst_export.vgg import LAYER_STRIDE, MIN_SIDE_PX, OUTPUT_LAYERS
 from nst_server import costs
 from nst_server.model import StyleModels
 from nst_server.settings import StyleTransferSettings, blend_weights
+from nst_server.tiling import Forward, needs_tiles, tiled_features
 
 #: Style Gram matrices of this many recent style images are kept per loaded model (0: none), keyed by the
 #: style image's pixels as the network sees them (after resizing and colour control) and the pooling.
@@ -45,7 +46,23 @@ class Targets:
         return self.levels[0].content
 
     @property
-    def style_grams(self) -> dict[str, torch.Tensor]:
+    def session_forward(models: StyleModels, pooling: str) -> Forward:
+    """The forward-only pass :func:`features` uses, as a function of the image: the session's, or the replica's
+    with ``pooling`` (call it under ``no_grad``)."""
+    if pooling == models.replica.pooling:
+        return models.features
+    return lambda image: models.replica(image, pooling=pooling)
+
+
+def _grams_of(models: StyleModels, style: torch.Tensor, pooling: str, layers) -> dict[str, torch.Tensor]:
+    """Gram matrices of every layer in ``layers`` of ``style``; over tiles when it is large."""
+    if needs_tiles(*style.shape[2:]):
+        return tiled_features(session_forward(models, pooling), style, gram_layers=tuple(layers)).grams
+    style_features = features(models, style, pooling)
+    return {layer: costs.gram_matrix(style_features[layer]) for layer in layers}
+
+
+def style_grams(self) -> dict[str, torch.Tensor]:
         return self.levels[0].style_grams
 
 
@@ -68,6 +85,22 @@ def features(models: StyleModels, image: torch.Tensor, pooling: str) -> dict[str
         return dict(zip(OUTPUT_LAYERS, models.replica(image, pooling=pooling)))
 
 
+def session_forward(models: StyleModels, pooling: str) -> Forward:
+    """The forward-only pass :func:`features` uses, as a function of the image: the session's, or the replica's
+    with ``pooling`` (call it under ``no_grad``)."""
+    if pooling == models.replica.pooling:
+        return models.features
+    return lambda image: models.replica(image, pooling=pooling)
+
+
+def _grams_of(models: StyleModels, style: torch.Tensor, pooling: str, layers) -> dict[str, torch.Tensor]:
+    """Gram matrices of every layer in ``layers`` of ``style``; over tiles when it is large."""
+    if needs_tiles(*style.shape[2:]):
+        return tiled_features(session_forward(models, pooling), style, gram_layers=tuple(layers)).grams
+    style_features = features(models, style, pooling)
+    return {layer: costs.gram_matrix(style_features[layer]) for layer in layers}
+
+
 def style_grams(models: StyleModels, style: torch.Tensor, pooling: str, layers) -> dict[str, torch.Tensor]:
     """Unscaled Gram matrices ``{layer: (1, C, C) float32}`` of ``style`` ((1, 3, H, W) RGB [0, 1]).
 
@@ -77,8 +110,7 @@ def style_grams(models: StyleModels, style: torch.Tensor, pooling: str, layers) 
     bytes, its shape and the pooling; the cached tensors are never modified in place by the engine.
     """
     if not STYLE_CACHE_ENTRIES:
-        style_features = features(models, style, pooling)
-        return {layer: costs.gram_matrix(style_features[layer]) for layer in layers}
+        return _grams_of(models, style, pooling, layers)
     array = style.detach().to("cpu", torch.float32).contiguous().numpy()
     key = (hashlib.blake2b(array.tobytes(), digest_size=20).hexdigest(), tuple(style.shape), pooling)
     cache = models.style_cache
@@ -87,8 +119,7 @@ def style_grams(models: StyleModels, style: torch.Tensor, pooling: str, layers) 
         if grams is not None and all(layer in grams for layer in layers):
             cache.move_to_end(key)
             return grams
-    style_features = features(models, style, pooling)
-    grams = {layer: costs.gram_matrix(value) for layer, value in style_features.items()}   # every layer
+    grams = _grams_of(models, style, pooling, OUTPUT_LAYERS)                                # every layer
     with models.style_cache_lock:
         cache[key] = grams
         while len(cache) > STYLE_CACHE_ENTRIES:
@@ -125,8 +156,12 @@ def level_targets(models: StyleModels, content: torch.Tensor, styles: list[tuple
         and ``sum_l lambda_l |G_S^l|^2 / (4 n_C^2 P^2)`` for the style, the size of each target in the seed's
         own units (:func:`costs.content_cost`, :func:`costs.style_layer_cost`); 1 otherwise.
     """
-    content_features = features(models, content, settings.pooling)
     height, width = content.shape[2:]
+    if needs_tiles(height, width):              # the content layers' maps only, assembled from tiles
+        content_features = tiled_features(session_forward(models, settings.pooling), content,
+                                          keep_layers=tuple(settings.content_layers)).kept
+    else:
+        content_features = features(models, content, settings.pooling)
     grams = _blended_grams(models, styles, height, width, settings)
     level = LevelTargets(size=(height, width),
                          content={layer: content_features[layer] for layer in settings.content_layers},

@@ -1,0 +1,214 @@
+"""Passes over a large image in tiles, with memory bounded by the tile instead of the picture, and the costs and
+their gradient exactly those of the whole image.
+
+Why it is exact. Each tile's pass reads its own region plus a halo of :data:`HALO_PX` on every side (clipped at
+the picture's border), which covers the receptive field of relu5_1 (156 px: 78 px each side), so the features
+of its own region equal the whole image's; the tiles' origins are multiples of :data:`ALIGN_PX` (the stride of
+relu5_1), so every pooling window falls where it falls in the whole image. Then:
+
+* the content cost ``sum (a_G - a_C)^2 / (4 n)`` is a sum over positions: the sum of the tiles' own regions';
+* the style cost depends on the whole image's Gram matrix ``G = A A^T``, which is the sum of the tiles' own
+  regions' ``A_t A_t^T`` (a sum over positions too): a first pass (forward only) accumulates ``G`` and the
+  content sums, so the costs are known; the gradient ``dJ/dA = 2 (D + D^T) A / norm`` with ``D = G - G_S`` is local
+  once ``D`` is known: a second pass runs each tile forward and backward with the constant ``D`` and adds the
+  tile's input gradient (halo included) into the whole image's.
+
+The price of exactness is the halo (each tile's pass covers more pixels than it owns) and the second forward
+pass; a tile of :func:`tile_side` px keeps the first small. Gatys et al.'s costs (the seed's equations) are not
+changed: the tests compare the tiled gradient with the whole image's autograd gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from nst_export.vgg import LAYER_STRIDE, OUTPUT_LAYERS
+
+#: Halo read around a tile's own region, px: at least relu5_1's receptive-field radius (78 px), a multiple of
+#: :data:`ALIGN_PX`.
+HALO_PX = 80
+#: Tile origins are multiples of this (relu5_1's stride: four 2x2 poolings).
+ALIGN_PX = 16
+#: Largest image (pixels) whose replica pass (forward and backward) runs whole; larger ones run in tiles of at
+#: most this many pixels, halo included. A module attribute so that tests and benchmarks can change it.
+#: 1024 x 768 (0.79 MP) keeps a 1024 px job untiled; measured peak of one such bf16 pass: see docs/algorithm.md.
+MAX_PASS_PIXELS = 1024 * 768
+
+#: ``forward(image)``: ``(1, 3, h, w)`` RGB [0, 1] -> the features in OUTPUT_LAYERS order (a tuple) or by name.
+Forward = Callable[[torch.Tensor], "tuple[torch.Tensor, ...] | dict[str, torch.Tensor]"]
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One tile: ``own`` ``(y0, y1, x0, x1)`` the region whose features it contributes, ``input`` the pixels
+    its pass reads (``own`` and the halo, clipped at the border), both in px of the whole image."""
+
+    own: tuple[int, int, int, int]
+    input: tuple[int, int, int, int]
+
+    def layer_crop(self, layer: str) -> tuple[slice, slice]:
+        """Rows and columns of ``own`` in the tile's feature map of ``layer``."""
+        stride = LAYER_STRIDE[layer]
+        y0, y1, x0, x1 = self.own
+        iy0, _, ix0, _ = self.input
+        return (slice((y0 - iy0) // stride, (y1 - iy0) // stride),
+                slice((x0 - ix0) // stride, (x1 - ix0) // stride))
+
+    def image_slice(self) -> tuple[slice, slice, slice, slice]:
+        """``[:, :, rows, cols]`` of the tile's input in the whole image."""
+        iy0, iy1, ix0, ix1 = self.input
+        return slice(None), slice(None), slice(iy0, iy1), slice(ix0, ix1)
+
+
+def needs_tiles(height: int, width: int, max_pixels: int | None = None) -> bool:
+    """Whether an image of ``height x width`` px is passed in tiles (more than :data:`MAX_PASS_PIXELS`)."""
+    return height * width > (MAX_PASS_PIXELS if max_pixels is None else max_pixels)
+
+
+def tile_side(max_pixels: int | None = None) -> int:
+    """Own side of a square tile whose pass (own region and halo) covers at most ``max_pixels``
+    (:data:`MAX_PASS_PIXELS`), a multiple of :data:`ALIGN_PX`, at least ``ALIGN_PX``."""
+    budget = MAX_PASS_PIXELS if max_pixels is None else max_pixels
+    side = int(math.isqrt(budget)) - 2 * HALO_PX
+    return max(ALIGN_PX, side // ALIGN_PX * ALIGN_PX)
+
+
+def tile_grid(height: int, width: int, own_side: int | None = None) -> list[Tile]:
+    """The tiles covering ``height x width`` px: own regions of ``own_side`` px (:func:`tile_side`; the last
+    row and column take the remainder), in row-major order.
+
+    Raises:
+        ValueError: ``own_side`` is not a positive multiple of :data:`ALIGN_PX`.
+    """
+    side = tile_side() if own_side is None else own_side
+    if side <= 0 or side % ALIGN_PX:
+        raise ValueError(f"a tile's side must be a positive multiple of {ALIGN_PX} px, got {side}")
+
+    def spans(extent: int) -> list[tuple[int, int]]:
+        starts = list(range(0, extent, side))
+        if len(starts) > 1 and extent - starts[-1] < ALIGN_PX:   # no sliver under the stride: merge it
+            starts.pop()
+        return [(start, starts[i + 1] if i + 1 < len(starts) else extent) for i, start in enumerate(starts)]
+
+    tiles = []
+    for y0, y1 in spans(height):
+        for x0, x1 in spans(width):
+            tiles.append(Tile(own=(y0, y1, x0, x1),
+                              input=(max(0, y0 - HALO_PX), min(height, y1 + HALO_PX),
+                                     max(0, x0 - HALO_PX), min(width, x1 + HALO_PX))))
+    return tiles
+
+
+def _named(feats) -> dict[str, torch.Tensor]:
+    return feats if isinstance(feats, dict) else dict(zip(OUTPUT_LAYERS, feats))
+
+
+def own_gram(feature: torch.Tensor) -> torch.Tensor:
+    """``A A^T`` ``(1, C, C)`` float32 of a (cropped) feature map ``(1, C, h, w)``, any layout and dtype."""
+    unrolled = feature.permute(0, 2, 3, 1).reshape(feature.shape[0], -1, feature.shape[1]).float()   # (1, P, C)
+    return torch.bmm(unrolled.transpose(1, 2), unrolled)
+
+
+@dataclass
+class TiledFeatures:
+    """What a forward pass over tiles keeps of an image's features: ``grams`` ``{layer: (1, C, C) float32}``
+    (the whole image's, summed over the tiles' own regions) and ``kept`` ``{layer: (1, C, H_l, W_l) float32}``
+    (the whole feature map, assembled)."""
+
+    grams: dict[str, torch.Tensor]
+    kept: dict[str, torch.Tensor]
+
+
+def tiled_features(forward: Forward, image: torch.Tensor, gram_layers=(), keep_layers=(),
+                   tiles: list[Tile] | None = None) -> TiledFeatures:
+    """Gram matrices of ``gram_layers`` and the assembled feature maps of ``keep_layers`` of ``image``
+    ``(1, 3, H, W)`` RGB [0, 1], from forward passes over ``tiles`` (:func:`tile_grid`), without autograd.
+
+    Memory: one tile's pass, plus the kept maps (e.g. relu4_2: 512 channels at 1/8 of the side, 32 bytes per
+    image pixel in float32) and the Gram matrices.
+    """
+    height, width = image.shape[2:]
+    tiles = tile_grid(height, width) if tiles is None else tiles
+    grams: dict[str, torch.Tensor] = {}
+    kept: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for tile in tiles:
+            feats = _named(forward(image[tile.image_slice()]))
+            for layer in set(gram_layers) | set(keep_layers):
+                rows, cols = tile.layer_crop(layer)
+                crop = feats[layer][:, :, rows, cols]
+                if layer in gram_layers:
+                    gram = own_gram(crop)
+                    grams[layer] = grams[layer] + gram if layer in grams else gram
+                if layer in keep_layers:
+                    if layer not in kept:
+                        stride = LAYER_STRIDE[layer]
+                        kept[layer] = torch.zeros(1, crop.shape[1], height // stride, width // stride,
+                                                  dtype=torch.float32, device=crop.device)
+                    stride = LAYER_STRIDE[layer]
+                    y0, _, x0, _ = tile.own
+                    kept[layer][:, :, y0 // stride:y0 // stride + crop.shape[2],
+                                x0 // stride:x0 // stride + crop.shape[3]] = crop.float()
+            del feats
+    return TiledFeatures(grams=grams, kept=kept)
+
+
+class _PairedWithGram(torch.autograd.Function):
+    """``<M, A A^T>`` for a constant symmetric ``M``, differentiated directly: ``d/dA = 2 M A``. Its value is
+    not needed (the costs come from the first pass), so the forward returns 0; the backward runs the product in
+    ``A``'s dtype (bf16 activations: bf16 product, as :class:`nst_server.costs._StyleLayerCost` does)."""
+
+    @staticmethod
+    def forward(ctx, feature: torch.Tensor, twice_m: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(feature, twice_m)
+        return feature.new_zeros((), dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        feature, twice_m = ctx.saved_tensors
+        batch, channels, height, width = feature.shape
+        unrolled = feature.permute(0, 2, 3, 1).reshape(batch, -1, channels)        # (1, P, C)
+        product = torch.bmm(unrolled, (twice_m * grad).to(feature.dtype))          # (1, P, C)
+        return product.reshape(batch, height, width, channels).permute(0, 3, 1, 2), None
+
+
+def tiled_backward(forward: Forward, image: torch.Tensor, gram_weights: dict[str, torch.Tensor],
+                   content: dict[str, tuple[torch.Tensor, float]], tiles: list[Tile] | None = None) -> torch.Tensor:
+    """The gradient ``(1, 3, H, W)`` float32 with respect to ``image`` (RGB [0, 1]) of
+    ``sum_l <M_l, G_l> + sum_l k_l sum (a_l - c_l)^2``, from one forward and backward pass per tile.
+
+    With ``M_l = dJ/dG_l`` (from the first pass: ``beta lambda_l 2 D_l / norm_l`` and the objective's factors)
+    and ``k_l`` the content term's factor, this is ``dJ/dimage`` of the whole image's objective, exactly.
+
+    Args:
+        forward: the replica's pass with autograd (autocast inside, if any).
+        gram_weights: ``{layer: M_l (1, C, C) float32}``, symmetric.
+        content: ``{layer: (target (1, C, H_l, W_l) whole map, k_l)}``.
+    """
+    height, width = image.shape[2:]
+    tiles = tile_grid(height, width) if tiles is None else tiles
+    grad = torch.zeros_like(image, dtype=torch.float32)
+    twice = {layer: 2.0 * weight for layer, weight in gram_weights.items()}
+    for tile in tiles:
+        piece = image[tile.image_slice()].detach().requires_grad_(True)
+        feats = _named(forward(piece))
+        surrogate = piece.new_zeros((), dtype=torch.float32)
+        for layer, twice_m in twice.items():
+            rows, cols = tile.layer_crop(layer)
+            surrogate = surrogate + _PairedWithGram.apply(feats[layer][:, :, rows, cols], twice_m)
+        for layer, (target, factor) in content.items():
+            rows, cols = tile.layer_crop(layer)
+            stride = LAYER_STRIDE[layer]
+            crop = feats[layer][:, :, rows, cols]
+            y0, _, x0, _ = tile.own
+            target_crop = target[:, :, y0 // stride:y0 // stride + crop.shape[2],
+                                 x0 // stride:x0 // stride + crop.shape[3]]
+            surrogate = surrogate + factor * (crop.float() - target_crop).pow(2).sum()
+        surrogate.backward()
+        grad[tile.image_slice()] += piece.grad
+        del feats, surrogate, piece
+    return grad

@@ -1,0 +1,98 @@
+"""Tiled replica passes (nst_server.tiling): the features, the costs and the gradient of a large image computed
+tile by tile equal the whole image's (the issue's bound: relative error <= 1e-3 in fp32), on real pictures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from nst_export.vgg import OUTPUT_LAYERS
+from nst_server import costs, tiling
+from nst_server.images import to_tensor
+from nst_server.objective import Objective, batch_pass, tiled_costs
+from nst_server.settings import StyleTransferSettings
+from nst_server.targets import compute_targets, pyramid_sizes
+
+SAMPLES = Path(__file__).resolve().parent.parent / "tools" / "nst_tools" / "samples"
+
+
+def _picture(name: str, width: int, height: int) -> torch.Tensor:
+    return to_tensor(Image.open(SAMPLES / name).convert("RGB").resize((width, height), Image.Resampling.LANCZOS))
+
+
+def test_the_grid_covers_the_image_once_with_aligned_halos():
+    tiles = tiling.tile_grid(1000, 770, 256)
+    covered = torch.zeros(1000, 770, dtype=torch.int32)
+    for tile in tiles:
+        y0, y1, x0, x1 = tile.own
+        covered[y0:y1, x0:x1] += 1
+        iy0, iy1, ix0, ix1 = tile.input
+        assert iy0 % tiling.ALIGN_PX == 0 and ix0 % tiling.ALIGN_PX == 0
+        assert iy0 == max(0, y0 - tiling.HALO_PX) and iy1 == min(1000, y1 + tiling.HALO_PX)
+    assert bool((covered == 1).all())
+    with pytest.raises(ValueError, match="multiple of 16"):
+        tiling.tile_grid(100, 100, 40)
+
+
+def test_tile_side_follows_the_pixel_budget():
+    side = tiling.tile_side(1024 * 1024)
+    assert side % tiling.ALIGN_PX == 0 and (side + 2 * tiling.HALO_PX) ** 2 <= 1024 * 1024
+    assert tiling.tile_side(10) == tiling.ALIGN_PX
+
+
+def test_tiled_features_equal_the_whole_images(models):
+    image = _picture("van_gogh_village_street_in_auvers.jpg", 410, 300)
+    with torch.no_grad():
+        whole = dict(zip(OUTPUT_LAYERS, models.replica(image)))
+    passed = tiling.tiled_features(models.replica, image, gram_layers=OUTPUT_LAYERS, keep_layers=OUTPUT_LAYERS,
+                                   tiles=tiling.tile_grid(300, 410, 96))
+    for layer in OUTPUT_LAYERS:
+        gram = costs.gram_matrix(whole[layer])
+        assert float((passed.grams[layer] - gram).abs().max() / gram.abs().max()) < 1e-5, layer
+        assert torch.allclose(passed.kept[layer], whole[layer], rtol=1e-5, atol=1e-5), layer
+
+
+def _objective(models, precision: str, size=(300, 400)) -> tuple[Objective, torch.Tensor]:
+    settings = StyleTransferSettings(max_side_px=max(size), precision=precision, pyramid_levels=3)
+    height, width = size
+    content = _picture("van_gogh_village_street_in_auvers.jpg", width, height)
+    style = _picture("hokusai_great_wave.jpg", 360, 240)
+    coarser = [(_picture("van_gogh_village_street_in_auvers.jpg", w, h), [(style, 1.0)])
+               for h, w in pyramid_sizes(height, width, settings.pyramid_levels)[1:]]
+    targets = compute_targets(models, content, [(style, 1.0)], settings, coarser)
+    key = ((1, 3, height, width), settings.pooling, precision)
+    generator = torch.Generator().manual_seed(3)
+    pixels = (content * 255.0 * 0.8 + torch.rand(content.shape, generator=generator) * 40.0).clamp(0, 255)
+    return Objective(targets, settings, batch_pass(models), key), pixels.contiguous()
+
+
+@pytest.mark.parametrize("precision, bound", [("fp32", 1e-3), ("bf16", 1e-2)])
+def test_the_tiled_gradient_equals_the_whole_images(models, monkeypatch, precision, bound):
+    """fp32: the issue's bound (measured: 4.5e-7). bf16: both round the activations to bf16, but a tile's
+    products sum in another order, so the bound is bf16's own noise (measured: 1.8e-3)."""
+    objective, start = _objective(models, precision)
+    whole = start.clone().requires_grad_(True)
+    assert not objective.tiled
+    whole_terms = objective.costs_and_gradient(whole)
+    monkeypatch.setattr(tiling, "MAX_PASS_PIXELS", 288 * 288)          # own tiles of 128 px: 12 at full size
+    assert objective.tiled
+    tiled = start.clone().requires_grad_(True)
+    tiled_terms = objective.costs_and_gradient(tiled)
+    error = float((tiled.grad - whole.grad).norm() / whole.grad.norm())
+    print(f"{precision}: relative error of the tiled gradient {error:.2e}")
+    assert error <= bound
+    for name in ("content", "style", "total_variation", "total"):
+        assert float(getattr(tiled_terms, name)) == pytest.approx(float(getattr(whole_terms, name)), rel=bound)
+    forward_only = objective.total(start)
+    assert float(forward_only) == pytest.approx(float(whole_terms.total), rel=bound)
+
+
+def test_tiled_costs_through_the_session_equal_evaluate(models, monkeypatch):
+    objective, start = _objective(models, "fp32")
+    expected = objective.total(start)
+    monkeypatch.setattr(tiling, "MAX_PASS_PIXELS", 288 * 288)
+    terms = tiled_costs(models.features, start, objective.targets, objective.settings)
+    assert float(terms.total) == pytest.approx(float(expected), rel=1e-4)
