@@ -46,23 +46,7 @@ class Targets:
         return self.levels[0].content
 
     @property
-    def session_forward(models: StyleModels, pooling: str) -> Forward:
-    """The forward-only pass :func:`features` uses, as a function of the image: the session's, or the replica's
-    with ``pooling`` (call it under ``no_grad``)."""
-    if pooling == models.replica.pooling:
-        return models.features
-    return lambda image: models.replica(image, pooling=pooling)
-
-
-def _grams_of(models: StyleModels, style: torch.Tensor, pooling: str, layers) -> dict[str, torch.Tensor]:
-    """Gram matrices of every layer in ``layers`` of ``style``; over tiles when it is large."""
-    if needs_tiles(*style.shape[2:]):
-        return tiled_features(session_forward(models, pooling), style, gram_layers=tuple(layers)).grams
-    style_features = features(models, style, pooling)
-    return {layer: costs.gram_matrix(style_features[layer]) for layer in layers}
-
-
-def style_grams(self) -> dict[str, torch.Tensor]:
+    def style_grams(self) -> dict[str, torch.Tensor]:
         return self.levels[0].style_grams
 
 
