@@ -107,7 +107,8 @@ def job_peak_bytes(height: int, width: int, settings, n_styles: int = 1) -> int:
     """The estimated peak memory one job adds over the idle server, bytes, for an OUTPUT of ``height`` x ``width``
     px::
 
-        JOB_FIXED_BYTES[precision] + BYTES_PER_OUTPUT_PIXEL x height x width x (1 + EXTRA_STYLE_FRACTION x (n_styles - 1))
+        JOB_FIXED_BYTES[precision]
+            + BYTES_PER_OUTPUT_PIXEL x height x width x (1 + EXTRA_STYLE_FRACTION x (n_styles - 1))
 
     Args:
         settings: the job's :class:`~nst_server.settings.StyleTransferSettings` (its ``precision``: ``"auto"``
