@@ -209,8 +209,37 @@ def _check_stylize_outputs(args: argparse.Namespace) -> str:
     return fmt
 
 
+def scale_label(progress: pb.Progress) -> str:
+    """Where a job stands in its coarse-to-fine schedule, for the progress bar: ``scale 2/3 1024x768``.
+
+    The schedule's length is left out where it says nothing or cannot be right: ``Progress.scales`` 0 (a server
+    that does not report it), 1 (a single scale; servers that did not count the scales sent 1 for every job) or
+    less than the scale: ``scale 2 1024x768``. ``Progress.scale`` 0 (none reported) gives just the size, and no
+    size either an empty text."""
+    size = f"{progress.width_px}x{progress.height_px}" if progress.width_px and progress.height_px else ""
+    if not progress.scale:
+        return size
+    of = f"/{progress.scales}" if progress.scales > 1 and progress.scales >= progress.scale else ""
+    return f"scale {progress.scale}{of}" + (f" {size}" if size else "")
+
+
+def time_left(progress: pb.Progress) -> str:
+    """The server's estimate of the time to the Result (``Progress.remaining_ms``) as ``01:23`` or ``1:02:03``;
+    empty when the server gives none (0)."""
+    if not progress.remaining_ms > 0:
+        return ""
+    return tqdm.format_interval(progress.remaining_ms / 1000.0)
+
+
+#: The progress bar's layout once the server estimates the time left: tqdm's own, less its estimate from the rate
+#: (``<{remaining}``: the iterations of a coarse-to-fine job cost more at each scale, so the rate so far
+#: underestimates); the server's estimate is in the postfix (``left=``).
+BAR_FORMAT_SERVER_ESTIMATE = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, {rate_fmt}{postfix}]"
+
+
 def _stylize(args: argparse.Namespace, client: NSTClient, fmt: str) -> int:
     bar = None if args.quiet else tqdm(total=args.iterations or None, unit="it", desc="stylize", file=sys.stderr)
+    shown = {"attempt": "", "scale": ""}       # what the bar's description says: the attempt, the scale
     target = Path(args.output)
     quality = args.quality or output.DEFAULT_QUALITY
     preview_failed = []
@@ -228,7 +257,8 @@ def _stylize(args: argparse.Namespace, client: NSTClient, fmt: str) -> int:
         bar.write(f"nst: {line}", file=sys.stderr)
         if retry.accepted:
             bar.reset()
-        bar.set_description(f"stylize (attempt {retry.attempt})")
+        shown["attempt"] = f" (attempt {retry.attempt})"
+        bar.set_description(f"stylize{shown['attempt']}" + (f" {shown['scale']}" if shown["scale"] else ""))
 
     def on_progress(progress) -> None:
         if progress.preview_png and not preview_failed:
@@ -240,9 +270,19 @@ def _stylize(args: argparse.Namespace, client: NSTClient, fmt: str) -> int:
                 print(f"nst: previews are no longer saved: {exc}", file=sys.stderr)
         if bar is None:
             return
+        label, left = scale_label(progress), time_left(progress)
+        changed = label != shown["scale"]
+        if changed:
+            shown["scale"] = label
+            bar.set_description(f"stylize{shown['attempt']}" + (f" {label}" if label else ""), refresh=False)
+        # The server's estimate where it gives one (it knows the schedule's remaining pixels), else tqdm's own
+        # from the rate (where --iterations gives the bar a total).
+        bar.bar_format = BAR_FORMAT_SERVER_ESTIMATE if left and bar.total else None
+        bar.set_postfix({"content": f"{progress.costs.content:.3g}", "style": f"{progress.costs.style:.3g}",
+                         **({"left": left} if left else {})}, refresh=False)
         bar.update(progress.iteration - bar.n)
-        bar.set_postfix(content=f"{progress.costs.content:.3g}", style=f"{progress.costs.style:.3g}",
-                        refresh=False)
+        if changed:          # a new scale is shown at once, whatever tqdm's refresh interval
+            bar.refresh()
 
     try:
         result = client.stylize(
