@@ -381,12 +381,12 @@ def test_synthetic_refusals_through_the_server(client, small_images):
     expect_invalid(client, stylize_request(b"", style), "content_image", "is empty")
     # A request field out of range, and an engine check without an explicit field (its message starts
     # with the field's name): a 64x48 content at max_side_px=16 would be 16x12.
-    expect_invalid(client, stylize_request(content, style, side=100_000), "max_side_px", "1024")
+    expect_invalid(client, stylize_request(content, style, side=100_000), "max_side_px", "4096")
     expect_invalid(client, stylize_request(content, style, side=16), "max_side_px", "16 px")
-    # The style image would be resized to 512 x 3 = 1536 px, over the server's 1024 px limit.
+    # The style image would be resized to 512 x 9 = 4608 px, over the server's 4096 px limit.
     huge_style = stylize_request(content, style, side=512)
-    huge_style.style_scale = 3.0
-    expect_invalid(client, huge_style, "style_scale", "1536 px", "1024 px")
+    huge_style.style_scale = 9.0
+    expect_invalid(client, huge_style, "style_scale", "4608 px", "4096 px")
     huge_style.style_scale = 1e307                 # 512 x 1e307 overflows a float: still a refusal, not a crash
     expect_invalid(client, huge_style, "style_scale", "16384 px")
     # The server lives on.

@@ -102,11 +102,11 @@ def test_every_enum_value_is_a_setting_value_and_others_are_refused(field):
 
 
 @pytest.mark.parametrize("fields, field, reason", [
-    (dict(max_side_px=8), "max_side_px", "must be between 16 and 1024 px, got 8"),
+    (dict(max_side_px=8), "max_side_px", "must be between 16 and 4096 px, got 8"),
     (dict(iterations=2001), "iterations", "must be at most 2000, got 2001"),
     (dict(style_weight=-1.0), "style_weight", "must be a finite number >= 0, got -1.0"),
-    (dict(style_scale=5.0), "style_scale", "5 x max_side_px 256 gives a 1280 px style image; the server's limit is "
-                                           "1024 px"),
+    (dict(style_scale=20.0), "style_scale", "20 x max_side_px 256 gives a 5120 px style image; the server's limit "
+                                            "is 4096 px"),
     (dict(content_layers=[pb.LayerWeight(layer="relu4_2", weight=1)] * 2), "content_layers",
      "layer 'relu4_2' is listed twice"),
     (dict(styles=[pb.StyleImage(blend_weight=-1.0)]), "styles",

@@ -20,7 +20,7 @@ from nst_proto.v1 import style_transfer_pb2_grpc as pb_grpc
 from nst_server.cpus import CgroupFormatError, cpu_budget
 from nst_server.interceptors import BearerTokenInterceptor, RpcLogInterceptor
 from nst_server.jobs import FaultInjection
-from nst_server import metrics
+from nst_server import memory, metrics
 from nst_server.metrics import start_metrics_server
 from nst_server import reflection
 from nst_server.model import StyleModels, tensorrt_options
@@ -201,6 +201,27 @@ def intra_op_threads(config: ServerConfig) -> tuple[int, str]:
     return budget.cpus, budget.source
 
 
+def memory_budget(config: ServerConfig, rss_bytes: int | None = None) -> tuple[int | None, str]:
+    """The jobs' memory budget, bytes (None: no memory accounting), and where it comes from: ``--memory-budget``
+    when given (0: none), else :func:`nst_server.memory.default_budget` with the resident memory now, once the
+    model is loaded and warmed up (a cgroup or /proc file that cannot be read leaves MemTotal, or no accounting,
+    with a warning)."""
+    given = config.limits.memory_budget_bytes
+    if given == 0:
+        return None, "off: --memory-budget none"
+    if given is not None:
+        return given, f"--memory-budget {memory.format_bytes(given)}"
+    try:
+        return memory.default_budget(rss_bytes)
+    except memory.MemoryFileError as exc:
+        log.warning("cannot size the memory budget (%s); trying MemTotal alone", exc)
+    try:
+        return memory.default_budget(rss_bytes, root=Path("/nonexistent"), proc_cgroup=Path("/nonexistent"))
+    except memory.MemoryFileError as exc:
+        log.warning("cannot size the memory budget (%s): no memory accounting; set --memory-budget", exc)
+        return None, f"off: {exc}"
+
+
 def warm_up(models: StyleModels) -> None:
     """One session pass and one replica forward/backward at 32 px in the default job's precision, so the first
     job does not pay for set-up."""
@@ -372,7 +393,13 @@ async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> Non
     except BaseException:
         await server.stop(None)
         raise
+    budget, budget_source = memory_budget(config)
+    servicer.set_memory_budget(budget, budget_source)
     servicer.models = models
+    largest = servicer.largest_output_side()
+    log.info("memory budget for jobs: %s (%s); a default 4:3 job fits up to max_side_px %d (--max-side-px %d)",
+             "off" if budget is None else memory.format_bytes(budget), budget_source, largest,
+             config.limits.max_side_px)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving %s on %s (%s, execution providers %s, default precision %s: %s, token %s, %d threads: "

@@ -12,6 +12,7 @@ from nst_proto.argtypes import integer, number
 from nst_proto.console import tolerate_console
 from nst_export.onnx_export import DEFAULT_MODEL_PATH
 from nst_export.vgg import MIN_SIDE_PX
+from nst_server import memory
 from nst_server.app import MAX_DURATION_S, ServerConfig, serve
 from nst_server.errors import ModelFileError
 from nst_server.jobs import FAULT_INJECT_ENV, parse_fault_injection
@@ -22,6 +23,18 @@ from nst_server.servicer import HEARTBEAT_S_RANGE, MAX_BATCH_WAIT_MS, SEND_TIMEO
 PORT = integer(0, 65535)
 INT32_BYTES = integer(1, 2**31 - 1, " bytes")
 MAX_THREADS = 1024
+
+
+def memory_budget(text: str) -> int | None:
+    """argparse type of ``--memory-budget``: bytes with an optional unit (``6GiB``, ``512MiB``, ``8GB``), 0 for
+    ``0``/``none``/``off`` (no memory accounting), None for ``auto`` (the default, measured at start)."""
+    try:
+        return memory.parse_budget_flag(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{exc}; or none (no memory accounting) or auto") from None
+
+
+memory_budget.__name__ = "memory budget"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated execution providers to try in order "
                              "(default: TensorrtExecutionProvider,CUDAExecutionProvider,CPUExecutionProvider)")
     parser.add_argument("--max-side-px", type=integer(MIN_SIDE_PX), default=limits.max_side_px,
-                        help="largest output side a job may ask for, px (default: %(default)s)")
+                        help="largest output side a job may ask for, px; a job whose memory estimate is over "
+                             "--memory-budget is refused whatever its side (default: %(default)s)")
+    parser.add_argument("--memory-budget", type=memory_budget, default=None, metavar="BYTES",
+                        help="memory the running jobs may use together, bytes with an optional unit (6GiB, 512MiB, "
+                             "8GB); a job runs when its estimated peak fits beside the running jobs' and waits "
+                             "otherwise; one over the whole budget is refused with RESOURCE_EXHAUSTED; 0 or none: no "
+                             "memory accounting (default: auto: the cgroup's memory limit or MemTotal, less 10%% "
+                             "(at least 512 MiB) and less the server's resident memory after loading)")
     parser.add_argument("--max-iterations", type=integer(1), default=limits.max_iterations)
     parser.add_argument("--max-running-jobs", type=integer(1), default=limits.max_running_jobs,
                         help="N: jobs optimised at once (default: %(default)s)")
@@ -119,7 +139,8 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
                             max_input_pixels=args.max_input_pixels, max_running_jobs=args.max_running_jobs,
                             max_queued_jobs=args.max_queued_jobs, result_chunk_bytes=args.result_chunk_bytes,
                             max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
-                            heartbeat_s=args.heartbeat_s, send_timeout_s=args.send_timeout_s),
+                            heartbeat_s=args.heartbeat_s, send_timeout_s=args.send_timeout_s,
+                            memory_budget_bytes=args.memory_budget),
         max_receive_message_bytes=args.max_receive_message_bytes, grace_s=args.grace_s,
         tls_cert_path=args.tls_cert, tls_key_path=args.tls_key, auth_token=args.auth_token,
         auth_health=args.auth_health, metrics_host=args.metrics_host, metrics_port=args.metrics_port,

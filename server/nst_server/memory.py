@@ -16,8 +16,8 @@ less what the process holds already once the model is loaded and warmed up:
 
 The estimate (:func:`job_peak_bytes`) is the peak a job adds over the idle server, from its output size, its
 precision and its number of style images: a fixed part per job and a part proportional to the output's pixels.
-Its constants are starting values for the tiled engine (the target of issue 22: a job's peak at most 2 GiB + 400
-bytes per output pixel), to be calibrated by measurement; they are module constants so that a calibration changes
+Its constants are starting values for the tiled engine (whose target is a job's peak of at most 2 GiB + 400 bytes
+per output pixel), to be calibrated by measurement; they are module constants so that a calibration changes
 numbers, not code. The estimate is monotonic in the output's pixels, so "the largest side that fits"
 (:func:`largest_side`) is well defined.
 
@@ -50,7 +50,7 @@ JOB_FIXED_BYTES: dict[str, int] = {
 
 #: Peak bytes a job adds per pixel of its OUTPUT (height x width at ``max_side_px``), one style image: the image,
 #: its gradient and the optimiser's state (L-BFGS pairs or Adam's moments), the content targets and the pyramid's
-#: downsampled copies, the delivered image and its PNG. The issue's target for the whole job is 400 bytes per
+#: downsampled copies, the delivered image and its PNG. The engine's target for the whole job is 400 bytes per
 #: output pixel over a fixed 2 GiB; a starting value, to be measured.
 BYTES_PER_OUTPUT_PIXEL = 400
 

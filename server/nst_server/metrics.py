@@ -13,6 +13,9 @@ All metrics live in prometheus-client's default registry, next to its process co
   ``--max-queued-jobs``). ``(nst_jobs_running + nst_jobs_waiting) / nst_max_running_jobs`` is a replica's load
   (1: every worker busy, nothing waiting), the per-pod metric the HorizontalPodAutoscaler of ``deploy/k8s``
   scales on.
+- ``nst_memory_budget_bytes``: the memory the jobs may use together (``--memory-budget``; 0: no memory
+  accounting); ``nst_memory_reserved_bytes``: the sum of the memory estimates of the jobs that hold a worker now
+  (:mod:`nst_server.memory`). A job waits while its estimate does not fit beside theirs.
 - ``nst_job_cancels_total{reason}``: jobs stopped before their end: ``client`` (cancel or dropped connection),
   ``deadline`` (the client's deadline passed), ``shutdown`` (still running when the shutdown grace ended),
   ``send_timeout`` (the client stopped reading: a message waited longer than ``--send-timeout-s``; such calls
@@ -27,7 +30,7 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 #: ``outcome`` label values of ``nst_jobs_total``.
-OUTCOMES = ("completed", "cancelled", "deadline_exceeded", "refused_busy", "refused_unavailable",
+OUTCOMES = ("completed", "cancelled", "deadline_exceeded", "refused_busy", "refused_memory", "refused_unavailable",
             "invalid_argument", "out_of_memory", "failed", "shutdown", "send_timeout")
 
 JOBS = Counter("nst_jobs", "Stylize calls by outcome", ["outcome"])
@@ -40,6 +43,9 @@ RUNNING = Gauge("nst_jobs_running", "Jobs on a worker thread now")
 WAITING = Gauge("nst_jobs_waiting", "Jobs admitted and waiting for a worker thread")
 MAX_RUNNING = Gauge("nst_max_running_jobs", "N: jobs this server runs at once (--max-running-jobs)")
 MAX_QUEUED = Gauge("nst_max_queued_jobs", "Q: jobs this server admits to wait (--max-queued-jobs)")
+MEMORY_BUDGET = Gauge("nst_memory_budget_bytes", "Memory the jobs may use together, bytes (--memory-budget; "
+                      "0: no memory accounting)")
+MEMORY_RESERVED = Gauge("nst_memory_reserved_bytes", "Sum of the memory estimates of the jobs holding a worker, bytes")
 CANCELS = Counter("nst_job_cancels", "Jobs stopped before their end, by reason", ["reason"])
 BATCH_JOBS = Histogram("nst_replica_batch_jobs", "Jobs served by each batched replica pass",
                        buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32))

@@ -8,10 +8,13 @@ through an ``asyncio.Queue``; when the client cancels, disconnects or passes its
 job's stop flag, which the engine polls once per iteration; the job's slot (:mod:`nst_server.jobs`) is freed
 when its worker thread is done with it (after handing its free memory back to the OS). A stream is never quiet
 for longer than ``heartbeat_s``: when neither the queue nor the engine gave anything to send for that long, a
-``Heartbeat`` goes out (position, time waited). Failures end the job, never the server: invalid requests and
-inputs are INVALID_ARGUMENT (with ``google.rpc.BadRequest`` details), a full queue or out of memory
-RESOURCE_EXHAUSTED, a job stopped by the shutdown UNAVAILABLE, anything else INTERNAL (:func:`abort_for`, from the
-errors of :mod:`nst_server.errors`). The interceptors
+``Heartbeat`` goes out (position, time waited). With a memory budget (``--memory-budget``), each job's peak memory
+is estimated at admission from its content's size (the image's header), ``max_side_px``, precision and styles
+(:mod:`nst_server.memory`), and the job waits in line until its estimate fits beside the running jobs'
+(:class:`~nst_server.jobs.Admission`). Failures end the job, never the server: invalid requests and inputs are
+INVALID_ARGUMENT (with ``google.rpc.BadRequest`` details), a full queue, a job over the whole memory budget or out
+of memory RESOURCE_EXHAUSTED, a job stopped by the shutdown UNAVAILABLE, anything else INTERNAL
+(:func:`abort_for`, from the errors of :mod:`nst_server.errors`). The interceptors
 (:mod:`nst_server.interceptors`) write one log line per call.
 """
 
@@ -21,6 +24,7 @@ import asyncio
 import contextlib
 import dataclasses
 import importlib.metadata
+import io
 import logging
 import os
 import socket
@@ -37,16 +41,17 @@ import torch
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
+from PIL import Image
 
 from nst_proto.v1 import style_transfer_pb2 as pb
 from nst_proto.v1 import style_transfer_pb2_grpc as pb_grpc
 from nst_export.vgg import MIN_SIDE_PX, OUTPUT_LAYERS
-from nst_server import engine, metrics
+from nst_server import engine, memory, metrics
 from nst_server.batching import ReplicaBatcher
 from nst_server.errors import NSTServerError
 from nst_server.interceptors import annotate, deadline_passed
 from nst_server.jobs import (STOP_CLIENT, STOP_DEADLINE, STOP_SEND_TIMEOUT, STOP_SHUTDOWN, Admission, Job,
-                             is_out_of_memory)
+                             MemoryBudgetExceeded, is_out_of_memory)
 from nst_server.messages import DEFAULT_RESULT_CHUNK_BYTES, decode_inputs, settings_from_request, to_proto
 from nst_server.model import StyleModels, release_free_memory
 from nst_server.precision import default_precision
@@ -76,7 +81,8 @@ class ServerLimits:
     """Per-server limits (configuration, not per request).
 
     Attributes:
-        max_side_px: largest ``max_side_px`` a job may ask for.
+        max_side_px: largest ``max_side_px`` a job may ask for (4096 by default: what the memory budget protects
+            against is a job that cannot fit, which is refused by the budget, not by this limit).
         max_iterations: largest ``iterations`` a job may ask for.
         max_input_pixels: pixel budget of each encoded input image, checked before decoding.
         max_running_jobs: N, jobs optimised at once (one worker thread each).
@@ -91,12 +97,16 @@ class ServerLimits:
         send_timeout_s: the longest one Stylize message may wait for the client to take it (HTTP/2 flow
             control: a client that stopped reading), s; then the job is stopped, its slot freed, and the call ends
             with DEADLINE_EXCEEDED (:data:`SEND_TIMEOUT_S_RANGE`).
+        memory_budget_bytes: bytes the running jobs' memory estimates may add up to (``--memory-budget``); 0: no
+            memory accounting; None: :func:`nst_server.memory.default_budget`, measured by the app once the model is
+            loaded (a servicer built without the app has no memory accounting until
+            :meth:`StyleTransferServicer.set_memory_budget`).
     Raises:
         ValueError: ``max_batch_size``, ``batch_wait_ms``, ``heartbeat_s`` or ``send_timeout_s`` out of range (the
             message names the flag).
     """
 
-    max_side_px: int = 1024
+    max_side_px: int = 4096
     max_iterations: int = 2000
     max_input_pixels: int = 40_000_000
     max_running_jobs: int = 1
@@ -106,6 +116,7 @@ class ServerLimits:
     batch_wait_ms: float = 20.0
     heartbeat_s: float = 10.0
     send_timeout_s: float = 30.0
+    memory_budget_bytes: int | None = None
 
     def __post_init__(self) -> None:
         for flag, value, low in (("--max-side-px", self.max_side_px, MIN_SIDE_PX),
@@ -128,6 +139,9 @@ class ServerLimits:
         low, high = SEND_TIMEOUT_S_RANGE
         if not low <= self.send_timeout_s <= high:
             raise ValueError(f"--send-timeout-s must be between {low:g} and {high:g} s, got {self.send_timeout_s}")
+        if self.memory_budget_bytes is not None and self.memory_budget_bytes < 0:
+            raise ValueError(f"--memory-budget must be >= 0 bytes (0: no memory accounting), "
+                             f"got {self.memory_budget_bytes}")
 
 
 _DONE = object()
@@ -149,6 +163,13 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
         self.limits = limits or ServerLimits()
         self._executor = ThreadPoolExecutor(max_workers=self.limits.max_running_jobs, thread_name_prefix="nst-job")
         self.admission = Admission(self.limits.max_running_jobs, self.limits.max_queued_jobs, faults)
+        #: Where the memory budget comes from (``ModelInfo.memory_budget_source``).
+        self.memory_budget_source = "off: no memory accounting"
+        if self.limits.memory_budget_bytes:
+            self.set_memory_budget(self.limits.memory_budget_bytes,
+                                   f"--memory-budget {memory.format_bytes(self.limits.memory_budget_bytes)}")
+        elif self.limits.memory_budget_bytes == 0:
+            self.memory_budget_source = "off: --memory-budget none"
         self.accepting = True
         #: This server process in JobAccepted and ModelInfo: HOSTNAME/PID (the pod's name in Kubernetes).
         self.replica = f"{socket.gethostname()}/{os.getpid()}"
@@ -165,6 +186,50 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
                 self._batcher = ReplicaBatcher(batch_pass(self.models), self.limits.max_batch_size,
                                                self.limits.batch_wait_ms / 1000.0)
             return self._batcher
+
+    def set_memory_budget(self, budget: int | None, source: str) -> None:
+        """Admit jobs by memory within ``budget`` bytes (None: no memory accounting); ``source`` says where the
+        number comes from (the log, ``ModelInfo.memory_budget_source``)."""
+        self.admission.set_memory_budget(budget)
+        self.memory_budget_source = source
+
+    def _resolved(self, settings: StyleTransferSettings) -> StyleTransferSettings:
+        """``settings`` with ``precision="auto"`` resolved for the replica's device, as the engine resolves it."""
+        if settings.precision == "auto" and self.models is not None:
+            return settings.replace(precision=default_precision(self.models.device)[0])
+        return settings
+
+    def largest_output_side(self) -> int:
+        """The largest ``max_side_px`` a default job (4:3, one style, the default precision) fits in the memory
+        budget with, at most ``--max-side-px`` (``ModelInfo.largest_output_side_px``)."""
+        return memory.largest_side(self.admission.memory_budget, self._resolved(StyleTransferSettings()),
+                                   self.limits.max_side_px)
+
+    def estimate(self, request: pb.StylizeRequest, settings: StyleTransferSettings) -> tuple[int, tuple[int, int], int]:
+        """A job's memory estimate before it runs: ``(bytes, (content width, content height), styles)``.
+
+        The content's size comes from its header (Pillow opens lazily: no pixel is decoded here); a content whose
+        header cannot be read counts as a square, the largest output any aspect gives at ``max_side_px`` (its
+        decoding refuses it with INVALID_ARGUMENT when the job runs).
+        """
+        try:
+            with Image.open(io.BytesIO(request.content_image)) as image:
+                size = image.size
+        except Exception:  # noqa: BLE001 - any header Pillow cannot read; the worker's decoding names the problem
+            size = (1, 1)
+        if min(size) < 1:
+            size = (1, 1)
+        styles = max(1, len(request.styles) + (1 if request.style_image else 0))
+        height, width = memory.output_size(*size, settings.max_side_px)
+        return memory.job_peak_bytes(height, width, self._resolved(settings), styles), size, styles
+
+    def _over_budget(self, memory_bytes: int, size: tuple[int, int], styles: int,
+                     settings: StyleTransferSettings) -> MemoryBudgetExceeded:
+        """The refusal of a job whose estimate is over the whole budget, with the largest ``max_side_px`` that
+        would fit this job (its aspect, precision and styles)."""
+        budget = self.admission.memory_budget
+        largest = memory.largest_side(budget, self._resolved(settings), self.limits.max_side_px, styles, size)
+        return MemoryBudgetExceeded(memory_bytes, budget, settings.max_side_px, largest)
 
     @property
     def admitted(self) -> int:
@@ -219,6 +284,9 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
             threads_source=self.threads_source,
             heartbeat_s=self.limits.heartbeat_s,
             replica=self.replica,
+            memory_budget_bytes=self.admission.memory_budget or 0,
+            memory_budget_source=self.memory_budget_source,
+            largest_output_side_px=self.largest_output_side(),
         )
 
     async def Stylize(self, request: pb.StylizeRequest, context):
@@ -235,9 +303,16 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
                 raise _Abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading; watch grpc.health.v1")
             try:
                 settings = settings_from_request(request, self.limits)          # FieldError
-                job = self.admission.admit(job_id, request.seed if request.HasField("seed") else None)  # ServerBusy
+                memory_bytes, size, styles = self.estimate(request, settings)
+                if not self.admission.fits_budget(memory_bytes):
+                    raise self._over_budget(memory_bytes, size, styles, settings)
+                job = self.admission.admit(job_id, request.seed if request.HasField("seed") else None,
+                                           memory_bytes=memory_bytes)                    # ServerBusy
             except NSTServerError as exc:
-                raise abort_for(exc) from None
+                refusal = abort_for(exc)
+                if isinstance(exc, MemoryBudgetExceeded):
+                    refusal.outcome = "refused_memory"
+                raise refusal from None
             async with contextlib.aclosing(self._run(job, request, settings)) as messages:
                 async for message in messages:
                     # A yield returns once gRPC has handed the message to the transport, which waits for the
@@ -254,7 +329,7 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
                                      f"reading; the job was stopped after {job.iterations} iterations")
             outcome = "completed"
         except _Abort as exc:
-            outcome = _outcome(exc.code, admitted=job is not None)
+            outcome = exc.outcome or _outcome(exc.code, admitted=job is not None)
             if job is None:             # counted before the status is sent, so a client that reads the metrics
                 metrics.JOBS.labels(outcome).inc()        # after its refusal sees the refusal counted
                 outcome = None
@@ -329,9 +404,11 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
                 job.finish()                      # before the job counts as finished (the soak test reads it)
                 put(_DONE)
 
-        job.future = loop.run_in_executor(self._executor, work)
+        # The admission hands the work to a worker when the job's turn comes: at once when a worker is free and its
+        # memory estimate fits, else when the jobs ahead of it are done (heartbeats meanwhile).
+        self.admission.start(job, lambda: loop.run_in_executor(self._executor, work))
         yield pb.StylizeResponse(accepted=pb.JobAccepted(job_id=job_id, queue_position=job.queue_position,
-                                                         replica=self.replica))
+                                                         replica=self.replica, memory_bytes=job.memory_bytes))
         delivered = False
         heartbeat_s = self.limits.heartbeat_s
         last_sent = time.perf_counter()              # JobAccepted went out just before
@@ -442,6 +519,8 @@ class _Abort(Exception):
         message = shorten(message)
         super().__init__(message)
         self.code, self.message, self.field = code, message, field
+        #: ``nst_jobs_total`` outcome when it is not the code's (:func:`_outcome`), e.g. ``refused_memory``.
+        self.outcome: str | None = None
         self.reason = message if reason is None else shorten(reason)
 
     def rpc_status(self) -> grpc.Status:
