@@ -37,10 +37,22 @@ def test_the_grid_covers_the_image_once_with_aligned_halos():
         tiling.tile_grid(100, 100, 40)
 
 
-def test_tile_side_follows_the_pixel_budget():
-    side = tiling.tile_side(1024 * 1024)
-    assert side % tiling.ALIGN_PX == 0 and (side + 2 * tiling.HALO_PX) ** 2 <= 1024 * 1024
-    assert tiling.tile_side(10) == tiling.ALIGN_PX
+@pytest.mark.parametrize("height, width", [(1536, 2048), (3072, 4096), (700, 3000), (768, 1024)])
+def test_the_budget_grid_keeps_every_pass_within_budget_and_covers_once(height, width):
+    budget = 1024 * 768
+    tiles = tiling.tile_grid(height, width, max_pixels=budget)
+    covered = torch.zeros(height, width, dtype=torch.int8)
+    for tile in tiles:
+        y0, y1, x0, x1 = tile.own
+        covered[y0:y1, x0:x1] += 1
+        iy0, iy1, ix0, ix1 = tile.input
+        assert (iy1 - iy0) * (ix1 - ix0) <= budget
+        assert iy0 % tiling.ALIGN_PX == 0 and ix0 % tiling.ALIGN_PX == 0
+    assert bool((covered == 1).all())
+    if height * width <= budget:
+        assert len(tiles) == 1
+    passed = sum((t.input[1] - t.input[0]) * (t.input[3] - t.input[2]) for t in tiles)
+    assert passed < 1.5 * height * width             # the halo's overhead, 1.28x at 2048 x 1536
 
 
 def test_tiled_features_equal_the_whole_images(models):

@@ -40,10 +40,30 @@ class Adam:
         pass
 
 
+#: Memory the L-BFGS curvature pairs may take for an image of P pixels: ``max(LBFGS_HISTORY_FLOOR_BYTES,
+#: LBFGS_HISTORY_BYTES_PER_PIXEL * P)``. Each pair is two float32 RGB vectors, 24 bytes per pixel: a 512 px job
+#: keeps its 100 pairs (629 MB at 512 x 512), a 1024 x 768 scale 35, a 2048 x 1536 scale 8, a 4096 x 3072 scale 6 (2 GB), so the
+#: history grows with the picture no faster than the rest of the job's memory. jcjohnson/neural-style's
+#: multi-resolution recipe for 3620 px prints lowers its history the same way (``-lbfgs_num_correction``).
+LBFGS_HISTORY_FLOOR_BYTES = 640 << 20
+LBFGS_HISTORY_BYTES_PER_PIXEL = 160
+#: Fewest pairs kept, whatever the size.
+LBFGS_MIN_PAIRS = 5
+
+
+def lbfgs_pairs(requested: int, pixels: int) -> int:
+    """Curvature pairs L-BFGS keeps for an image of ``pixels`` px: ``requested`` (``lbfgs_history``), lowered to
+    what the history's memory allows (see :data:`LBFGS_HISTORY_BYTES_PER_PIXEL`), at least
+    :data:`LBFGS_MIN_PAIRS` (or ``requested`` when that is fewer)."""
+    budget = max(LBFGS_HISTORY_FLOOR_BYTES, LBFGS_HISTORY_BYTES_PER_PIXEL * pixels)
+    fits = budget // (2 * 4 * 3 * max(1, pixels))
+    return min(requested, max(LBFGS_MIN_PAIRS, fits))
+
+
 #: ``settings.optimizer`` -> ``make(pixels, settings)``; the keys are the values :class:`StyleTransferSettings`
 #: accepts.
 OPTIMIZERS: dict[str, Callable[..., PixelOptimizer]] = {
-    "lbfgs": lambda pixels, settings: LBFGS(settings.lbfgs_history),
+    "lbfgs": lambda pixels, settings: LBFGS(lbfgs_pairs(settings.lbfgs_history, pixels[0, 0].numel())),
     "adam": lambda pixels, settings: Adam(pixels, settings.learning_rate),
 }
 
