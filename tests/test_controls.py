@@ -224,3 +224,19 @@ def test_quality_on_real_images(models, shared):
     as_style = evaluate(models.features(style_t), style_t * 255, targets, settings)
     assert result.costs.style <= as_content.style.item() / 20, (result.costs, as_content.style.item())
     assert result.costs.content < as_style.content.item(), (result.costs, as_style.content.item())
+
+
+def test_a_large_output_refines_a_512_px_schedule():
+    """Above 512 px the default schedule is the 512 px job's, then sides at most doubling, with few iterations
+    each (twice as many at each side as at the next); scales=1 or start_side_px keep the plain schedule."""
+    assert engine.refinement_sides(2048) == [1024, 2048]
+    assert engine.refinement_sides(4096) == [1024, 2048, 4096]
+    assert engine.refinement_sides(1500) == [876, 1500]
+    plan = engine.schedule(StyleTransferSettings(max_side_px=2048), 0.75)
+    assert plan == [(128, 56), (256, 56), (512, 58), (1024, 20), (2048, 10)]
+    assert sum(budget for _, budget in engine.schedule(StyleTransferSettings(max_side_px=4096), 0.75)) == 200
+    assert engine.schedule(StyleTransferSettings(max_side_px=512), 0.75) == [(128, 66), (256, 66), (512, 68)]
+    assert engine.schedule(StyleTransferSettings(max_side_px=2048, scales=1), 0.75) == [(2048, 200)]
+    assert engine.schedule(StyleTransferSettings(max_side_px=2048, start_side_px=1024, scales=2), 0.75) == [
+        (1024, 100), (2048, 100)]
+    assert engine.schedule(StyleTransferSettings(max_side_px=2048, iterations=2), 0.75) == [(2048, 2)]

@@ -108,3 +108,41 @@ def test_tiled_costs_through_the_session_equal_evaluate(models, monkeypatch):
     monkeypatch.setattr(tiling, "MAX_PASS_PIXELS", 288 * 288)
     terms = tiled_costs(models.features, start, objective.targets, objective.settings)
     assert float(terms.total) == pytest.approx(float(expected), rel=1e-4)
+
+
+def _job(models, settings: StyleTransferSettings):
+    from nst_server.engine import stylize
+    from nst_server.events import JobInputs, Result
+    content = Image.open(SAMPLES / "van_gogh_village_street_in_auvers.jpg").convert("RGB")
+    style = Image.open(SAMPLES / "hokusai_great_wave.jpg").convert("RGB")
+    events = list(stylize(models, JobInputs(content=content, styles=[(style, 1.0)]), settings))
+    assert isinstance(events[-1], Result)
+    return events
+
+
+def test_a_tiled_job_delivers_the_untiled_jobs_picture_without_seams(models, monkeypatch):
+    """The whole path (targets, optimisation, delivered costs) with tiles at the final scale: the same picture
+    as without tiles, to a level or two of 255 after a few L-BFGS steps, and no seam along the tiles' edges."""
+    settings = StyleTransferSettings(max_side_px=256, scales=1, iterations=4, precision="fp32", pyramid_levels=2)
+    whole = _job(models, settings)[-1]
+    monkeypatch.setattr(tiling, "MAX_PASS_PIXELS", 200 * 200)
+    height, width = whole.image.shape[:2]
+    tiles = tiling.tile_grid(height, width)
+    assert len(tiles) > 1
+    tiled = _job(models, settings)[-1]
+    difference = (torch.from_numpy(tiled.image).float() - torch.from_numpy(whole.image).float()).abs()
+    assert float(difference.max()) <= 3.0 and float(difference.mean()) < 0.05
+    assert tiled.costs.total == pytest.approx(whole.costs.total, rel=1e-3)
+    # a seam would be a step along the tiles' inner edges: differences there are no larger than elsewhere
+    image = torch.from_numpy(tiled.image).float()
+    steps = (image[1:] - image[:-1]).abs().mean(dim=(1, 2))                   # (H - 1,) row-to-row change
+    edges = sorted({tile.own[0] for tile in tiles} - {0})
+    assert edges and all(float(steps[edge - 1]) < 3 * float(steps.median()) for edge in edges)
+
+
+def test_progress_reports_the_schedule_and_a_time_estimate(models):
+    events = _job(models, StyleTransferSettings(max_side_px=128, scales=3, iterations=6))
+    progress = events[:-1]
+    assert [p.scale for p in progress] == [1, 1, 2, 2, 3, 3]
+    assert {p.scales for p in progress} == {3}
+    assert all(p.remaining_ms > 0 for p in progress[:-1]) and progress[-1].remaining_ms == 0
