@@ -386,15 +386,29 @@ def _optimise_scale(job: _Job, scale: _Scale, pixels: torch.Tensor, tally: _Tall
                 return
 
 
+#: Seconds per pixel-iteration measured at large scales (at least :data:`SPEED_MIN_PIXELS`), by device type and
+#: precision, a running mean over this process's jobs: small scales are dominated by per-iteration overheads, so
+#: their speed per pixel says little about a larger scale's.
+_SPEED: dict[tuple[str, str], float] = {}
+SPEED_MIN_PIXELS = 256 * 256
+
+
 def _remaining_ms(job: _Job, scale: _Scale, done: int, seconds: float) -> float:
-    """Estimated time to the Result, ms: the pixel-iterations left in the plan at the speed this scale has run at
-    so far (``done`` iterations in ``seconds``); a first estimate, corrected at each scale."""
+    """Estimated time to the Result, ms: this scale's iterations left at its measured speed (``done`` iterations in
+    ``seconds``), the later scales' pixel-iterations at the speed measured at large scales (:data:`_SPEED`; this
+    scale's per pixel while none is known, an overestimate that the next scale corrects)."""
     if not done or not job.plan:
         return 0.0
     pixels, _ = job.plan[scale.index - 1]
-    per_pixel_iteration = seconds / (done * pixels)
-    left = (scale.budget - done) * pixels + sum(p * budget for p, budget in job.plan[scale.index:])
-    return 1000.0 * per_pixel_iteration * left
+    per_iteration = seconds / done
+    key = (job.models.device.type, job.settings.precision)
+    if pixels >= SPEED_MIN_PIXELS:
+        known = _SPEED.get(key)
+        measured = per_iteration / pixels
+        _SPEED[key] = measured if known is None else 0.9 * known + 0.1 * measured
+    per_pixel = _SPEED.get(key, per_iteration / pixels)
+    later = sum(max(per_iteration, per_pixel * p) * budget for p, budget in job.plan[scale.index:])
+    return 1000.0 * ((scale.budget - done) * per_iteration + later)
 
 
 def _progress(job: _Job, scale: _Scale, iteration: int, pixels: torch.Tensor,
