@@ -125,7 +125,8 @@ class StylizeOptions:
         "``none`` (unset: the default; colours follow the style), ``luminance`` (transfer on luminance, keep the "
         "content's chroma) or ``match_style_colors`` (match the style's colour mean/covariance to the content's).")
     scales: int | None = option(
-        "Coarse-to-fine: the number of scales (at most); unset: 3; 1: a single scale.")
+        "Coarse-to-fine: the number of scales (at most); unset: 3; 1: a single scale. Above 512 px they reach "
+        "512 px, then refinement scales reach max_side_px.")
     start_side_px: int | None = option(
         "Longest side at the first scale, px; unset or 0: max_side_px / 2^(scales-1).")
     precision: Precision | None = option(
@@ -139,7 +140,7 @@ class StylizeOptions:
         "Stop when the relative cost decrease over 10 iterations (at the final scale) is below this; unset: the "
         "server's default (0: off).")
     lbfgs_history: int | None = option(
-        "L-BFGS history size; unset or 0: 100.")
+        "L-BFGS history size; unset or 0: 100; fewer pairs at large scales, as memory allows.")
     keep_content_alpha: bool = option(
         "The result is RGBA carrying the content's transparency (its alpha, resized) where the content has any; "
         "otherwise, and by default, RGB.", default=False)

@@ -82,14 +82,16 @@ class StyleTransferSettings:
             the course assignment's ``generate_noise_image``.
         optimizer: ``"lbfgs"`` (Gatys et al.; no line search, one evaluation per iteration) or ``"adam"``.
         learning_rate: Adam step in pixel levels (0..255 units); 2.0 is the course's value.
-        lbfgs_history: L-BFGS history size.
+        lbfgs_history: L-BFGS history size: the most curvature pairs kept; fewer at large scales, as the
+            history's memory allows (:func:`nst_server.optimizers.lbfgs_pairs`).
         color_control: ``"none"``; ``"luminance"`` (transfer on luminance, keep the content's YIQ chroma;
             Gatys et al. 2016, "Preserving color"); ``"match_style_colors"`` (the style image's colour mean and
             covariance matched to the content's before transfer; same paper).
         scales: coarse-to-fine schedule: number of scales (1: single scale); the image is optimised at
             geometric sizes up to ``max_side_px`` and upsampled between them (Gatys et al. 2017). At most this
             many: a job of fewer iterations keeps that many of the largest scales, and scales under the start
-            side are dropped (:func:`scale_sides`).
+            side are dropped (:func:`scale_sides`). Above 512 px without ``start_side_px``: these scales up to
+            512 px, then refinement scales up to ``max_side_px`` (:func:`nst_server.engine.schedule`).
         start_side_px: longest side at the first scale; 0: ``max_side_px / 2^(scales-1)`` (at least 64 px).
         precision: ``"auto"`` (bf16 where the replica's device runs it natively, else fp32:
             :func:`nst_server.precision.default_precision`), ``"fp32"``, ``"bf16"`` or ``"fp16"`` autocast in
