@@ -36,7 +36,7 @@ def test_sample_paintings_ship_with_the_package(name):
 @pytest.mark.parametrize("args, message", [
     (["--style", "mona_lisa"], "--style 'mona_lisa' is neither a sample painting (van_gogh, great_wave)"),
     (["--style", "{text}"], "--style {text}: not an image Pillow reads"),
-    (["--size", "0"], "--size must be between 16 and 1024 px, got 0"),
+    (["--size", "0"], "--size must be between 16 and 4096 px, got 0"),
     (["--iterations", "-5"], "--iterations must be between 1 and 2000, got -5"),
     (["-o", "{tmp}/missing/x.png"], "-o {tmp}/missing/x.png: the folder {tmp}/missing does not exist"),
     (["-o", "{text}/x.png"], "-o {text}/x.png: {text} is not a folder"),
