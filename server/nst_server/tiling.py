@@ -36,8 +36,11 @@ HALO_PX = 80
 ALIGN_PX = 16
 #: Largest image (pixels) whose replica pass (forward and backward) runs whole; larger ones run in tiles of at
 #: most this many pixels, halo included. A module attribute so that tests and benchmarks can change it.
-#: 1024 x 768 (0.79 MP) keeps a 1024 px job untiled; measured peak of one such bf16 pass: see docs/algorithm.md.
-MAX_PASS_PIXELS = 1024 * 768
+#: An untiled bf16 pass over 1024 x 768 px (0.79 MP) added 1.2 GiB to the process (2.06 GiB peak over 0.83 GiB
+#: after loading, 2-core Xeon); with 100 bytes per pixel of job state and the L-BFGS pairs, a job over 2 GiB + 400
+#: bytes per output pixel. 704 x 704 (0.5 MP, about 0.75 GiB) keeps a 512 px job whole and cuts a 1024 x 768
+#: scale in two (1.16x its pixels passed).
+MAX_PASS_PIXELS = 704 * 704
 
 #: ``forward(image)``: ``(1, 3, h, w)`` RGB [0, 1] -> the features in OUTPUT_LAYERS order (a tuple) or by name.
 Forward = Callable[[torch.Tensor], "tuple[torch.Tensor, ...] | dict[str, torch.Tensor]"]
