@@ -4,7 +4,8 @@ pixels, the delivered result.
 The engine's rooms: :mod:`nst_server.settings` (every control, its default and range), :mod:`nst_server.events`
 (what a job takes and gives), :mod:`nst_server.targets` (content features, style Gram matrices, normalisers),
 :mod:`nst_server.objective` (the costs minimised, the replica's pass), :mod:`nst_server.optimizers` (L-BFGS, Adam)
-and this module (the loop). It knows nothing of gRPC. :func:`stylize` is a generator: it yields :class:`Progress` after each reported
+and this module (the loop). It knows nothing of gRPC.
+:func:`stylize` is a generator: it yields :class:`Progress` after each reported
 iteration and ends with one :class:`Result`. It runs the schedule's scales in turn; one scale's loop (cost and
 gradient, optimiser step, projection, best iterate, progress, cancellation, convergence) is
 :func:`_optimise_scale`, and the delivery of the best image :func:`_deliver`.
@@ -73,6 +74,7 @@ from nst_server.tiling import needs_tiles
 
 #: Window of the convergence test, iterations.
 CONVERGENCE_WINDOW = 10
+
 
 def initial_image(content_pixels: torch.Tensor, mean_pixels: torch.Tensor, settings: StyleTransferSettings,
                   generator: torch.Generator, init_pixels: torch.Tensor | None = None) -> torch.Tensor:
@@ -167,8 +169,10 @@ def schedule(settings: StyleTransferSettings, aspect: float) -> list[tuple[int, 
     laid = split_iterations(settings.iterations - refining, len(structure))
     return list(zip(structure, laid)) + list(zip(refine, shares))
 
+
 def _resize_pixels(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return F.interpolate(pixels, size=(height, width), mode="bicubic", align_corners=False).clamp_(0, 255)
+
 
 def stylize(models: StyleModels, inputs: JobInputs, settings: StyleTransferSettings | None = None,
             should_stop: Callable[[], bool] | None = None,
@@ -337,6 +341,7 @@ def _scale_inputs(job: _Job, side: int) -> tuple[torch.Tensor, Targets]:
         coarser.append((to_tensor(level_content).to(device), level_styles))
     return content, compute_targets(job.models, content, styles, settings, coarser)
 
+
 def _objective(job: _Job, scale: _Scale) -> Objective:
     """The :class:`~nst_server.objective.Objective` of one scale of ``job``."""
     return Objective(scale.targets, job.settings, job.replica_pass, scale.batch_key, job.batcher)
@@ -461,4 +466,3 @@ def _deliver(job: _Job, inputs: JobInputs, targets: Targets, tally: _Tally) -> R
 def _fit(height: int, width: int, max_side: int) -> tuple[int, int]:
     scale = min(1.0, max_side / max(height, width))
     return max(1, round(height * scale)), max(1, round(width * scale))
-

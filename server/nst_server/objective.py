@@ -39,7 +39,6 @@ def replica_input(models: StyleModels, image: torch.Tensor) -> torch.Tensor:
     return image.contiguous(memory_format=torch.channels_last) if CHANNELS_LAST else image
 
 
-
 def evaluate(feats: dict[str, torch.Tensor] | tuple[torch.Tensor, ...], pixels: torch.Tensor, targets: Targets,
              settings: StyleTransferSettings,
              level_feats: list[dict[str, torch.Tensor] | tuple[torch.Tensor, ...]] = ()) -> CostTerms:
