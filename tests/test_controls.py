@@ -240,3 +240,12 @@ def test_a_large_output_refines_a_512_px_schedule():
     assert engine.schedule(StyleTransferSettings(max_side_px=2048, start_side_px=1024, scales=2), 0.75) == [
         (1024, 100), (2048, 100)]
     assert engine.schedule(StyleTransferSettings(max_side_px=2048, iterations=2), 0.75) == [(2048, 2)]
+
+
+def test_refinement_scales_keep_the_structure_scales_pyramid_levels():
+    """A refinement scale's pyramid reaches down to the structure scale's coarsest level (two levels per octave
+    above 512 px); other schedules keep pyramid_levels."""
+    settings = StyleTransferSettings(max_side_px=2048)
+    assert [engine.pyramid_levels(settings, side) for side in (128, 512, 1024, 2048)] == [3, 3, 5, 7]
+    assert engine.pyramid_levels(StyleTransferSettings(max_side_px=2048, scales=1), 2048) == 3
+    assert engine.pyramid_levels(StyleTransferSettings(max_side_px=2048, pyramid_levels=1), 2048) == 1

@@ -140,6 +140,22 @@ def refinement_sides(final: int) -> list[int]:
     return [round(STRUCTURE_SIDE_PX * (final / STRUCTURE_SIDE_PX) ** (k / steps)) for k in range(1, steps + 1)]
 
 
+def refines(settings: StyleTransferSettings) -> bool:
+    """Whether the job's schedule ends with refinement scales above :data:`STRUCTURE_SIDE_PX` (:func:`schedule`)."""
+    return settings.scales > 1 and not settings.start_side_px and settings.max_side_px > STRUCTURE_SIDE_PX
+
+
+def pyramid_levels(settings: StyleTransferSettings, side: int) -> int:
+    """Pyramid levels of the objective at a scale of longest side ``side``: ``pyramid_levels``, and at a
+    refinement scale two more per octave above :data:`STRUCTURE_SIDE_PX`, so that its coarsest level is the
+    structure scale's coarsest (2048 px: 7 levels, 2048 down to 256 px). The refinement then adds fine texture
+    without undoing the structure: with 3 levels (2048 down to 1024 px) a 2048 px picture judged at 512 px had 3.9x
+    the 512 px job's J_style. A job without a pyramid (``pyramid_levels == 1``) keeps none."""
+    if settings.pyramid_levels == 1 or not refines(settings) or side <= STRUCTURE_SIDE_PX:
+        return settings.pyramid_levels
+    return settings.pyramid_levels + 2 * math.ceil(math.log2(side / STRUCTURE_SIDE_PX) - 1e-9)
+
+
 def schedule(settings: StyleTransferSettings, aspect: float) -> list[tuple[int, int]]:
     """The job's scales as ``(longest side, iterations)``, coarse to fine, ending at ``max_side_px``.
 
@@ -154,7 +170,7 @@ def schedule(settings: StyleTransferSettings, aspect: float) -> list[tuple[int, 
     ``aspect`` is shorter side / longer side.
     """
     final = settings.max_side_px
-    if settings.scales == 1 or settings.start_side_px or final <= STRUCTURE_SIDE_PX:
+    if not refines(settings):
         sides = scale_sides(settings, aspect)[-settings.iterations:]
         return list(zip(sides, split_iterations(settings.iterations, len(sides))))
     refine = refinement_sides(final)
@@ -333,7 +349,7 @@ def _scale_inputs(job: _Job, side: int) -> tuple[torch.Tensor, Targets]:
                              f"{style.shape[2]} px, under the {MIN_SIDE_PX} px minimum; raise style_scale or "
                              f"max_side_px")
     coarser = []
-    for level_h, level_w in pyramid_sizes(*content.shape[2:], settings.pyramid_levels)[1:]:
+    for level_h, level_w in pyramid_sizes(*content.shape[2:], pyramid_levels(settings, side))[1:]:
         level_styles = _resized_styles(job, max(level_h, level_w))
         if min(min(style.shape[2:]) for style, _ in level_styles) < MIN_SIDE_PX:
             break                                   # the style would be too small: no coarser level
