@@ -120,7 +120,7 @@ def test_estimate_is_monotonic_in_pixels_and_styles():
     assert memory.job_peak_bytes(768, 1024, settings) == (memory.JOB_FIXED_BYTES["fp32"]
                                                           + memory.BYTES_PER_OUTPUT_PIXEL * 768 * 1024)
     by_styles = [memory.job_peak_bytes(768, 1024, settings, n) for n in (1, 2, 3, 16)]
-    assert by_styles == sorted(by_styles) and by_styles[1] - by_styles[0] == 400 * 768 * 1024 // 4
+    assert by_styles == sorted(by_styles) and by_styles[1] - by_styles[0] == memory.BYTES_PER_OUTPUT_PIXEL * 768 * 1024 // 4
     assert memory.job_peak_bytes(768, 1024, settings, 0) == by_styles[0]             # at least one style counts
     # "auto" counts as fp32 (the larger) unless resolved; bf16 is smaller.
     auto, bf16 = StyleTransferSettings(), StyleTransferSettings(precision="bf16")
