@@ -166,18 +166,20 @@ def _level_factors(level: LevelTargets, settings: StyleTransferSettings, levels:
 
 def _tiled_level(forward: Forward, image: torch.Tensor, level: LevelTargets, settings: StyleTransferSettings
                  ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """One level's ``J_content``, ``J_style`` ``(1,)`` and ``D_l = G_l - G_S`` of ``image`` ``(1, 3, h, w)``
-    pixel levels, from a forward pass over tiles."""
+    """One level's ``J_content``, ``J_style`` ``(1,)`` and ``D_l / norm_l`` (``D_l = G_l - G_S``, ``norm_l = 4 n_C^2
+    P^2``: ``J_style^[l] = sum D_l^2 / norm_l``) of ``image`` ``(1, 3, h, w)`` pixel levels, from a forward pass over
+    tiles."""
     passed = tiled_features(forward, image / 255.0, gram_layers=tuple(settings.style_layers),
                             keep_layers=tuple(settings.content_layers))
     content = sum(weight * costs.content_cost(level.content[layer], passed.kept[layer])
                   for layer, weight in settings.content_layers.items())
     height, width = image.shape[2:]
     diffs = {layer: passed.grams[layer] - level.style_grams[layer] for layer in settings.style_layers}
-    style = sum(weight * diffs[layer].pow(2).flatten(1).sum(1)
-                / (4.0 * diffs[layer].shape[1] ** 2 * layer_positions(height, width, layer) ** 2)
+    per_norm = {layer: diff / (4.0 * diff.shape[1] ** 2 * layer_positions(height, width, layer) ** 2)
+                for layer, diff in diffs.items()}
+    style = sum(weight * (diffs[layer] * per_norm[layer]).flatten(1).sum(1)
                 for layer, weight in settings.style_layers.items())
-    return content, style, diffs
+    return content, style, per_norm
 
 
 def tiled_costs(forward: Forward, pixels: torch.Tensor, targets: Targets,
@@ -217,16 +219,14 @@ def tiled_costs_and_gradient(forward: Forward, pixels: torch.Tensor, targets: Ta
     for level in targets.levels:
         image = pixels if level.size == tuple(pixels.shape[2:]) else downsample(pixels, level.size)
         detached = image.detach()
-        content, style, diffs = _tiled_level(forward, detached, level, settings)
+        content, style, per_norm = _tiled_level(forward, detached, level, settings)
         first = first or (content, style)
         content_factor, style_factor = _level_factors(level, settings, levels)
         objective = objective + content_factor * content + style_factor * style
         if not torch.isfinite(objective).all():
             break
-        height, width = detached.shape[2:]
-        gram_weights = {layer: (style_factor * weight * 2.0
-                                / (4.0 * diffs[layer].shape[1] ** 2 * layer_positions(height, width, layer) ** 2))
-                        * diffs[layer] for layer, weight in settings.style_layers.items()}
+        gram_weights = {layer: (style_factor * weight * 2.0) * per_norm[layer]        # dJ/dG_l
+                        for layer, weight in settings.style_layers.items()}
         content_terms = {layer: (level.content[layer],
                                  content_factor * weight / (4.0 * level.content[layer][0].numel()))
                          for layer, weight in settings.content_layers.items()}

@@ -62,6 +62,14 @@ class Tile:
         return (slice((y0 - iy0) // stride, (y1 - iy0) // stride),
                 slice((x0 - ix0) // stride, (x1 - ix0) // stride))
 
+    def whole_map_slice(self, layer: str, crop: torch.Tensor) -> tuple[slice, slice, slice, slice]:
+        """``[:, :, rows, cols]`` of the whole image's feature map of ``layer`` where this tile's own ``crop`` (from
+        :meth:`layer_crop`) belongs."""
+        stride = LAYER_STRIDE[layer]
+        y0, _, x0, _ = self.own
+        return (slice(None), slice(None), slice(y0 // stride, y0 // stride + crop.shape[2]),
+                slice(x0 // stride, x0 // stride + crop.shape[3]))
+
     def image_slice(self) -> tuple[slice, slice, slice, slice]:
         """``[:, :, rows, cols]`` of the tile's input in the whole image."""
         iy0, iy1, ix0, ix1 = self.input
@@ -171,10 +179,7 @@ def tiled_features(forward: Forward, image: torch.Tensor, gram_layers=(), keep_l
                         stride = LAYER_STRIDE[layer]
                         kept[layer] = torch.zeros(1, crop.shape[1], height // stride, width // stride,
                                                   dtype=torch.float32, device=crop.device)
-                    stride = LAYER_STRIDE[layer]
-                    y0, _, x0, _ = tile.own
-                    kept[layer][:, :, y0 // stride:y0 // stride + crop.shape[2],
-                                x0 // stride:x0 // stride + crop.shape[3]] = crop.float()
+                    kept[layer][tile.whole_map_slice(layer, crop)] = crop.float()
             del feats
     return TiledFeatures(grams=grams, kept=kept)
 
@@ -224,11 +229,8 @@ def tiled_backward(forward: Forward, image: torch.Tensor, gram_weights: dict[str
             surrogate = surrogate + _PairedWithGram.apply(feats[layer][:, :, rows, cols], twice_m)
         for layer, (target, factor) in content.items():
             rows, cols = tile.layer_crop(layer)
-            stride = LAYER_STRIDE[layer]
             crop = feats[layer][:, :, rows, cols]
-            y0, _, x0, _ = tile.own
-            target_crop = target[:, :, y0 // stride:y0 // stride + crop.shape[2],
-                                 x0 // stride:x0 // stride + crop.shape[3]]
+            target_crop = target[tile.whole_map_slice(layer, crop)]
             surrogate = surrogate + factor * (crop.float() - target_crop).pow(2).sum()
         surrogate.backward()
         grad[tile.image_slice()] += piece.grad
