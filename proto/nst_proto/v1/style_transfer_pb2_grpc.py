@@ -44,6 +44,36 @@ class StyleTransferStub:
                 request_serializer=nst_dot_v1_dot_style__transfer__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=nst_dot_v1_dot_style__transfer__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.SubmitJob = channel.unary_unary(
+                '/nst.v1.StyleTransfer/SubmitJob',
+                request_serializer=nst_dot_v1_dot_style__transfer__pb2.SubmitJobRequest.SerializeToString,
+                response_deserializer=nst_dot_v1_dot_style__transfer__pb2.SubmitJobResponse.FromString,
+                _registered_method=True)
+        self.WatchJob = channel.unary_stream(
+                '/nst.v1.StyleTransfer/WatchJob',
+                request_serializer=nst_dot_v1_dot_style__transfer__pb2.WatchJobRequest.SerializeToString,
+                response_deserializer=nst_dot_v1_dot_style__transfer__pb2.JobEvent.FromString,
+                _registered_method=True)
+        self.GetJob = channel.unary_unary(
+                '/nst.v1.StyleTransfer/GetJob',
+                request_serializer=nst_dot_v1_dot_style__transfer__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=nst_dot_v1_dot_style__transfer__pb2.JobStatus.FromString,
+                _registered_method=True)
+        self.GetJobResult = channel.unary_stream(
+                '/nst.v1.StyleTransfer/GetJobResult',
+                request_serializer=nst_dot_v1_dot_style__transfer__pb2.GetJobResultRequest.SerializeToString,
+                response_deserializer=nst_dot_v1_dot_style__transfer__pb2.ImageChunk.FromString,
+                _registered_method=True)
+        self.CancelJob = channel.unary_unary(
+                '/nst.v1.StyleTransfer/CancelJob',
+                request_serializer=nst_dot_v1_dot_style__transfer__pb2.CancelJobRequest.SerializeToString,
+                response_deserializer=nst_dot_v1_dot_style__transfer__pb2.JobStatus.FromString,
+                _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/nst.v1.StyleTransfer/ListJobs',
+                request_serializer=nst_dot_v1_dot_style__transfer__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=nst_dot_v1_dot_style__transfer__pb2.ListJobsResponse.FromString,
+                _registered_method=True)
 
 
 class StyleTransferServicer:
@@ -69,6 +99,59 @@ class StyleTransferServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitJob(self, request, context):
+        """The job API: a job that outlives its connection. SubmitJob stores the job (under the server's --state-dir)
+        and returns at once; the job runs through the same admission and engine as Stylize, whether or not anybody
+        watches it. The same non-empty request_id returns the same job, never a second one. Errors:
+        INVALID_ARGUMENT (as Stylize, with a google.rpc.BadRequest field violation), ALREADY_EXISTS (request_id
+        names a job of another request), RESOURCE_EXHAUSTED (the server's job or queue limit, the job's memory
+        estimate over the memory budget, or the state folder over its budget: the message names --state-budget),
+        UNAVAILABLE (loading or shutting down).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchJob(self, request, context):
+        """The job's events from number `after` + 1 on: first the stored ones, then live ones as they happen; the
+        stream ends after the job's last event (SUCCEEDED, FAILED or CANCELLED). Heartbeats (number 0, not stored)
+        come whenever the stream was quiet for --heartbeat-s. Any number of watchers; a watcher leaving never
+        cancels the job. NOT_FOUND: no such job (or it expired).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJob(self, request, context):
+        """Where a job stands: state, progress, timings, costs, error. NOT_FOUND: no such job.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJobResult(self, request, context):
+        """The result PNG of a SUCCEEDED job, in ImageChunk pieces of at most --result-chunk-bytes (in order).
+        NOT_FOUND: no such job; FAILED_PRECONDITION: the job has no result (not SUCCEEDED; the message says its state).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelJob(self, request, context):
+        """Cancels a job: a queued one at once, a running one within one iteration (it then ends CANCELLED, no result).
+        A finished job is left as it is. Returns the job's status after the request. NOT_FOUND: no such job.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobs(self, request, context):
+        """The jobs this server holds, oldest submission first, in pages. INVALID_ARGUMENT: a bad page_token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StyleTransferServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -81,6 +164,36 @@ def add_StyleTransferServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=nst_dot_v1_dot_style__transfer__pb2.GetModelInfoRequest.FromString,
                     response_serializer=nst_dot_v1_dot_style__transfer__pb2.ModelInfo.SerializeToString,
+            ),
+            'SubmitJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitJob,
+                    request_deserializer=nst_dot_v1_dot_style__transfer__pb2.SubmitJobRequest.FromString,
+                    response_serializer=nst_dot_v1_dot_style__transfer__pb2.SubmitJobResponse.SerializeToString,
+            ),
+            'WatchJob': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchJob,
+                    request_deserializer=nst_dot_v1_dot_style__transfer__pb2.WatchJobRequest.FromString,
+                    response_serializer=nst_dot_v1_dot_style__transfer__pb2.JobEvent.SerializeToString,
+            ),
+            'GetJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJob,
+                    request_deserializer=nst_dot_v1_dot_style__transfer__pb2.GetJobRequest.FromString,
+                    response_serializer=nst_dot_v1_dot_style__transfer__pb2.JobStatus.SerializeToString,
+            ),
+            'GetJobResult': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetJobResult,
+                    request_deserializer=nst_dot_v1_dot_style__transfer__pb2.GetJobResultRequest.FromString,
+                    response_serializer=nst_dot_v1_dot_style__transfer__pb2.ImageChunk.SerializeToString,
+            ),
+            'CancelJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelJob,
+                    request_deserializer=nst_dot_v1_dot_style__transfer__pb2.CancelJobRequest.FromString,
+                    response_serializer=nst_dot_v1_dot_style__transfer__pb2.JobStatus.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=nst_dot_v1_dot_style__transfer__pb2.ListJobsRequest.FromString,
+                    response_serializer=nst_dot_v1_dot_style__transfer__pb2.ListJobsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -137,6 +250,168 @@ class StyleTransfer:
             '/nst.v1.StyleTransfer/GetModelInfo',
             nst_dot_v1_dot_style__transfer__pb2.GetModelInfoRequest.SerializeToString,
             nst_dot_v1_dot_style__transfer__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nst.v1.StyleTransfer/SubmitJob',
+            nst_dot_v1_dot_style__transfer__pb2.SubmitJobRequest.SerializeToString,
+            nst_dot_v1_dot_style__transfer__pb2.SubmitJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/nst.v1.StyleTransfer/WatchJob',
+            nst_dot_v1_dot_style__transfer__pb2.WatchJobRequest.SerializeToString,
+            nst_dot_v1_dot_style__transfer__pb2.JobEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nst.v1.StyleTransfer/GetJob',
+            nst_dot_v1_dot_style__transfer__pb2.GetJobRequest.SerializeToString,
+            nst_dot_v1_dot_style__transfer__pb2.JobStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJobResult(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/nst.v1.StyleTransfer/GetJobResult',
+            nst_dot_v1_dot_style__transfer__pb2.GetJobResultRequest.SerializeToString,
+            nst_dot_v1_dot_style__transfer__pb2.ImageChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nst.v1.StyleTransfer/CancelJob',
+            nst_dot_v1_dot_style__transfer__pb2.CancelJobRequest.SerializeToString,
+            nst_dot_v1_dot_style__transfer__pb2.JobStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nst.v1.StyleTransfer/ListJobs',
+            nst_dot_v1_dot_style__transfer__pb2.ListJobsRequest.SerializeToString,
+            nst_dot_v1_dot_style__transfer__pb2.ListJobsResponse.FromString,
             options,
             channel_credentials,
             insecure,
