@@ -8,6 +8,8 @@ import ipaddress
 import logging
 import re
 import signal
+import sqlite3
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +21,9 @@ from nst_proto.v1 import style_transfer_pb2 as pb
 from nst_proto.v1 import style_transfer_pb2_grpc as pb_grpc
 from nst_server.cpus import CgroupFormatError, cpu_budget
 from nst_server.interceptors import BearerTokenInterceptor, RpcLogInterceptor
+from nst_server.jobapi import DEFAULT_RESULT_TTL_S, DEFAULT_STATE_BUDGET_BYTES, JobService
 from nst_server.jobs import FaultInjection
+from nst_server.jobstore import JobStore
 from nst_server import memory, metrics
 from nst_server.metrics import start_metrics_server
 from nst_server import reflection
@@ -76,6 +80,11 @@ class ServerConfig:
             (``grpc.max_connection_age_ms``).
         max_connection_age_grace_s: calls still open on such a connection get this long to end, s; longer than
             the longest job, waiting included, so that no job is cut (``grpc.max_connection_age_grace_ms``).
+        state_dir: the job API's folder (:mod:`nst_server.jobstore`: a SQLite database and the result PNGs); jobs
+            in it survive a restart. None: a temporary folder, removed when the server stops (nothing survives).
+        result_ttl_s: finished jobs of the job API are removed this long after they finished, s (> 0).
+        state_budget_bytes: while ``state_dir`` holds more than this, SubmitJob is refused with
+            RESOURCE_EXHAUSTED naming the budget (stored jobs stay readable), bytes; 0: no budget.
 
     Sources for the keepalive settings: gRPC's "Keepalive User Guide for gRPC Core", gRFC A8 (client-side
     keepalive) and A9 (server-side connection management).
@@ -102,6 +111,9 @@ class ServerConfig:
     min_ping_interval_s: float = 5.0
     max_connection_age_s: float = 600.0
     max_connection_age_grace_s: float = 86400.0
+    state_dir: str | None = None
+    result_ttl_s: float = DEFAULT_RESULT_TTL_S
+    state_budget_bytes: int = DEFAULT_STATE_BUDGET_BYTES
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -117,6 +129,10 @@ class ServerConfig:
                             ("--min-ping-interval-s", self.min_ping_interval_s)):
             if not 0.001 <= value <= MAX_DURATION_S:
                 raise ValueError(f"{flag} must be between 0.001 and {MAX_DURATION_S:g} s, got {value}")
+        if not 0 < self.result_ttl_s <= MAX_DURATION_S * 1000:
+            raise ValueError(f"--result-ttl-s must be > 0 s, got {self.result_ttl_s}")
+        if self.state_budget_bytes < 0:
+            raise ValueError(f"--state-budget must be >= 0 bytes (0: none), got {self.state_budget_bytes}")
         for flag, value in (("--max-connection-age-s", self.max_connection_age_s),
                             ("--max-connection-age-grace-s", self.max_connection_age_grace_s)):
             if not 0 <= value <= MAX_DURATION_S:
@@ -340,6 +356,37 @@ async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> Non
     log.info("%d intra-op threads for torch and onnxruntime (%s)", threads, threads_source)
     metrics.MAX_RUNNING.set(config.limits.max_running_jobs)
     metrics.MAX_QUEUED.set(config.limits.max_queued_jobs)
+    servicer.jobs = open_job_service(servicer, config)
+    try:
+        await _serve(config, server, servicer, health_servicer, credentials, ready)
+    finally:
+        await servicer.jobs.close()
+
+
+def open_job_service(servicer: StyleTransferServicer, config: ServerConfig) -> JobService:
+    """The job API over ``config.state_dir`` (made if need be), or over a temporary folder removed at the end.
+
+    Raises:
+        ValueError: the folder cannot be made or its database opened (the message names --state-dir).
+    """
+    owned = None
+    state_dir = config.state_dir
+    if state_dir is None:
+        owned = state_dir = tempfile.mkdtemp(prefix="nst-state-")
+    try:
+        store = JobStore(state_dir)
+    except (OSError, sqlite3.Error) as exc:
+        raise ValueError(f"--state-dir {state_dir}: cannot open the job store there ({exc})") from None
+    log.info("job store in %s (%s; results kept %g s, --result-ttl-s; budget %s, --state-budget)", state_dir,
+             "temporary, removed at exit" if owned else "--state-dir", config.result_ttl_s,
+             memory.format_bytes(config.state_budget_bytes) if config.state_budget_bytes else "none")
+    return JobService(servicer, store, config.result_ttl_s, config.state_budget_bytes, owned_dir=owned)
+
+
+async def _serve(config: ServerConfig, server, servicer: StyleTransferServicer, health_servicer: HealthServicer,
+                 credentials, ready: asyncio.Event | None) -> None:
+    """:func:`serve` once the servicer and its job store exist: bind, load, serve, shut down."""
+    threads, threads_source = servicer.intra_op_threads, servicer.threads_source
     pb_grpc.add_StyleTransferServicer_to_server(servicer, server)
     address = listen_address(config.host, config.port)
     try:
@@ -396,6 +443,7 @@ async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> Non
     budget, budget_source = memory_budget(config)
     servicer.set_memory_budget(budget, budget_source)
     servicer.models = models
+    await servicer.jobs.start()                  # stored jobs left QUEUED or RUNNING go back in line
     largest = servicer.largest_output_side()
     log.info("memory budget for jobs: %s (%s); a default 4:3 job fits up to max_side_px %d (--max-side-px %d)",
              "off" if budget is None else memory.format_bytes(budget), budget_source, largest,
@@ -417,6 +465,7 @@ async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> Non
     log.info("shutting down: NOT_SERVING, refusing new jobs, %.1f s grace for %d admitted jobs",
              config.grace_s, servicer.admitted)
     servicer.accepting = False
+    servicer.jobs.begin_shutdown()               # stored jobs not started stay QUEUED for the next start
     await health_servicer.enter_graceful_shutdown()
     drained = asyncio.ensure_future(servicer.admission.wait_empty(config.grace_s))
     second_signal = asyncio.ensure_future(stopping.wait())

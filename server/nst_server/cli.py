@@ -15,6 +15,7 @@ from nst_export.vgg import MIN_SIDE_PX
 from nst_server import memory
 from nst_server.app import MAX_DURATION_S, ServerConfig, serve
 from nst_server.errors import ModelFileError
+from nst_server.jobapi import DEFAULT_RESULT_TTL_S, DEFAULT_STATE_BUDGET_BYTES
 from nst_server.jobs import FAULT_INJECT_ENV, parse_fault_injection
 from nst_server.servicer import HEARTBEAT_S_RANGE, MAX_BATCH_WAIT_MS, SEND_TIMEOUT_S_RANGE, ServerLimits
 
@@ -35,6 +36,21 @@ def memory_budget(text: str) -> int | None:
 
 
 memory_budget.__name__ = "memory budget"
+
+
+def state_budget(text: str) -> int:
+    """argparse type of ``--state-budget``: bytes with an optional unit (``10GiB``, ``500MB``), 0 for
+    ``0``/``none``/``off`` (no budget)."""
+    try:
+        value = memory.parse_budget_flag(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{exc}; or none (no budget)") from None
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected bytes (10GiB) or none, got {text!r}")
+    return value
+
+
+state_budget.__name__ = "state budget"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,6 +137,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-connection-age-grace-s", type=age, default=config.max_connection_age_grace_s,
                         help="calls open on such a connection get this long to end; make it longer than the "
                              "longest job, waiting included, s (default: %(default)s)")
+    parser.add_argument("--state-dir", default=None, metavar="DIR",
+                        help="folder of the job API's state (SubmitJob …): a SQLite database and the result PNGs; "
+                             "jobs in it survive a restart: queued and running ones run again (from their first "
+                             "iteration) in submission order (default: a temporary folder removed at exit)")
+    parser.add_argument("--result-ttl-s", type=number(0.001, MAX_DURATION_S * 1000, " s"),
+                        default=DEFAULT_RESULT_TTL_S,
+                        help="finished jobs of the job API, with their events and results, are removed this long "
+                             "after they finished, s (default: %(default)s, a day)")
+    parser.add_argument("--state-budget", type=state_budget, default=DEFAULT_STATE_BUDGET_BYTES, metavar="BYTES",
+                        help="while --state-dir holds more than this, SubmitJob is refused with RESOURCE_EXHAUSTED "
+                             "naming the budget (stored jobs stay readable); bytes with an optional unit (10GiB, "
+                             "500MB); 0 or none: no budget (default: 10GiB)")
     parser.add_argument("--log-level", default="INFO", type=str.upper,
                         choices=("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"), help="(default: %(default)s)")
     return parser
@@ -147,7 +175,8 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         threads=args.threads, require_cuda=args.require_cuda, keepalive_time_s=args.keepalive_time_s,
         keepalive_timeout_s=args.keepalive_timeout_s, min_ping_interval_s=args.min_ping_interval_s,
         max_connection_age_s=args.max_connection_age_s,
-        max_connection_age_grace_s=args.max_connection_age_grace_s)
+        max_connection_age_grace_s=args.max_connection_age_grace_s, state_dir=args.state_dir,
+        result_ttl_s=args.result_ttl_s, state_budget_bytes=args.state_budget)
     config.fault_injection = parse_fault_injection(os.environ.get(FAULT_INJECT_ENV))
     return config
 

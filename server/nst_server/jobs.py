@@ -277,6 +277,9 @@ class Admission:
         self.memory_budget: int | None = None
         self._empty = asyncio.Event()
         self._empty.set()
+        #: Called (event loop) after every :meth:`release`: a slot may be free; the job API
+        #: (:mod:`nst_server.jobapi`) admits its stored jobs then.
+        self.on_release: list[Callable[[], None]] = []
         self.set_memory_budget(memory_budget)
 
     def set_memory_budget(self, budget: int | None) -> None:
@@ -391,6 +394,8 @@ class Admission:
             self._unreserve(job)
             job.abandon()
         self.pump()
+        for listener in self.on_release:
+            listener()
 
     def release_when_idle(self, job: Job) -> None:
         """Free the job's slot once no worker thread runs it any more: now, or when its future is done (a

@@ -23,6 +23,11 @@ All metrics live in prometheus-client's default registry, next to its process co
 - ``nst_replica_batch_jobs``: jobs served by each replica pass of the batcher (``--max-batch-size`` > 1);
   its ``_count`` is the passes, its ``_sum`` the job iterations they served.
 - ``nst_rpcs_total{method,code}``: every RPC (health and reflection included) by final status code.
+- The job API (:mod:`nst_server.jobapi`): ``nst_stored_jobs{state}``, jobs in the state folder by state
+  (``queued``, ``running``, ``succeeded``, ``failed``, ``cancelled``), refreshed by the expiry sweep;
+  ``nst_state_bytes``, the state folder's size, bytes (the database, its WAL and the result files; compare with
+  ``--state-budget``); ``nst_stored_job_events_total{event}``, jobs ``submitted``, ``succeeded``, ``failed``,
+  ``cancelled``; ``nst_jobs_resumed_total``, jobs found QUEUED or RUNNING at start and put back in line.
 """
 
 from __future__ import annotations
@@ -50,11 +55,19 @@ CANCELS = Counter("nst_job_cancels", "Jobs stopped before their end, by reason",
 BATCH_JOBS = Histogram("nst_replica_batch_jobs", "Jobs served by each batched replica pass",
                        buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32))
 RPCS = Counter("nst_rpcs", "RPCs by method and final status code", ["method", "code"])
+JOBS_BY_STATE = Gauge("nst_stored_jobs", "Jobs of the job API in the state folder, by state", ["state"])
+STATE_BYTES = Gauge("nst_state_bytes", "Size of the state folder (--state-dir), bytes")
+STORED_JOBS = Counter("nst_stored_job_events", "Job API jobs submitted, succeeded, failed, cancelled", ["event"])
+JOBS_RESUMED = Counter("nst_jobs_resumed", "Job API jobs found queued or running at start and put back in line")
 
 for _outcome in OUTCOMES:                     # export zeros, so that rates exist before the first event
     JOBS.labels(_outcome)
 for _reason in ("client", "deadline", "shutdown", "send_timeout"):
     CANCELS.labels(_reason)
+for _state in ("queued", "running", "succeeded", "failed", "cancelled"):
+    JOBS_BY_STATE.labels(_state)
+for _event in ("submitted", "succeeded", "failed", "cancelled"):
+    STORED_JOBS.labels(_event)
 
 
 def start_metrics_server(host: str, port: int) -> int:

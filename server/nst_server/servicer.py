@@ -177,6 +177,8 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
         self.intra_op_threads, self.threads_source = 0, ""
         self._batcher: ReplicaBatcher | None = None
         self._batcher_lock = threading.Lock()
+        #: The job API (:class:`nst_server.jobapi.JobService`), set by the app; None: its RPCs are UNAVAILABLE.
+        self.jobs = None
 
     @property
     def batcher(self) -> ReplicaBatcher | None:
@@ -353,6 +355,74 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
                 annotate(iterations=job.iterations, queue_position=job.queue_position)
                 self.admission.release_when_idle(job)
 
+    # -- the job API: thin methods over nst_server.jobapi.JobService (self.jobs, set by the app) ---------------
+
+    async def _job_abort(self, context, exc: Exception) -> None:
+        """End a job-API call for ``exc`` (:func:`abort_for`: a domain error's status; INVALID_ARGUMENT with its
+        ``google.rpc.BadRequest`` field violation)."""
+        if not isinstance(exc, (NSTServerError, _Abort)):
+            log.error("job API call failed", exc_info=exc)
+        refusal = exc if isinstance(exc, _Abort) else abort_for(exc)
+        if refusal.code == grpc.StatusCode.INVALID_ARGUMENT:
+            await context.abort_with_status(refusal.rpc_status())
+        await context.abort(refusal.code, refusal.message)
+
+    def _job_service(self, submitting: bool = False):
+        """The job service. Raises _Abort UNAVAILABLE: none (a servicer built without the app), or, for a
+        submission, the server is loading or shutting down."""
+        if self.jobs is None:
+            raise _Abort(grpc.StatusCode.UNAVAILABLE, "the job API is not set up on this server (no state store)")
+        if submitting and (not self.accepting or not self.jobs.accepting):
+            raise _Abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+        if submitting and self.models is None:
+            raise _Abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading; watch grpc.health.v1")
+        return self.jobs
+
+    async def SubmitJob(self, request: pb.SubmitJobRequest, context) -> pb.SubmitJobResponse:
+        annotate(request_id=request.request_id or "-")
+        try:
+            reply = await self._job_service(submitting=True).submit(request)
+        except Exception as exc:
+            await self._job_abort(context, exc)
+        annotate(job=reply.job_id, created=reply.created)
+        return reply
+
+    async def WatchJob(self, request: pb.WatchJobRequest, context):
+        annotate(job=request.job_id or "-", after=request.after)
+        try:
+            async for event in self._job_service().watch(request):
+                yield event
+        except Exception as exc:
+            await self._job_abort(context, exc)
+
+    async def GetJob(self, request: pb.GetJobRequest, context) -> pb.JobStatus:
+        annotate(job=request.job_id or "-")
+        try:
+            return await self._job_service().status(request.job_id)
+        except Exception as exc:
+            await self._job_abort(context, exc)
+
+    async def GetJobResult(self, request: pb.GetJobResultRequest, context):
+        annotate(job=request.job_id or "-")
+        try:
+            async for chunk in self._job_service().result(request.job_id):
+                yield chunk
+        except Exception as exc:
+            await self._job_abort(context, exc)
+
+    async def CancelJob(self, request: pb.CancelJobRequest, context) -> pb.JobStatus:
+        annotate(job=request.job_id or "-")
+        try:
+            return await self._job_service().cancel(request.job_id)
+        except Exception as exc:
+            await self._job_abort(context, exc)
+
+    async def ListJobs(self, request: pb.ListJobsRequest, context) -> pb.ListJobsResponse:
+        try:
+            return await self._job_service().list(request)
+        except Exception as exc:
+            await self._job_abort(context, exc)
+
     def _undeliverable(self, job: Job, peer: str) -> None:
         """Event loop, ``send_timeout_s`` after a message of ``job`` was handed to gRPC and not taken by the client:
         stop the job and free its slot now (the call itself ends when the client reads again or goes away: gRPC's
@@ -376,7 +446,6 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
         """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        limits = self.limits
         job_id = job.job_id
 
         def put(item) -> None:
@@ -387,10 +456,7 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
                 put(_DONE)
                 return
             try:
-                inputs = decode_inputs(request, limits.max_input_pixels)
-                for event in engine.stylize(self.models, inputs, settings, should_stop=job.should_stop,
-                                            batcher=self.batcher):
-                    job.count_iterations(event.iteration if isinstance(event, Progress) else event.iterations)
+                for event in self.engine_events(job, request, settings):
                     if (isinstance(event, Progress) and event.preview_png
                             and queue.qsize() >= MAX_QUEUED_EVENTS_WITH_PREVIEWS):
                         event = dataclasses.replace(event, preview_png=b"")     # a slow reader: skip this preview
@@ -439,6 +505,21 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
         if not delivered:
             raise _Abort(grpc.StatusCode.INTERNAL, f"job {job_id} ended without a result")
         # Whatever ends this loop, Stylize sets the job's stop flag (with the reason, for the cancel counter).
+
+    def engine_events(self, job: Job, request: pb.StylizeRequest, settings: StyleTransferSettings):
+        """Worker thread: decode the request's images and run the engine on them for ``job``; yield its events
+        (:class:`~nst_server.events.Progress`, then one :class:`~nst_server.events.Result`), counting its
+        iterations. The one path from a request to the engine, for Stylize and for the job API
+        (:mod:`nst_server.jobapi`).
+
+        Raises:
+            ImageInputError: an image cannot be used (INVALID_ARGUMENT). Anything the engine raises
+                (:func:`abort_for` maps it).
+        """
+        inputs = decode_inputs(request, self.limits.max_input_pixels)
+        for event in engine.stylize(self.models, inputs, settings, should_stop=job.should_stop, batcher=self.batcher):
+            job.count_iterations(event.iteration if isinstance(event, Progress) else event.iterations)
+            yield event
 
     def _heartbeat(self, job: Job) -> pb.StylizeResponse:
         """A Heartbeat: the job's place in line now, time waited (to now, or to its start), time since admission
