@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2
 
 from nst_proto.v1 import style_transfer_pb2 as pb
 from nst_client.client import (NSTError, Retry, StylizeResult, _Attempts, _Client, _health_status_name, _JobReader,
-                               _not_serving, check_timeout)
+                               _not_serving, check_timeout, job_state, submit_request)
 from nst_client.options import Image, StylizeOptions, StylizeOverrides, build_request
 
 if TYPE_CHECKING:
@@ -187,3 +187,62 @@ class AsyncNSTClient(_Client):
                     raise
                 await _call(on_retry, retry)
                 await asyncio.sleep(retry.wait_s)
+
+    # -- the job API, as NSTClient's (same arguments, results and errors) ------------------------------------------
+
+    async def _unary(self, method, request, timeout_s: float | None):
+        try:
+            return await method(request, timeout=check_timeout(timeout_s), metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise self._error(error) from None
+
+    async def submit(self, content: Image, style: Image | None, options: StylizeOptions | None = None, *,
+                     request_id: str | None = None, styles: Sequence[tuple[Image, float]] | None = None,
+                     init_image: Image | None = None, timeout_s: float | None = 60.0,
+                     **overrides: Unpack[StylizeOverrides]) -> pb.SubmitJobResponse:
+        """``SubmitJob``, as :meth:`nst_client.NSTClient.submit`."""
+        request = build_request(content, style, options, styles=styles, init_image=init_image, **overrides)
+        return await self._unary(self._stub.SubmitJob, submit_request(request, request_id), timeout_s)
+
+    async def watch(self, job_id: str, after: int = 0,
+                    timeout_s: float | None = None) -> AsyncIterator[pb.JobEvent]:
+        """``WatchJob``, an async generator, as :meth:`nst_client.NSTClient.watch`; leaving it leaves the job
+        running."""
+        call = self._stub.WatchJob(pb.WatchJobRequest(job_id=job_id, after=after), timeout=check_timeout(timeout_s),
+                                   metadata=self._metadata)
+        try:
+            async for event in call:
+                yield event
+        except grpc.RpcError as error:
+            raise self._error(error) from None
+        finally:
+            call.cancel()
+
+    async def job(self, job_id: str, timeout_s: float | None = 30.0) -> pb.JobStatus:
+        """``GetJob``, as :meth:`nst_client.NSTClient.job`."""
+        return await self._unary(self._stub.GetJob, pb.GetJobRequest(job_id=job_id), timeout_s)
+
+    async def result(self, job_id: str, timeout_s: float | None = None) -> bytes:
+        """``GetJobResult``, the PNG's chunks joined, as :meth:`nst_client.NSTClient.result`."""
+        call = self._stub.GetJobResult(pb.GetJobResultRequest(job_id=job_id), timeout=check_timeout(timeout_s),
+                                       metadata=self._metadata)
+        try:
+            return b"".join([chunk.data async for chunk in call])
+        except grpc.RpcError as error:
+            raise self._error(error) from None
+
+    async def cancel(self, job_id: str, timeout_s: float | None = 30.0) -> pb.JobStatus:
+        """``CancelJob``, as :meth:`nst_client.NSTClient.cancel`."""
+        return await self._unary(self._stub.CancelJob, pb.CancelJobRequest(job_id=job_id), timeout_s)
+
+    async def jobs(self, state: str | int | None = None, page_size: int = 0,
+                   timeout_s: float | None = 30.0) -> list[pb.JobStatus]:
+        """``ListJobs``, every page, as :meth:`nst_client.NSTClient.jobs` (a list here)."""
+        request = pb.ListJobsRequest(page_size=page_size, state=job_state(state))
+        found: list[pb.JobStatus] = []
+        while True:
+            page = await self._unary(self._stub.ListJobs, request, timeout_s)
+            found.extend(page.jobs)
+            if not page.next_page_token:
+                return found
+            request.page_token = page.next_page_token

@@ -4,6 +4,11 @@
     nst info --server HOST:PORT
     nst health --server HOST:PORT
     nst bench --server HOST:PORT --size 256 --iterations 20 --concurrency 1,2,4 --output-json B.json --plot B.png
+    nst submit CONTENT STYLE --size 256 [--request-id ID]     (prints the job id; the job outlives the command)
+    nst watch JOB_ID [--after N]                              (progress from where the job is, to its end)
+    nst result JOB_ID -o OUT.png
+    nst cancel JOB_ID
+    nst jobs [--state running]
 
 ``--server`` takes any gRPC target: several replicas as ``ipv4:10.0.0.1:50051,10.0.0.2:50051`` or
 ``dns:///nst-headless.NAMESPACE.svc:50051`` are balanced round robin, refusals are retried on another replica,
@@ -18,6 +23,7 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 from google.protobuf.json_format import MessageToDict
@@ -27,7 +33,7 @@ from nst_client import bench as bench_module
 from nst_client import output
 from nst_proto.argtypes import finite, integer, seconds, timeout
 from nst_proto.console import tolerate_console
-from nst_client.client import CHOICES, NSTClient, NSTError, check_target
+from nst_client.client import CHOICES, JOB_STATES, NSTClient, NSTError, check_target, state_name
 from nst_client.options import StylizeOptions
 from nst_proto.v1 import style_transfer_pb2 as pb
 
@@ -172,6 +178,40 @@ def build_parser() -> argparse.ArgumentParser:
     stylize.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_controls(stylize)
 
+    submit = commands.add_parser("submit", help="submit a job that outlives this command (SubmitJob); prints its "
+                                                "id: follow it with nst watch, fetch it with nst result")
+    submit.add_argument("content", help="content image file (PNG, JPEG, …)")
+    submit.add_argument("style", help="style image file")
+    submit.add_argument("--request-id", default=None,
+                        help="idempotency key: submitting the same id again returns the same job (default: a new "
+                             "UUID)")
+    _add_server(submit)
+    submit.add_argument("--style", dest="styles", action="append", default=[], metavar="FILE[:WEIGHT]",
+                        help="one more style image with an optional blend weight (repeatable)")
+    submit.add_argument("--init-image", default=None, help="initial image file (with --init image)")
+    _add_controls(submit)
+    watch = commands.add_parser("watch", help="follow a job's progress (WatchJob) to its end; exit 0 when it "
+                                              "succeeded, 1 otherwise")
+    watch.add_argument("job_id")
+    watch.add_argument("--after", type=UINT64, default=0,
+                       help="start after this event number (default: from the first event)")
+    watch.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_server(watch)
+    result = commands.add_parser("result", help="write a succeeded job's picture (GetJobResult)")
+    result.add_argument("job_id")
+    result.add_argument("-o", "--output", required=True,
+                        help="picture to write; its suffix picks the format: .png, .jpg/.jpeg, .webp, .tif/.tiff")
+    result.add_argument("--quality", type=int, default=None, metavar="1-100",
+                        help=f"JPEG/WebP quality (default {output.DEFAULT_QUALITY})")
+    _add_server(result)
+    cancel = commands.add_parser("cancel", help="cancel a job (CancelJob) and print its status as JSON")
+    cancel.add_argument("job_id")
+    _add_server(cancel)
+    jobs = commands.add_parser("jobs", help="list the server's jobs (ListJobs), one line each: id, state, "
+                                            "iterations, submitted time, request id")
+    jobs.add_argument("--state", default=None, choices=JOB_STATES, help="only jobs in this state")
+    _add_server(jobs)
+
     info = commands.add_parser("info", help="print the server's model information as JSON")
     _add_server(info)
     health = commands.add_parser("health", help="print the server's health status (grpc.health.v1); exit code 0 "
@@ -308,6 +348,65 @@ def _stylize(args: argparse.Namespace, client: NSTClient, fmt: str) -> int:
     return 0 if error is None else 2
 
 
+def _submit(args: argparse.Namespace, client: NSTClient) -> int:
+    reply = client.submit(args.content, args.style, stylize_options(args), request_id=args.request_id,
+                          styles=[_file_weight(item) for item in args.styles], init_image=args.init_image)
+    print(reply.job_id)
+    print(f"nst: job {reply.job_id} {state_name(reply.state)}"
+          + (f", {reply.queue_position} in line" if reply.queue_position else "")
+          + ("" if reply.created else " (submitted before with this --request-id)")
+          + f"; replica {reply.replica}", file=sys.stderr)
+    return 0
+
+
+def _watch(args: argparse.Namespace, client: NSTClient) -> int:
+    status = client.job(args.job_id)
+    bar = None if args.quiet else tqdm(total=status.max_iterations or None, unit="it", desc="job", file=sys.stderr)
+    last = pb.JobEvent()
+    try:
+        for event in client.watch(args.job_id, after=args.after):
+            kind = event.response.WhichOneof("event")
+            if event.number:
+                last = event
+            if kind == "accepted" and bar is not None:
+                bar.reset()
+                bar.set_postfix_str(f"{event.response.accepted.queue_position} in line, replica "
+                                    f"{event.response.accepted.replica}")
+            elif kind == "progress" and bar is not None:
+                progress = event.response.progress
+                bar.set_description(f"job {scale_label(progress)}".rstrip(), refresh=False)
+                bar.set_postfix({"content": f"{progress.costs.content:.3g}", "style": f"{progress.costs.style:.3g}"},
+                                refresh=False)
+                bar.update(progress.iteration - bar.n)
+            elif kind == "heartbeat" and bar is not None and event.response.heartbeat.queue_position:
+                bar.set_postfix_str(f"waiting: {event.response.heartbeat.queue_position} in line")
+    finally:
+        if bar is not None:
+            bar.close()
+    state = state_name(last.state) if last.number else state_name(client.job(args.job_id).state)
+    print(f"job {args.job_id} {state} (last event {last.number})"
+          + (f": {last.error_message}" if last.error_message else ""))
+    return 0 if last.state == pb.JOB_STATE_SUCCEEDED else 1
+
+
+def _result(args: argparse.Namespace, client: NSTClient) -> int:
+    fmt = output.check_output(args.output)
+    png = client.result(args.job_id)
+    written, error = output.write_image(png, Path(args.output), fmt, args.quality or output.DEFAULT_QUALITY)
+    if error is not None:
+        print(f"nst: cannot write {args.output} ({error}); the result is saved as {written} instead", file=sys.stderr)
+    print(f"wrote {written} ({len(png)} bytes of PNG from job {args.job_id})")
+    return 0 if error is None else 2
+
+
+def _jobs(args: argparse.Namespace, client: NSTClient) -> int:
+    for status in client.jobs(args.state):
+        submitted = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(status.submitted_unix_s))
+        print(f"{status.job_id} {state_name(status.state):9} {status.iterations:>5}/{status.max_iterations:<5} "
+              f"{submitted} {status.request_id or '-'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     tolerate_console()      # a closed or full stdout/stderr never fails a job whose picture was written
     args = build_parser().parse_args(argv)
@@ -323,6 +422,12 @@ def main(argv: list[str] | None = None) -> int:
                 return _stylize(args, client, fmt)
             if args.command == "bench":
                 return bench_module.run(args, client)
+            if args.command in ("submit", "watch", "result", "jobs"):
+                return {"submit": _submit, "watch": _watch, "result": _result, "jobs": _jobs}[args.command](
+                    args, client)
+            if args.command == "cancel":
+                print(json.dumps(MessageToDict(client.cancel(args.job_id)), indent=2))
+                return 0
             if args.command == "info":
                 print(json.dumps(MessageToDict(client.model_info()), indent=2))
                 return 0

@@ -23,6 +23,7 @@ import os
 import re
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -564,6 +565,37 @@ class _JobReader:
 
 
 
+#: ``state`` arguments of :meth:`NSTClient.jobs`: ``queued``, ``running``, ``succeeded``, ``failed``, ``cancelled``.
+JOB_STATES = tuple(name.removeprefix("JOB_STATE_").lower() for name in pb.JobState.keys()
+                   if name != "JOB_STATE_UNSPECIFIED")
+
+
+def job_state(state: str | int | None) -> int:
+    """``nst.v1.JobState`` number of ``state``: a name of :data:`JOB_STATES` (any case, with or without the
+    ``JOB_STATE_`` prefix) or the number itself; None: 0, every state. Raises ValueError naming the choices."""
+    if state is None:
+        return pb.JOB_STATE_UNSPECIFIED
+    if isinstance(state, int) and not isinstance(state, bool):
+        if state not in pb.JobState.values():
+            raise ValueError(f"state {state}: not a JobState number")
+        return state
+    name = str(state).strip().upper().removeprefix("JOB_STATE_")
+    if name.lower() not in JOB_STATES:
+        raise ValueError(f"state {state!r}: expected one of {', '.join(JOB_STATES)}")
+    return pb.JobState.Value("JOB_STATE_" + name)
+
+
+def state_name(state: int) -> str:
+    """``queued``, ``running`` … of a ``nst.v1.JobState`` number."""
+    return pb.JobState.Name(state).removeprefix("JOB_STATE_").lower()
+
+
+def submit_request(request: pb.StylizeRequest, request_id: str | None) -> pb.SubmitJobRequest:
+    """A ``SubmitJobRequest``; ``request_id`` None: a fresh UUID, so that gRPC's retries of this one submission
+    (balanced targets) never make a second job."""
+    return pb.SubmitJobRequest(request=request, request_id=uuid.uuid4().hex if request_id is None else request_id)
+
+
 class _Client:
     """What both clients hold: the channel made from :func:`_connection`'s settings, the stubs, the call
     metadata and the resend policy. ``_channels`` is the module that opens the channel: ``grpc`` (blocking
@@ -764,3 +796,83 @@ class NSTClient(_Client):
                 if on_retry is not None:
                     on_retry(retry)
                 time.sleep(retry.wait_s)
+
+    # -- the job API: jobs that outlive their connection (nst.v1 SubmitJob, WatchJob …) ---------------------------
+
+    def _unary(self, method, request, timeout_s: float | None):
+        try:
+            return method(request, timeout=check_timeout(timeout_s), metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise self._error(error) from None
+
+    def submit(self, content: Image, style: Image | None, options: StylizeOptions | None = None, *,
+               request_id: str | None = None, styles: Sequence[tuple[Image, float]] | None = None,
+               init_image: Image | None = None, timeout_s: float | None = 60.0,
+               **overrides: Unpack[StylizeOverrides]) -> pb.SubmitJobResponse:
+        """Submit a job that outlives this connection (``SubmitJob``); returns at once with its ``job_id``,
+        queue position and state. Follow it with :meth:`watch`, :meth:`job`, fetch it with :meth:`result`.
+
+        Args:
+            content, style, options, styles, init_image, **overrides: the job, as :meth:`stylize` takes it.
+            request_id: the idempotency key: the same id returns the same job (``created`` False), never a second
+                one; None: a fresh UUID (retries of this call stay one job).
+            timeout_s: deadline of the call, s (None or inf: none).
+        Raises:
+            NSTError: INVALID_ARGUMENT (with field violations, as Stylize), ALREADY_EXISTS (``request_id`` names a
+                job of another request), RESOURCE_EXHAUSTED (busy, memory, or the server's state folder over its
+                budget), UNAVAILABLE. TypeError, ValueError, OSError: as :meth:`stylize`.
+        """
+        request = build_request(content, style, options, styles=styles, init_image=init_image, **overrides)
+        return self._unary(self._stub.SubmitJob, submit_request(request, request_id), timeout_s)
+
+    def watch(self, job_id: str, after: int = 0, timeout_s: float | None = None) -> Iterator[pb.JobEvent]:
+        """The job's events numbered after ``after`` (``WatchJob``): the stored ones, then live ones, until the
+        job's last. Closing the iterator early leaves the job running; watch again with ``after`` = the last
+        ``number`` seen to miss nothing and see nothing twice. Heartbeats have number 0.
+
+        Raises:
+            NSTError: NOT_FOUND (no such job), or the stream broke (UNAVAILABLE: reattach).
+        """
+        call = self._stub.WatchJob(pb.WatchJobRequest(job_id=job_id, after=after), timeout=check_timeout(timeout_s),
+                                   metadata=self._metadata)
+        try:
+            yield from call
+        except grpc.RpcError as error:
+            raise self._error(error) from None
+        finally:
+            call.cancel()
+
+    def job(self, job_id: str, timeout_s: float | None = 30.0) -> pb.JobStatus:
+        """Where the job stands (``GetJob``): state, progress, timings, costs, error. Raises NSTError (NOT_FOUND)."""
+        return self._unary(self._stub.GetJob, pb.GetJobRequest(job_id=job_id), timeout_s)
+
+    def result(self, job_id: str, timeout_s: float | None = None) -> bytes:
+        """The result PNG of a SUCCEEDED job (``GetJobResult``, its chunks joined).
+
+        Raises:
+            NSTError: NOT_FOUND (no such job, or expired), FAILED_PRECONDITION (the job has no result: the message
+                says its state).
+        """
+        call = self._stub.GetJobResult(pb.GetJobResultRequest(job_id=job_id), timeout=check_timeout(timeout_s),
+                                       metadata=self._metadata)
+        try:
+            return b"".join(chunk.data for chunk in call)
+        except grpc.RpcError as error:
+            raise self._error(error) from None
+
+    def cancel(self, job_id: str, timeout_s: float | None = 30.0) -> pb.JobStatus:
+        """Cancel the job (``CancelJob``): a queued one at once, a running one within one iteration; a finished
+        one is left as it is. Returns its status after the request. Raises NSTError (NOT_FOUND)."""
+        return self._unary(self._stub.CancelJob, pb.CancelJobRequest(job_id=job_id), timeout_s)
+
+    def jobs(self, state: str | int | None = None, page_size: int = 0,
+             timeout_s: float | None = 30.0) -> Iterator[pb.JobStatus]:
+        """Every job the server holds (``ListJobs``, page after page), oldest submission first; ``state``: only
+        those in it (:data:`JOB_STATES`). Raises NSTError; ValueError for an unknown ``state``."""
+        request = pb.ListJobsRequest(page_size=page_size, state=job_state(state))
+        while True:
+            page = self._unary(self._stub.ListJobs, request, timeout_s)
+            yield from page.jobs
+            if not page.next_page_token:
+                return
+            request.page_token = page.next_page_token
