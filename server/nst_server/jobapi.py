@@ -180,8 +180,9 @@ class JobService:
             shutil.rmtree(self.owned_dir, ignore_errors=True)
 
     async def _sweep(self) -> None:
-        """Every ``min(60, max(0.5, ttl / 4))`` s: remove expired jobs, refresh the store's metrics."""
-        period_s = min(60.0, max(0.5, self.result_ttl_s / 4))
+        """Every ``min(10, max(0.5, ttl / 4))`` s: remove expired jobs, give free pages back (finished jobs'
+        requests), refresh the store's metrics."""
+        period_s = min(10.0, max(0.5, self.result_ttl_s / 4))
         while True:
             try:
                 expired = await asyncio.to_thread(self.store.expire, self.result_ttl_s)

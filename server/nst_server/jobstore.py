@@ -2,7 +2,8 @@
 
 Layout of the folder::
 
-    jobs.sqlite3 (+ -wal, -shm)   the jobs and their events (SQLite from the standard library, WAL mode)
+    jobs.sqlite3 (+ -wal, -shm)   the jobs and their events (SQLite from the standard library, WAL mode); a job's
+                                  request (its images) until it finishes, then only its sha256
     results/JOB_ID.png            each SUCCEEDED job's result (written to a temporary name, then renamed)
 
 Every change is one SQLite transaction, so a process killed at any moment (SIGKILL, power loss with
@@ -39,7 +40,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     job_id TEXT NOT NULL UNIQUE,
     request_id TEXT UNIQUE,                     -- NULL when the caller gave none
     request_sha256 TEXT NOT NULL,
-    request BLOB NOT NULL,                      -- the serialized nst.v1.StylizeRequest
+    request BLOB NOT NULL,                      -- the serialized nst.v1.StylizeRequest (emptied once finished)
     state TEXT NOT NULL,
     max_iterations INTEGER NOT NULL DEFAULT 0,
     iterations INTEGER NOT NULL DEFAULT 0,
@@ -128,7 +129,9 @@ class JobStore:
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.state_dir / DATABASE_NAME, check_same_thread=False, isolation_level=None,
                                    timeout=30.0)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")  # takes effect in a new database: freed pages can
+        self._db.execute("PRAGMA journal_mode=WAL")          # go back to the file system after an expiry
+        self._db.execute("PRAGMA journal_size_limit=8388608")  # the WAL is cut back to 8 MiB after checkpoints
         self._db.execute("PRAGMA synchronous=NORMAL")     # WAL + NORMAL: durable across a killed process
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
@@ -213,7 +216,8 @@ class JobStore:
         return JobRow(*rows[0]) if rows else None
 
     def request(self, job_id: str) -> bytes:
-        """The job's serialized ``StylizeRequest``. Raises KeyError for an unknown job."""
+        """The job's serialized ``StylizeRequest`` (b"" once the job finished: its images are not kept, only its
+        sha256 for ``request_id`` checks). Raises KeyError for an unknown job."""
         rows = self._query("SELECT request FROM jobs WHERE job_id = ?", (job_id,))
         if not rows:
             raise KeyError(job_id)
@@ -254,7 +258,7 @@ class JobStore:
             current = db.execute("SELECT state FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
             if current is None or current[0] in FINISHED:
                 return 0
-            db.execute("UPDATE jobs SET state = ?, finished_s = ?, error_code = ?, error_message = ? "
+            db.execute("UPDATE jobs SET state = ?, finished_s = ?, error_code = ?, error_message = ?, request = x'' "
                        "WHERE job_id = ?", (state, time.time() if now_s is None else now_s, error_code,
                                             error_message, job_id))
             return self._append(db, job_id, event) if event is not None else 0
@@ -277,7 +281,7 @@ class JobStore:
         os.replace(partial, path)
         with self._transaction() as db:
             db.execute("UPDATE jobs SET state = ?, finished_s = ?, result_width_px = ?, result_height_px = ?, "
-                       "result_bytes = ?, costs = ? WHERE job_id = ?",
+                       "result_bytes = ?, costs = ?, request = x'' WHERE job_id = ?",
                        (SUCCEEDED, time.time() if now_s is None else now_s, width_px, height_px, len(png), costs,
                         job_id))
             number = 0
@@ -325,7 +329,8 @@ class JobStore:
 
     def expire(self, ttl_s: float, now_s: float | None = None) -> list[str]:
         """Remove the jobs that finished more than ``ttl_s`` ago: rows and events (one transaction), then their
-        result files. Returns their ids."""
+        result files; then give the database's free pages back to the file system and checkpoint the WAL into the
+        database file (both count in the folder's size, :meth:`size_bytes`). Returns their ids."""
         cutoff = (time.time() if now_s is None else now_s) - ttl_s
         with self._transaction() as db:
             ids = [row[0] for row in db.execute(
@@ -335,6 +340,9 @@ class JobStore:
                 db.execute("DELETE FROM jobs WHERE job_id = ?", (job_id,))
         for job_id in ids:
             self.result_path(job_id).unlink(missing_ok=True)
+        with self._lock:            # pages freed by expired jobs and by finished jobs' requests, back to the disk
+            self._db.executescript("PRAGMA incremental_vacuum;")     # sqlite3_exec: every step, every page
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()    # and the WAL into the file
         return ids
 
     def remove_orphan_files(self) -> int:
