@@ -87,7 +87,7 @@ def test_a_dropped_watch_resumed_with_after_gets_every_event_once_and_the_styliz
     assert (status.state, status.iterations, status.events, status.runs) == (pb.JOB_STATE_SUCCEEDED, 10, numbers[-1], 1)
     assert status.result_bytes == len(png) and (status.result_width_px, status.result_height_px) == (48, 36)
     assert status.expires_unix_s == pytest.approx(status.finished_unix_s + 86400)
-    print(f"reattached and read to the end in {time.perf_counter() - started:.3f} s")
+    print(f"reattached and read the rest of the job in {time.perf_counter() - started:.3f} s")
     # A finished job watched again from 0 replays everything and ends.
     assert [e.number for e in jobs_client.watch(reply.job_id)] == numbers
 
@@ -158,6 +158,10 @@ def test_cancel_a_running_and_a_queued_job(jobs_client, small_images):
             break
     assert jobs_client.job(queued.job_id).state == pb.JOB_STATE_QUEUED
     assert jobs_client.job(queued.job_id).queue_position == 1
+    waiting = jobs_client.watch(queued.job_id)                     # quiet while it waits: heartbeats (--heartbeat-s 1)
+    events = [next(waiting), next(waiting)]
+    waiting.close()
+    assert [e.number for e in events] == [1, 0] and events[1].response.heartbeat.queue_position == 1
     cancelled = jobs_client.cancel(queued.job_id)
     assert cancelled.state == pb.JOB_STATE_CANCELLED and "while queued" in cancelled.error_message
     jobs_client.cancel(running.job_id)
@@ -174,8 +178,9 @@ def test_cancel_a_running_and_a_queued_job(jobs_client, small_images):
 def test_list_jobs_in_pages_and_by_state(job_server, jobs_client, small_images):
     for seed in (11, 12, 13):
         jobs_client.submit(*small_images, **{**TINY, "iterations": 2, "seed": seed})
+    jobs_client.cancel(jobs_client.submit(*small_images, **{**TINY, "iterations": 500, "seed": 14}).job_id)
     every = list(jobs_client.jobs())
-    assert len(every) >= 3 and [j.submitted_unix_s for j in every] == sorted(j.submitted_unix_s for j in every)
+    assert len(every) >= 4 and [j.submitted_unix_s for j in every] == sorted(j.submitted_unix_s for j in every)
     assert [j.job_id for j in jobs_client.jobs(page_size=2)] == [j.job_id for j in every]
     with grpc.insecure_channel(job_server[0].target) as channel:
         stub = pb_grpc.StyleTransferStub(channel)
@@ -253,6 +258,9 @@ def test_results_expire_and_a_full_state_folder_refuses_new_jobs_but_keeps_old_o
             assert client.result(old.job_id).startswith(b"\x89PNG")
             assert [e.number for e in client.watch(old.job_id)][-1] == client.job(old.job_id).events
             (state / "filler.bin").unlink()
+            serving.wait_for(lambda: server.metric("nst_stored_jobs", state="succeeded") == 1, 30.0, 0.25)
+            assert 0 < server.metric("nst_state_bytes") < 1 << 20
+            assert server.metric("nst_stored_job_events_total", event="submitted") == 1
             # Every job RPC wants the token.
             with NSTClient(server.target) as anonymous:
                 for call in (lambda: anonymous.job(old.job_id), lambda: list(anonymous.jobs()),
@@ -314,6 +322,7 @@ def test_sigkill_and_sigterm_mid_job_then_restart_on_the_same_state_dir(onnx_pat
             assert all(s.state == pb.JOB_STATE_SUCCEEDED for s in done)
             assert status.started_unix_s < done[0].started_unix_s < done[1].started_unix_s      # submission order
             log = server.log()
+            assert server.metric("nst_jobs_resumed_total") == 3
             assert "QUEUED when the server stopped" in log and "RUNNING when the server stopped" in log
             # SIGTERM with one job running and one queued: both complete after the next start.
             running = client.submit(*small_images, **{**long_job, "seed": 31})
