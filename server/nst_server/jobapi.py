@@ -129,6 +129,8 @@ class JobService:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sweeper: asyncio.Task | None = None
         self.accepting = True
+        #: :meth:`start` is done: the jobs a previous process left are in line (new ones go behind them).
+        self.started = False
         servicer.admission.on_release.append(self._pump)
 
     # -- life of the service ----------------------------------------------------------------------------------
@@ -158,6 +160,7 @@ class JobService:
                      row.runs + 1)
             resumed += 1
         metrics.JOBS_RESUMED.inc(resumed)
+        self.started = True
         self._pump()
         self._sweeper = asyncio.ensure_future(self._sweep())
 
@@ -448,6 +451,7 @@ class JobService:
             if stored:
                 continue
             if row.state in FINISHED:
+                self._wake.pop(job_id, None)            # nothing will wake it again
                 return
             try:
                 await asyncio.wait_for(wake.wait(), timeout=heartbeat_s)

@@ -374,7 +374,7 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
             raise _Abort(grpc.StatusCode.UNAVAILABLE, "the job API is not set up on this server (no state store)")
         if submitting and (not self.accepting or not self.jobs.accepting):
             raise _Abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
-        if submitting and self.models is None:
+        if submitting and (self.models is None or not self.jobs.started):
             raise _Abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading; watch grpc.health.v1")
         return self.jobs
 
