@@ -317,6 +317,11 @@ def test_sigkill_and_sigterm_mid_job_then_restart_on_the_same_state_dir(onnx_pat
             assert rest[-1].state == pb.JOB_STATE_SUCCEEDED
             status = client.job(first.job_id)
             assert status.runs == 2 and status.iterations == 40
+            before_kill = max(e.response.progress.iteration for e in seen
+                              if e.response.WhichOneof("event") == "progress")
+            print(f"iterations done before the SIGKILL and done again after the restart: {before_kill}")
+            # Run again from its first iteration, the job delivers the bytes of one uninterrupted Stylize.
+            assert client.result(first.job_id) == client.stylize(*small_images, **long_job).image_png
             assert client.submit(*small_images, request_id="restart-first", **long_job).job_id == first.job_id
             done = [_wait_finished(client, job.job_id) for job in queued]
             assert all(s.state == pb.JOB_STATE_SUCCEEDED for s in done)
