@@ -214,7 +214,6 @@ def tiled_costs_and_gradient(forward: Forward, pixels: torch.Tensor, targets: Ta
     rounding (tests/test_tiling.py).
     """
     levels = len(targets.levels)
-    images, grads = [], []
     objective, first = 0.0, None
     for level in targets.levels:
         image = pixels if level.size == tuple(pixels.shape[2:]) else downsample(pixels, level.size)
@@ -230,11 +229,15 @@ def tiled_costs_and_gradient(forward: Forward, pixels: torch.Tensor, targets: Ta
         content_terms = {layer: (level.content[layer],
                                  content_factor * weight / (4.0 * level.content[layer][0].numel()))
                          for layer, weight in settings.content_layers.items()}
-        grad = tiled_backward(forward, detached / 255.0, gram_weights, content_terms) / 255.0
-        images.append(image)
-        grads.append(grad)
+        grad = tiled_backward(forward, detached / 255.0, gram_weights, content_terms).div_(255.0)
+        # Carried back through the downsampling now, level by level: its graph and this gradient are freed
+        # before the next level's passes (two image-sized tensors per level less at the peak).
+        torch.autograd.backward(image, grad)
+        del image, detached, grad
     tv = costs.total_variation(pixels)
     total = objective + settings.tv_weight * tv
     if torch.isfinite(total).all():
-        torch.autograd.backward([*images, settings.tv_weight * tv], [*grads, torch.ones_like(tv)])
+        torch.autograd.backward([settings.tv_weight * tv], [torch.ones_like(tv)])
+    else:
+        pixels.grad = None
     return CostTerms(content=first[0], style=first[1], total_variation=tv, total=total).detach()

@@ -42,12 +42,13 @@ class Adam:
 
 #: Memory the L-BFGS curvature pairs may take for an image of P pixels: ``max(LBFGS_HISTORY_FLOOR_BYTES,
 #: LBFGS_HISTORY_BYTES_PER_PIXEL * P)``. Each pair is two float32 RGB vectors, 24 bytes per pixel: a 512 px job
-#: keeps its 100 pairs (472 MB at 512 x 384; 85 at 512 x 512), a 1024 x 768 scale 28, a 2048 x 1536 scale 7, a
-#: 4096 x 3072 scale 6 (1.8 GB), so the history grows with the picture no faster than the rest of the job's
-#: memory. jcjohnson/neural-style's multi-resolution recipe for 3620 px prints lowers its history the same way
+#: keeps its 100 pairs (472 MB at 512 x 384; 85 at 512 x 512), a 1024 x 768 scale 28, a 2048 x 1536 or a
+#: 4096 x 3072 scale 5 (377 MB; 1.5 GB), so the history grows with the picture no faster than the rest of the
+#: job's memory. A refinement scale runs about ten iterations (:func:`nst_server.engine.schedule`), which five
+#: pairs already span. jcjohnson/neural-style's multi-resolution recipe for 3620 px prints lowers its history the same way
 #: (``-lbfgs_num_correction``).
 LBFGS_HISTORY_FLOOR_BYTES = 512 << 20
-LBFGS_HISTORY_BYTES_PER_PIXEL = 160
+LBFGS_HISTORY_BYTES_PER_PIXEL = 120
 #: Fewest pairs kept, whatever the size.
 LBFGS_MIN_PAIRS = 5
 
