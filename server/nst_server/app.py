@@ -17,6 +17,7 @@ import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from nst_proto.jobids import check_replica_name
 from nst_proto.v1 import style_transfer_pb2 as pb
 from nst_proto.v1 import style_transfer_pb2_grpc as pb_grpc
 from nst_server.cpus import CgroupFormatError, cpu_budget
@@ -85,6 +86,9 @@ class ServerConfig:
         result_ttl_s: finished jobs of the job API are removed this long after they finished, s (> 0).
         state_budget_bytes: while ``state_dir`` holds more than this, SubmitJob is refused with
             RESOURCE_EXHAUSTED naming the budget (stored jobs stay readable), bytes; 0: no budget.
+        replica_name: this replica's name (a DNS label: the pod's name of a StatefulSet), put before the job ids
+            it makes (``nst-0.3f9c…``) so that clients of a fleet route a job's calls to it (:mod:`nst_proto.jobids`);
+            empty: ids without a prefix (one server).
 
     Sources for the keepalive settings: gRPC's "Keepalive User Guide for gRPC Core", gRFC A8 (client-side
     keepalive) and A9 (server-side connection management).
@@ -114,6 +118,7 @@ class ServerConfig:
     state_dir: str | None = None
     result_ttl_s: float = DEFAULT_RESULT_TTL_S
     state_budget_bytes: int = DEFAULT_STATE_BUDGET_BYTES
+    replica_name: str = ""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -131,6 +136,7 @@ class ServerConfig:
                 raise ValueError(f"{flag} must be between 0.001 and {MAX_DURATION_S:g} s, got {value}")
         if not 0 < self.result_ttl_s <= MAX_DURATION_S * 1000:
             raise ValueError(f"--result-ttl-s must be > 0 s, got {self.result_ttl_s}")
+        check_replica_name(self.replica_name)                   # raises ValueError naming --replica-name
         if self.state_budget_bytes < 0:
             raise ValueError(f"--state-budget must be >= 0 bytes (0: none), got {self.state_budget_bytes}")
         for flag, value in (("--max-connection-age-s", self.max_connection_age_s),
@@ -351,6 +357,7 @@ async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> Non
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
     # UNAVAILABLE until loaded
     servicer = StyleTransferServicer(None, config.limits, faults=config.fault_injection.by_seed)
+    servicer.replica_name = config.replica_name
     threads, threads_source = intra_op_threads(config)
     servicer.intra_op_threads, servicer.threads_source = threads, threads_source
     log.info("%d intra-op threads for torch and onnxruntime (%s)", threads, threads_source)

@@ -149,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="while --state-dir holds more than this, SubmitJob is refused with RESOURCE_EXHAUSTED "
                              "naming the budget (stored jobs stay readable); bytes with an optional unit (10GiB, "
                              "500MB); 0 or none: no budget (default: 10GiB)")
+    parser.add_argument("--replica-name", default=os.environ.get("NST_REPLICA_NAME", ""), metavar="NAME",
+                        help="this replica's name, put before the ids of the jobs it makes (NAME.32-hex-digits) so "
+                             "that clients of a fleet route a job's calls to the replica that holds it: the pod's "
+                             "name in a StatefulSet; a DNS label (default: $NST_REPLICA_NAME, else none)")
     parser.add_argument("--log-level", default="INFO", type=str.upper,
                         choices=("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"), help="(default: %(default)s)")
     return parser
@@ -176,7 +180,7 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         keepalive_timeout_s=args.keepalive_timeout_s, min_ping_interval_s=args.min_ping_interval_s,
         max_connection_age_s=args.max_connection_age_s,
         max_connection_age_grace_s=args.max_connection_age_grace_s, state_dir=args.state_dir,
-        result_ttl_s=args.result_ttl_s, state_budget_bytes=args.state_budget)
+        result_ttl_s=args.result_ttl_s, state_budget_bytes=args.state_budget, replica_name=args.replica_name)
     config.fault_injection = parse_fault_injection(os.environ.get(FAULT_INJECT_ENV))
     return config
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import secrets
 import shutil
 import sqlite3
 import time
@@ -35,6 +34,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from nst_proto.jobids import new_job_id
 from nst_proto.v1 import style_transfer_pb2 as pb
 from nst_server import metrics
 from nst_server.errors import FieldError, NSTServerError, ServerBusy
@@ -373,7 +373,7 @@ class JobService:
         if len(admission.jobs) + len(self._pending) >= limit:
             raise ServerBusy(f"server busy: {len(admission.jobs) + len(self._pending)} jobs admitted or stored, "
                              f"limit {admission.max_running} running + {admission.max_queued} queued; retry later")
-        job_id = secrets.token_hex(16)                        # 128 random bits
+        job_id = new_job_id(getattr(servicer, "replica_name", ""))   # [NAME.]32 hex digits: 128 random bits
         accepted = pb.JobAccepted(job_id=job_id, queue_position=self._predicted_position(memory_bytes),
                                   replica=servicer.replica, memory_bytes=memory_bytes)
         try:

@@ -173,6 +173,8 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
         self.accepting = True
         #: This server process in JobAccepted and ModelInfo: HOSTNAME/PID (the pod's name in Kubernetes).
         self.replica = f"{socket.gethostname()}/{os.getpid()}"
+        #: ``--replica-name``: the prefix of the job ids this server makes (:mod:`nst_proto.jobids`); empty: none.
+        self.replica_name = ""
         #: Intra-op threads of torch and onnxruntime and where the number comes from (set by the app).
         self.intra_op_threads, self.threads_source = 0, ""
         self._batcher: ReplicaBatcher | None = None
