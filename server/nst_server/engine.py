@@ -6,7 +6,8 @@ The engine's rooms: :mod:`nst_server.settings` (every control, its default and r
 :mod:`nst_server.objective` (the costs minimised, the replica's pass), :mod:`nst_server.optimizers` (L-BFGS, Adam)
 and this module (the loop). It knows nothing of gRPC.
 :func:`stylize` is a generator: it yields :class:`Progress` after each reported
-iteration and ends with one :class:`Result`. It runs the schedule's scales in turn; one scale's loop (cost and
+iteration and ends with one :class:`Result`; asked to (``checkpoint_s``), it also yields a :class:`Checkpoint` now
+and then, and it can go on from one (``resume``). It runs the schedule's scales in turn; one scale's loop (cost and
 gradient, optimiser step, projection, best iterate, progress, cancellation, convergence) is
 :func:`_optimise_scale`, and the delivery of the best image :func:`_deliver`.
 
@@ -52,6 +53,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.nn import functional as F
@@ -60,9 +62,9 @@ from nst_export.vgg import MIN_SIDE_PX
 from nst_server import color
 from nst_server.batching import ReplicaBatcher
 from nst_server.costs import CostTerms
-from nst_server.errors import FieldError
-from nst_server.events import (STOP_CANCELLED, STOP_CONVERGED, STOP_ITERATIONS, STOP_NON_FINITE, Costs, JobInputs,
-                               Progress, Result)
+from nst_server.errors import CheckpointMismatch, FieldError
+from nst_server.events import (STOP_CANCELLED, STOP_CONVERGED, STOP_ITERATIONS, STOP_NON_FINITE, Checkpoint, Costs,
+                               JobInputs, Progress, Result)
 from nst_server.images import encode_png, encode_png_with_alpha, resize_to_max_side, to_tensor, to_uint8
 from nst_server.model import StyleModels
 from nst_server.objective import Objective, batch_pass, downsample, evaluate, tiled_costs
@@ -192,11 +194,22 @@ def _resize_pixels(pixels: torch.Tensor, height: int, width: int) -> torch.Tenso
 
 def stylize(models: StyleModels, inputs: JobInputs, settings: StyleTransferSettings | None = None,
             should_stop: Callable[[], bool] | None = None,
-            batcher: ReplicaBatcher | None = None) -> Iterator[Progress | Result]:
+            batcher: ReplicaBatcher | None = None, checkpoint_s: float = 0.0,
+            checkpoint_now: Callable[[], bool] | None = None,
+            resume: Checkpoint | None = None) -> Iterator[Progress | Checkpoint | Result]:
     """Run one style-transfer job.
 
     The schedule's scales run in turn (:func:`_optimise_scale`), each starting from the previous one's image
     upsampled; the best iterate of the final scale is delivered (:func:`_deliver`).
+
+    Checkpoints (for the job API's restarts; without ``checkpoint_s`` and ``checkpoint_now`` none is made and the
+    job runs exactly as before): after an iteration, a :class:`Checkpoint` is yielded when ``checkpoint_s`` seconds
+    have passed since the job's start or its last checkpoint, or when ``checkpoint_now`` returns True; and once
+    more when the job is stopped (``should_stop``), holding the state it stopped in, unless no iteration ran since
+    the last one. ``resume`` starts the schedule at the checkpoint's scale with its image, iteration count, best
+    iterate and recent costs: Progress numbering goes on from ``resume.iteration + 1`` and ``Result.iterations``
+    counts every iteration of the job, those before the checkpoint included. The optimiser's state is not in a
+    checkpoint (see :class:`Checkpoint`): it starts again at the resumed scale.
 
     Args:
         models: the session and replica.
@@ -205,11 +218,16 @@ def stylize(models: StyleModels, inputs: JobInputs, settings: StyleTransferSetti
         should_stop: polled once per iteration; when it returns True the job ends with ``STOP_CANCELLED``.
         batcher: when given (built over :func:`batch_pass` of the same ``models``), each iteration's replica
             pass is shared with other jobs of equal size, pooling and precision running at the same time.
+        checkpoint_s: at most one checkpoint per this many seconds, s; 0: none on a timer.
+        checkpoint_now: polled once per iteration, after it; True: a checkpoint now (a shutdown begins).
+        resume: a checkpoint of this job (same inputs and settings) to go on from.
     Yields:
-        :class:`Progress` per reported iteration, then exactly one :class:`Result`.
+        :class:`Progress` per reported iteration and :class:`Checkpoint` when asked for, then exactly one
+        :class:`Result`.
     Raises:
         FieldError: a setting or input is out of range (before any optimisation); ``field`` names it (a
             ``ValueError``).
+        CheckpointMismatch: ``resume`` does not fit this job's schedule (before any optimisation).
     """
     settings = _checked(models, inputs, settings or StyleTransferSettings())
     started = time.perf_counter()
@@ -217,7 +235,11 @@ def stylize(models: StyleModels, inputs: JobInputs, settings: StyleTransferSetti
     job = _Job(models=models, settings=settings, palette=palette, content_image=palette.content(),
                style_images=[(palette.style(style), weight) for style, weight in inputs.styles],
                started=started, should_stop=should_stop, batcher=batcher, replica_pass=batch_pass(models),
-               mean_pixels=models.replica.input_mean * 255.0)
+               mean_pixels=models.replica.input_mean * 255.0, checkpoint_s=checkpoint_s,
+               checkpoint_now=checkpoint_now, checkpoint_clock=started)
+    if resume is not None:                   # the job's time goes on from the checkpoint's
+        job.started -= resume.elapsed_ms / 1000.0
+        job.checkpointed = resume.iteration
     init_image = palette.style(inputs.init_image) if inputs.init_image is not None else None
 
     width, height = resize_to_max_side(job.content_image, settings.max_side_px).size
@@ -229,23 +251,32 @@ def stylize(models: StyleModels, inputs: JobInputs, settings: StyleTransferSetti
     sides = [side for side, _ in plan]
     budgets = [budget for _, budget in plan]
     job.plan = [(side * side * aspect, budget) for side, budget in plan]
+    if resume is not None:
+        _check_resume(resume, budgets)
 
     generator = torch.Generator().manual_seed(settings.seed)
     tally = _Tally()
     pixels = None
+    history: tuple[float, ...] = ()
     for index, (side, budget) in enumerate(zip(sides, budgets), start=1):
+        if resume is not None and index < resume.scale:
+            continue                             # done before the checkpoint
         content, targets = _scale_inputs(job, side)
         h, w = content.shape[2:]
-        if pixels is None:
+        if resume is not None and index == resume.scale:
+            pixels = _resumed_pixels(job, resume, (h, w), tally)
+            budget, history = sum(budgets[:index]) - resume.iteration, resume.history
+        elif pixels is None:
             init = None if init_image is None else to_tensor(init_image.resize((w, h), Image.Resampling.LANCZOS))
             pixels = initial_image(content * 255.0, job.mean_pixels, settings, generator,
                                    None if init is None else init.to(models.device) * 255.0)
         else:
             pixels = _resize_pixels(pixels.detach(), h, w).contiguous()
         scale = _Scale(index=index, final=index == len(sides), budget=budget, size=(h, w), targets=targets,
-                       batch_key=(tuple(pixels.shape), settings.pooling, settings.precision))
+                       batch_key=(tuple(pixels.shape), settings.pooling, settings.precision), history=history)
+        history = ()
         # Only the final scale's iterates are candidates for delivery (costs at other sizes do not compare).
-        if scale.final:
+        if scale.final and tally.best_pixels is None:
             tally.best_pixels, tally.best_total = pixels.detach().clone(), math.inf
         pixels.requires_grad_(True)
         yield from _optimise_scale(job, scale, pixels, tally)
@@ -295,9 +326,22 @@ class _Job:
     replica_pass: Callable[[torch.Tensor, tuple], tuple[torch.Tensor, ...]]   # :func:`batch_pass`
     mean_pixels: torch.Tensor                # (1, 3, 1, 1) the weights' mean pixel, 0..255
     plan: list[tuple[float, int]] = ()       # each scale's (pixels, iterations), for the time estimate
+    checkpoint_s: float = 0.0                # a checkpoint at most this often, s (0: none on a timer)
+    checkpoint_now: Callable[[], bool] | None = None
+    checkpoint_clock: float = 0.0            # time.perf_counter() of the start or the last checkpoint
+    checkpointed: int = 0                    # iteration of the last checkpoint (or the resumed one)
 
     def cancelled(self) -> bool:
         return self.should_stop is not None and self.should_stop()
+
+    @property
+    def checkpointing(self) -> bool:
+        return self.checkpoint_s > 0 or self.checkpoint_now is not None
+
+    def checkpoint_due(self) -> bool:
+        """After an iteration: a checkpoint is asked for (``checkpoint_now``) or ``checkpoint_s`` has passed."""
+        asked = self.checkpoint_now is not None and self.checkpoint_now()
+        return asked or (self.checkpoint_s > 0 and time.perf_counter() - self.checkpoint_clock >= self.checkpoint_s)
 
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.started) * 1000.0
@@ -313,6 +357,7 @@ class _Scale:
     size: tuple[int, int]                    # (H, W) of the generated image, px
     targets: Targets
     batch_key: tuple                         # (shape, pooling, precision): jobs of equal keys share passes
+    history: tuple[float, ...] = ()          # J of iterations at this scale before a resumed checkpoint
 
 
 @dataclass
@@ -376,12 +421,14 @@ def _optimise_scale(job: _Job, scale: _Scale, pixels: torch.Tensor, tally: _Tall
     settings = job.settings
     optimizer = make_optimizer(pixels, settings)
     objective = _objective(job, scale)
-    history: list[float] = []                      # J of each iteration at this scale
+    history: list[float] = list(scale.history)     # J of each iteration at this scale
     scale_started = time.perf_counter()
     with job.batcher.joined(scale.batch_key) if job.batcher is not None else contextlib.nullcontext():
-        for _ in range(scale.budget):
+        for done in range(scale.budget):
             if job.cancelled():
                 tally.stop_reason = STOP_CANCELLED
+                if job.checkpointing and tally.iteration > job.checkpointed:     # the state it stopped in
+                    yield _checkpoint(job, scale, pixels, tally, history)
                 return
             tally.iteration += 1
             before = pixels.detach().clone()
@@ -399,12 +446,58 @@ def _optimise_scale(job: _Job, scale: _Scale, pixels: torch.Tensor, tally: _Tall
             optimizer.projected(before, pixels)
             history.append(float(total[0]))
             progress = _progress(job, scale, tally.iteration, pixels, terms,
-                                 _remaining_ms(job, scale, len(history), time.perf_counter() - scale_started))
+                                 _remaining_ms(job, scale, done + 1, time.perf_counter() - scale_started))
             if progress is not None:
                 yield progress
             if scale.final and _converged(history, settings.convergence_tolerance):
                 tally.stop_reason = STOP_CONVERGED
                 return
+            if job.checkpointing and job.checkpoint_due():
+                yield _checkpoint(job, scale, pixels, tally, history)
+
+
+def _checkpoint(job: _Job, scale: _Scale, pixels: torch.Tensor, tally: _Tally, history: list[float]) -> Checkpoint:
+    """The :class:`Checkpoint` of ``job`` now (after ``tally.iteration`` iterations; ``pixels`` projected), copied
+    to the CPU; the checkpoint clock starts again."""
+    job.checkpoint_clock, job.checkpointed = time.perf_counter(), tally.iteration
+    best = scale.final and tally.best_pixels is not None
+    return Checkpoint(scale=scale.index, scales=len(job.plan), iteration=tally.iteration, pixels=_cpu(pixels),
+                      history=tuple(history[-(CONVERGENCE_WINDOW + 1):]),
+                      best_pixels=_cpu(tally.best_pixels) if best else None,
+                      best_total=tally.best_total if best else math.inf,
+                      best_iteration=tally.best_iteration if best else 0, elapsed_ms=job.elapsed_ms())
+
+
+def _cpu(pixels: torch.Tensor) -> np.ndarray:
+    """A copy of ``pixels`` as a C-contiguous float32 array on the CPU."""
+    return np.ascontiguousarray(pixels.detach().to(device="cpu", dtype=torch.float32, copy=True).numpy())
+
+
+def _check_resume(resume: Checkpoint, budgets: list[int]) -> None:
+    """Raise :class:`CheckpointMismatch` unless ``resume`` fits a schedule of these iterations per scale."""
+    if resume.scales != len(budgets) or not 1 <= resume.scale <= len(budgets):
+        raise CheckpointMismatch(f"the checkpoint is at scale {resume.scale} of {resume.scales}; this job's "
+                                 f"schedule has {len(budgets)} scales")
+    before, through = sum(budgets[:resume.scale - 1]), sum(budgets[:resume.scale])
+    if not before <= resume.iteration <= through:
+        raise CheckpointMismatch(f"the checkpoint is after iteration {resume.iteration}, outside its scale "
+                                 f"{resume.scale} (iterations {before + 1} to {through} in this job's schedule)")
+
+
+def _resumed_pixels(job: _Job, resume: Checkpoint, size: tuple[int, int], tally: _Tally) -> torch.Tensor:
+    """The checkpoint's image ``(1, 3, H, W)`` on the job's device, with ``tally`` set as the checkpoint left it
+    (iterations, and at the final scale the best iterate). Raises :class:`CheckpointMismatch` for another size."""
+    expected = (1, 3, *size)
+    shapes = [resume.pixels.shape] + ([] if resume.best_pixels is None else [resume.best_pixels.shape])
+    if any(tuple(shape) != expected for shape in shapes):
+        raise CheckpointMismatch(f"the checkpoint's image is {tuple(resume.pixels.shape)}; scale {resume.scale} of "
+                                 f"this job is {expected}")
+    device = job.models.device
+    tally.iteration = resume.iteration
+    if resume.best_pixels is not None:
+        tally.best_pixels = torch.from_numpy(np.array(resume.best_pixels, dtype=np.float32)).to(device)
+        tally.best_total, tally.best_iteration = resume.best_total, resume.best_iteration
+    return torch.from_numpy(np.array(resume.pixels, dtype=np.float32)).to(device).contiguous()
 
 
 #: Seconds per pixel-iteration measured at large scales (at least :data:`SPEED_MIN_PIXELS`), by device type and

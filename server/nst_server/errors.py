@@ -53,6 +53,15 @@ class ServerBusy(NSTServerError):
     status = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class CheckpointMismatch(NSTServerError, ValueError):
+    """A :class:`~nst_server.events.Checkpoint` given as ``resume`` does not fit the job's schedule (another number
+    of scales, an iteration outside its scale, pixels of another size: the server's software or limits changed
+    since it was written). Raised by the engine before its first iteration; the job API then runs the job from
+    its first iteration."""
+
+    status = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class ModelFileError(NSTServerError, RuntimeError):
     """The ONNX file is missing, unreadable, or is not a VGG-19 feature stack written by ``nst-export``
     (raised at start-up, before any call: the process exits with the message)."""
