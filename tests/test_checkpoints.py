@@ -1,15 +1,24 @@
-"""Checkpoints of the engine: a job resumed from a checkpoint goes on numbering its iterations and delivers a valid
-result; checkpointing alone changes nothing. Jobs are tiny (48-64 px, 8 iterations)."""
+"""Checkpoints: the engine's (a job resumed from a checkpoint goes on numbering its iterations and delivers a valid
+result; checkpointing alone changes nothing), the store's (written then renamed, replaced, removed), and the job
+API's restarts from them through real nst-server processes on one --state-dir (SIGKILL after a checkpoint, SIGTERM
+with a running job). Jobs are tiny (48-64 px, tens of iterations, one thread): the machine has two cores."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
+import signal
+import sqlite3
+import uuid
 
 import numpy as np
 import pytest
 from PIL import Image
 
+import serving
+from nst_client import NSTClient
+from nst_proto.v1 import style_transfer_pb2 as pb
 from nst_server import engine
 from nst_server.errors import CheckpointMismatch
 from nst_server.events import STOP_CANCELLED, STOP_ITERATIONS, Checkpoint, JobInputs, Progress, Result
@@ -91,3 +100,153 @@ def test_adam_resumes_and_a_checkpoint_of_another_schedule_is_refused_before_any
         stream = engine.stylize(models, _inputs(small_images), StyleTransferSettings(**other), resume=checkpoint)
         with pytest.raises(CheckpointMismatch, match=message):
             next(stream)
+
+
+def test_the_store_writes_replaces_and_removes_checkpoints(tmp_path):
+    from nst_server.jobstore import FAILED, JobStore
+    store = JobStore(tmp_path)
+    store.insert("a" * 32, None, b"request", "digest", 10, b"first")
+    pixels = np.random.default_rng(1).random((1, 3, 6, 8), dtype=np.float32) * 255
+    one = Checkpoint(scale=1, scales=2, iteration=3, pixels=pixels, history=(3.0, 2.0, 1.5), elapsed_ms=120.0)
+    size = store.write_checkpoint("a" * 32, one)
+    assert size == (tmp_path / "checkpoints" / f"{'a' * 32}.3.npz").stat().st_size
+    two = Checkpoint(scale=2, scales=2, iteration=7, pixels=pixels + 1, best_pixels=pixels, best_total=1.25,
+                     best_iteration=6)
+    store.write_checkpoint("a" * 32, two)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [f"{'a' * 32}.7.npz"]   # replaced
+    read = store.checkpoint("a" * 32)
+    assert (read.scale, read.scales, read.iteration, read.best_total, read.best_iteration) == (2, 2, 7, 1.25, 6)
+    assert np.array_equal(read.pixels, pixels + 1) and np.array_equal(read.best_pixels, pixels)
+    assert store.checkpoint_row("a" * 32).iteration == 7 and store.checkpoint_count() == 1
+    (tmp_path / "checkpoints" / "stray.npz.partial").write_bytes(b"x")          # a write cut short by a kill
+    assert store.remove_orphan_files() == 1 and store.checkpoint("a" * 32).iteration == 7
+    store.finish("a" * 32, FAILED, 13, "failed")                                  # a finished job keeps none
+    assert store.checkpoint("a" * 32) is None and not list((tmp_path / "checkpoints").iterdir())
+    store.write_checkpoint("a" * 32, one)                                        # nor gets one afterwards
+    assert store.checkpoint("a" * 32) is None and not list((tmp_path / "checkpoints").iterdir())
+    store.close()
+
+
+#: A job of about 60 iterations at 48 px on one thread (0.1-0.2 s each here): checkpoints every second (--checkpoint-s
+#: 1) make several of them.
+JOB = {"max_side_px": 48, "iterations": 60, "seed": 5, "scales": 1, "pyramid_levels": 1}
+SERVER_ARGS = ["--threads", "1", "--max-running-jobs", "1", "--max-queued-jobs", "4", "--heartbeat-s", "1"]
+
+
+def _checkpoint_row(state, job_id: str):
+    """(iteration, scale, file, file_bytes) of the job's stored checkpoint, read by another process; None: none."""
+    with contextlib.closing(sqlite3.connect(state / "jobs.sqlite3", timeout=10)) as db:
+        return db.execute("SELECT iteration, scale, file, file_bytes FROM checkpoints WHERE job_id = ?",
+                          (job_id,)).fetchone()
+
+
+def _runs(events: list[pb.JobEvent]) -> list[list[pb.Progress]]:
+    """The Progress messages of each run of a job (a run starts at each JobAccepted)."""
+    runs = []
+    for event in events:
+        kind = event.response.WhichOneof("event")
+        if kind == "accepted":
+            runs.append([])
+        elif kind == "progress":
+            runs[-1].append(event.response.progress)
+    return runs
+
+
+def _check_resumed(events: list[pb.JobEvent], resumed_from: int, total: int) -> tuple[int, float]:
+    """Every event number once; the second run's Progress goes on from ``resumed_from + 1`` to ``total``. Returns
+    the iterations done twice and the time they had taken in the first run, ms."""
+    numbers = [e.number for e in events]
+    assert numbers == list(range(1, len(numbers) + 1)), numbers
+    first, second = _runs(events)
+    assert [p.iteration for p in first] == list(range(1, len(first) + 1))
+    assert [p.iteration for p in second] == list(range(resumed_from + 1, total + 1))
+    done_before = first[-1].iteration
+    assert done_before >= resumed_from
+    by_iteration = {p.iteration: p.elapsed_ms for p in first}
+    span_ms = by_iteration[done_before] - by_iteration.get(resumed_from, by_iteration[done_before])
+    assert second[0].elapsed_ms >= by_iteration.get(resumed_from, 0.0)             # the job's clock goes on
+    return done_before - resumed_from, span_ms
+
+
+def test_sigkill_after_a_checkpoint_then_restart_repeats_at_most_one_checkpoint_period(onnx_path, tmp_path,
+                                                                                    small_images):
+    state = tmp_path / "state"
+    checkpoint_s = 1.0
+    args = [*SERVER_ARGS, "--state-dir", str(state), "--checkpoint-s", str(checkpoint_s)]
+    server = serving.start(onnx_path, tmp_path / "first.log", args)
+    try:
+        with NSTClient(server.target) as client:
+            job = client.submit(*small_images, request_id=f"kill-{uuid.uuid4()}", **JOB)
+            seen = []
+            for event in client.watch(job.job_id):
+                seen.append(event)
+                if event.response.WhichOneof("event") == "progress":
+                    row = _checkpoint_row(state, job.job_id)
+                    if row is not None and event.response.progress.iteration >= row[0] + 3:
+                        break                         # a checkpoint is stored and the job went on past it
+        server.process.send_signal(signal.SIGKILL)
+        server.process.wait()
+    finally:
+        server.stop()
+    iteration, scale, name, size = _checkpoint_row(state, job.job_id)        # what the restart goes on from
+    assert scale == 1 and 0 < iteration < JOB["iterations"]
+    assert (state / "checkpoints" / name).stat().st_size == size
+    server = serving.start(onnx_path, tmp_path / "second.log", args)
+    try:
+        with NSTClient(server.target) as client:
+            after = max(e.number for e in seen)
+            rest = [e for e in client.watch(job.job_id, after=after) if e.number]    # the watcher reattaches
+            events = [e for e in seen if e.number] + rest
+            repeated, span_ms = _check_resumed(events, iteration, JOB["iterations"])
+            iteration_ms = _slowest_iteration_ms(_runs(events)[0])
+            print(f"SIGKILL with --checkpoint-s {checkpoint_s:g}: resumed after iteration {iteration}, iterations "
+                  f"done twice: {repeated} ({span_ms:.0f} ms of the first run; one iteration took up to "
+                  f"{iteration_ms:.0f} ms)")
+            # At most one checkpoint period of work, and the iteration whose end made the next checkpoint due.
+            assert span_ms <= checkpoint_s * 1000.0 + iteration_ms
+            assert rest[-1].state == pb.JOB_STATE_SUCCEEDED and rest[-1].response.result.iterations == JOB["iterations"]
+            status = client.job(job.job_id)
+            assert (status.state, status.iterations, status.runs) == (pb.JOB_STATE_SUCCEEDED, JOB["iterations"], 2)
+            assert Image.open(io.BytesIO(client.result(job.job_id))).size == (48, 36)
+            assert server.metric("nst_jobs_resumed_from_checkpoint_total") == 1
+            assert server.metric("nst_jobs_resumed_total") == 1
+            assert f"from its checkpoint after iteration {iteration} of 60" in server.log()
+        assert _checkpoint_row(state, job.job_id) is None and not list((state / "checkpoints").iterdir())
+    finally:
+        server.stop()
+
+
+def _slowest_iteration_ms(progress: list[pb.Progress]) -> float:
+    return max(b.elapsed_ms - a.elapsed_ms for a, b in zip(progress, progress[1:]))
+
+
+def test_sigterm_checkpoints_a_running_job_which_goes_on_from_there_after_the_restart(onnx_path, tmp_path,
+                                                                                    small_images):
+    state = tmp_path / "state"
+    # No checkpoint on the timer within the test: the ones stored come from the shutdown.
+    args = [*SERVER_ARGS, "--state-dir", str(state), "--checkpoint-s", "3600", "--grace-s", "1"]
+    server = serving.start(onnx_path, tmp_path / "first.log", args)
+    with NSTClient(server.target) as client:
+        job = client.submit(*small_images, **JOB)
+        for event in client.watch(job.job_id):
+            if event.response.WhichOneof("event") == "progress" and event.response.progress.iteration >= 5:
+                break
+    assert server.stop() == 0                                                      # SIGTERM, grace 1 s
+    log = server.log()
+    assert "stopped by the shutdown after" in log and "checkpoint after iteration" in log
+    iteration, _, name, _ = _checkpoint_row(state, job.job_id)
+    with contextlib.closing(sqlite3.connect(state / "jobs.sqlite3")) as db:
+        assert db.execute("SELECT state FROM jobs WHERE job_id = ?", (job.job_id,)).fetchone() == ("QUEUED",)
+    server = serving.start(onnx_path, tmp_path / "second.log", args)
+    try:
+        with NSTClient(server.target) as client:
+            events = [e for e in client.watch(job.job_id) if e.number]
+            repeated, _ = _check_resumed(events, iteration, JOB["iterations"])
+            print(f"SIGTERM: checkpoint after iteration {iteration}, iterations done twice: {repeated}")
+            assert repeated <= 1                           # the checkpoint is taken as the job stops
+            assert events[-1].state == pb.JOB_STATE_SUCCEEDED
+            assert client.job(job.job_id).runs == 2 and client.job(job.job_id).iterations == JOB["iterations"]
+            assert server.metric("nst_jobs_resumed_from_checkpoint_total") == 1
+        assert not (state / "checkpoints" / name).exists()
+    finally:
+        server.stop()

@@ -22,7 +22,7 @@ from nst_proto.v1 import style_transfer_pb2 as pb
 from nst_proto.v1 import style_transfer_pb2_grpc as pb_grpc
 from nst_server.cpus import CgroupFormatError, cpu_budget
 from nst_server.interceptors import BearerTokenInterceptor, RpcLogInterceptor
-from nst_server.jobapi import DEFAULT_RESULT_TTL_S, DEFAULT_STATE_BUDGET_BYTES, JobService
+from nst_server.jobapi import DEFAULT_CHECKPOINT_S, DEFAULT_RESULT_TTL_S, DEFAULT_STATE_BUDGET_BYTES, JobService
 from nst_server.jobs import FaultInjection
 from nst_server.jobstore import JobStore
 from nst_server import memory, metrics
@@ -86,6 +86,8 @@ class ServerConfig:
         result_ttl_s: finished jobs of the job API are removed this long after they finished, s (> 0).
         state_budget_bytes: while ``state_dir`` holds more than this, SubmitJob is refused with
             RESOURCE_EXHAUSTED naming the budget (stored jobs stay readable), bytes; 0: no budget.
+        checkpoint_s: a running job of the job API writes a checkpoint to ``state_dir`` at most this often (a
+            restart repeats at most this long of its work), s; 0: no checkpoints.
         replica_name: this replica's name (a DNS label: the pod's name of a StatefulSet), put before the job ids
             it makes (``nst-0.3f9c…``) so that clients of a fleet route a job's calls to it (:mod:`nst_proto.jobids`);
             empty: ids without a prefix (one server).
@@ -118,6 +120,7 @@ class ServerConfig:
     state_dir: str | None = None
     result_ttl_s: float = DEFAULT_RESULT_TTL_S
     state_budget_bytes: int = DEFAULT_STATE_BUDGET_BYTES
+    checkpoint_s: float = DEFAULT_CHECKPOINT_S
     replica_name: str = ""
 
     def __post_init__(self) -> None:
@@ -139,6 +142,9 @@ class ServerConfig:
         check_replica_name(self.replica_name)                   # raises ValueError naming --replica-name
         if self.state_budget_bytes < 0:
             raise ValueError(f"--state-budget must be >= 0 bytes (0: none), got {self.state_budget_bytes}")
+        if not 0 <= self.checkpoint_s <= MAX_DURATION_S:
+            raise ValueError(f"--checkpoint-s must be between 0 (none) and {MAX_DURATION_S:g} s, got "
+                             f"{self.checkpoint_s}")
         for flag, value in (("--max-connection-age-s", self.max_connection_age_s),
                             ("--max-connection-age-grace-s", self.max_connection_age_grace_s)):
             if not 0 <= value <= MAX_DURATION_S:
@@ -387,7 +393,10 @@ def open_job_service(servicer: StyleTransferServicer, config: ServerConfig) -> J
     log.info("job store in %s (%s; results kept %g s, --result-ttl-s; budget %s, --state-budget)", state_dir,
              "temporary, removed at exit" if owned else "--state-dir", config.result_ttl_s,
              memory.format_bytes(config.state_budget_bytes) if config.state_budget_bytes else "none")
-    return JobService(servicer, store, config.result_ttl_s, config.state_budget_bytes, owned_dir=owned)
+    log.info("job checkpoints: %s (--checkpoint-s)", f"at most every {config.checkpoint_s:g} s"
+             if config.checkpoint_s else "off, a restart runs a job again from its first iteration")
+    return JobService(servicer, store, config.result_ttl_s, config.state_budget_bytes, owned_dir=owned,
+                      checkpoint_s=config.checkpoint_s)
 
 
 async def _serve(config: ServerConfig, server, servicer: StyleTransferServicer, health_servicer: HealthServicer,

@@ -15,7 +15,7 @@ from nst_export.vgg import MIN_SIDE_PX
 from nst_server import memory
 from nst_server.app import MAX_DURATION_S, ServerConfig, serve
 from nst_server.errors import ModelFileError
-from nst_server.jobapi import DEFAULT_RESULT_TTL_S, DEFAULT_STATE_BUDGET_BYTES
+from nst_server.jobapi import DEFAULT_CHECKPOINT_S, DEFAULT_RESULT_TTL_S, DEFAULT_STATE_BUDGET_BYTES
 from nst_server.jobs import FAULT_INJECT_ENV, parse_fault_injection
 from nst_server.servicer import HEARTBEAT_S_RANGE, MAX_BATCH_WAIT_MS, SEND_TIMEOUT_S_RANGE, ServerLimits
 
@@ -139,8 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "longest job, waiting included, s (default: %(default)s)")
     parser.add_argument("--state-dir", default=None, metavar="DIR",
                         help="folder of the job API's state (SubmitJob …): a SQLite database and the result PNGs; "
-                             "jobs in it survive a restart: queued and running ones run again (from their first "
-                             "iteration) in submission order (default: a temporary folder removed at exit)")
+                             "jobs in it survive a restart: queued and running ones run again in submission order, "
+                             "from their last checkpoint (--checkpoint-s) or their first iteration (default: a "
+                             "temporary folder removed at exit)")
     parser.add_argument("--result-ttl-s", type=number(0.001, MAX_DURATION_S * 1000, " s"),
                         default=DEFAULT_RESULT_TTL_S,
                         help="finished jobs of the job API, with their events and results, are removed this long "
@@ -149,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="while --state-dir holds more than this, SubmitJob is refused with RESOURCE_EXHAUSTED "
                              "naming the budget (stored jobs stay readable); bytes with an optional unit (10GiB, "
                              "500MB); 0 or none: no budget (default: 10GiB)")
+    parser.add_argument("--checkpoint-s", type=number(0, MAX_DURATION_S, " s"), default=DEFAULT_CHECKPOINT_S,
+                        help="a running job of the job API writes a checkpoint (its image, scale and iteration) to "
+                             "--state-dir at most this often; after a restart it goes on from there, so at most this "
+                             "long of its work is done again; SIGTERM checkpoints running jobs too; 0: no "
+                             "checkpoints (default: %(default)s)")
     parser.add_argument("--replica-name", default=os.environ.get("NST_REPLICA_NAME", ""), metavar="NAME",
                         help="this replica's name, put before the ids of the jobs it makes (NAME.32-hex-digits) so "
                              "that clients of a fleet route a job's calls to the replica that holds it: the pod's "
@@ -180,7 +186,8 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         keepalive_timeout_s=args.keepalive_timeout_s, min_ping_interval_s=args.min_ping_interval_s,
         max_connection_age_s=args.max_connection_age_s,
         max_connection_age_grace_s=args.max_connection_age_grace_s, state_dir=args.state_dir,
-        result_ttl_s=args.result_ttl_s, state_budget_bytes=args.state_budget, replica_name=args.replica_name)
+        result_ttl_s=args.result_ttl_s, state_budget_bytes=args.state_budget, replica_name=args.replica_name,
+        checkpoint_s=args.checkpoint_s)
     config.fault_injection = parse_fault_injection(os.environ.get(FAULT_INJECT_ENV))
     return config
 

@@ -12,9 +12,18 @@ on it, never poll the database). ``WatchJob`` replays the stored events after ``
 ones; leaving it never stops the job; ``CancelJob`` sets the job's stop flag (the engine polls it once per
 iteration), as a Stylize client's cancel does.
 
-Restart: jobs found QUEUED or RUNNING at start run again in submission order, RUNNING ones from their first
-iteration (no checkpoint in this version); each gets a new ``JobAccepted`` event naming this process. Shutdown
-(SIGTERM): jobs not started stay QUEUED; a running job stopped when the grace period ends goes back to QUEUED.
+Checkpoints (``--checkpoint-s``, default :data:`DEFAULT_CHECKPOINT_S`; 0: none): a running job's engine hands over a
+:class:`~nst_server.events.Checkpoint` at most every ``checkpoint_s`` seconds (its image, scale, iteration count and
+best iterate; the optimiser's state is not kept), which the store writes to a file (written, fsynced, renamed)
+named by the job's ``checkpoints`` row, replacing the one before; a finished job's checkpoint is removed.
+
+Restart: jobs found QUEUED or RUNNING at start run again in submission order; one with a checkpoint goes on from it
+(its Progress numbering continues after the checkpoint's iteration; the iterations run after the checkpoint and
+before the process ended are done again: at most one checkpoint period's), one without from its first iteration;
+each gets a new ``JobAccepted`` event naming this process, and its event numbers go on from the last stored one.
+Shutdown (SIGTERM): jobs not started stay QUEUED; running jobs write a checkpoint after their current iteration,
+then run on through the grace period; a job still running when it ends writes one more checkpoint as it stops
+and goes back to QUEUED.
 
 Expiry: finished jobs are removed ``--result-ttl-s`` after they finished (rows, events, result file); the folder's
 size is checked against ``--state-budget`` at each submission (over it: RESOURCE_EXHAUSTED naming the budget; the
@@ -37,8 +46,8 @@ import grpc
 from nst_proto.jobids import new_job_id
 from nst_proto.v1 import style_transfer_pb2 as pb
 from nst_server import metrics
-from nst_server.errors import FieldError, NSTServerError, ServerBusy
-from nst_server.events import STOP_CANCELLED, Progress, Result
+from nst_server.errors import CheckpointMismatch, FieldError, NSTServerError, ServerBusy
+from nst_server.events import STOP_CANCELLED, Checkpoint, Progress, Result
 from nst_server.jobs import STOP_CLIENT, STOP_SHUTDOWN, Job
 from nst_server.jobstore import (CANCELLED, FAILED, FINISHED, QUEUED, RUNNING, SUCCEEDED, JobRow, JobStore,
                                  StoredEvent)
@@ -61,6 +70,8 @@ DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 50, 1000
 #: Default ``--result-ttl-s`` (a day) and ``--state-budget`` (10 GiB).
 DEFAULT_RESULT_TTL_S = 86400.0
 DEFAULT_STATE_BUDGET_BYTES = 10 * 1024**3
+#: Default ``--checkpoint-s``: a restart repeats at most this many seconds of a running job's work.
+DEFAULT_CHECKPOINT_S = 30.0
 
 
 class StateBudgetExceeded(NSTServerError):
@@ -110,18 +121,27 @@ class JobService:
         state_budget_bytes: new jobs are refused while the folder holds more than this, bytes; 0: no budget.
         owned_dir: a temporary ``--state-dir`` made for this process, removed by :meth:`close`; None: the
             caller's folder, kept.
+        checkpoint_s: a running job writes a checkpoint at most this often, s; 0: none (a restart runs a job
+            again from its first iteration, unless a checkpoint of an earlier process is stored).
     Raises:
-        ValueError: ``result_ttl_s`` <= 0 or ``state_budget_bytes`` < 0 (the message names the flag).
+        ValueError: ``result_ttl_s`` <= 0, ``state_budget_bytes`` < 0 or ``checkpoint_s`` < 0 (the message names
+            the flag).
     """
 
     def __init__(self, servicer, store: JobStore, result_ttl_s: float = DEFAULT_RESULT_TTL_S,
-                 state_budget_bytes: int = DEFAULT_STATE_BUDGET_BYTES, owned_dir: str | None = None) -> None:
+                 state_budget_bytes: int = DEFAULT_STATE_BUDGET_BYTES, owned_dir: str | None = None,
+                 checkpoint_s: float = DEFAULT_CHECKPOINT_S) -> None:
         if not result_ttl_s > 0:
             raise ValueError(f"--result-ttl-s must be > 0 s, got {result_ttl_s}")
         if state_budget_bytes < 0:
             raise ValueError(f"--state-budget must be >= 0 bytes (0: none), got {state_budget_bytes}")
+        if not checkpoint_s >= 0:
+            raise ValueError(f"--checkpoint-s must be >= 0 s (0: no checkpoints), got {checkpoint_s}")
         self.servicer, self.store = servicer, store
         self.result_ttl_s, self.state_budget_bytes = result_ttl_s, state_budget_bytes
+        self.checkpoint_s = checkpoint_s
+        #: Ids of running jobs asked for a checkpoint after their current iteration (the shutdown began).
+        self._checkpoint_wanted: set[str] = set()
         self.owned_dir = owned_dir
         self._pending: deque[_Pending] = deque()
         self._live: dict[str, Job] = {}
@@ -156,8 +176,10 @@ class JobService:
                                       replica=self.servicer.replica, memory_bytes=memory_bytes)
             await asyncio.to_thread(self.store.append, row.job_id, _event(QUEUED, accepted=accepted))
             self._pending.append(_Pending(row.job_id, request, settings, memory_bytes))
-            log.info("job %s: %s when the server stopped, queued again (run %d next)", row.job_id, row.state,
-                     row.runs + 1)
+            checkpoint = await asyncio.to_thread(self.store.checkpoint_row, row.job_id)
+            log.info("job %s: %s when the server stopped, queued again (run %d next, %s)", row.job_id, row.state,
+                     row.runs + 1, "from its first iteration" if checkpoint is None else
+                     f"from its checkpoint after iteration {checkpoint.iteration} of {row.max_iterations}")
             resumed += 1
         metrics.JOBS_RESUMED.inc(resumed)
         self.started = True
@@ -170,6 +192,8 @@ class JobService:
         for job in list(self._live.values()):
             if job.state == "waiting":
                 job.request_stop(STOP_SHUTDOWN)
+            elif job.state == "running" and self.checkpoint_s:   # a checkpoint after its current iteration
+                self._checkpoint_wanted.add(job.job_id)
         self._pending.clear()
         self.servicer.admission.pump()          # the stopped ones end at once and free their slots
 
@@ -264,12 +288,21 @@ class JobService:
                 self._finish(job_id, CANCELLED, grpc.StatusCode.CANCELLED, f"job {job_id} was cancelled (CancelJob) "
                              "before it started")
             return
-        log.info("job %s started", job_id)
         chunk_bytes = self.servicer.limits.result_chunk_bytes
         try:
-            store.set_running(job_id)
+            resume = self._stored_checkpoint(job_id)
+            log.info("job %s started%s", job_id, "" if resume is None else
+                     f" from its checkpoint after iteration {resume.iteration} (scale {resume.scale} of "
+                     f"{resume.scales})")
+            store.set_running(job_id, iterations=resume.iteration if resume else 0,
+                              scale=resume.scale if resume else 0)
+            if resume is not None:
+                job.iterations = resume.iteration     # counted (nst_iterations_total) by the run that did them
             self._notify_threadsafe(job_id)
-            for event in self.servicer.engine_events(job, pending.request, pending.settings):
+            for event in self._engine_events(job, pending, resume):
+                if isinstance(event, Checkpoint):
+                    self._write_checkpoint(job, event)
+                    continue
                 if isinstance(event, Progress):
                     message = to_proto(event)[0]
                     number = store.progress(job_id, event.iteration, event.scale, event.scales,
@@ -302,8 +335,67 @@ class JobService:
             failure = abort_for(_failure(job, exc), job)
             self._finish(job_id, FAILED, failure.code, failure.message)
         finally:
+            self._checkpoint_wanted.discard(job_id)
             release_free_memory()
             job.finish()
+
+    def _engine_events(self, job: Job, pending: _Pending, resume: Checkpoint | None):
+        """Worker thread: the engine's events for the job (:meth:`~nst_server.servicer.StyleTransferServicer.
+        engine_events`), with checkpoints when ``--checkpoint-s`` asks for them, going on from ``resume`` when it
+        fits the job's schedule (else, said in the log, from the first iteration)."""
+        options = {}
+        if self.checkpoint_s:
+            options = {"checkpoint_s": self.checkpoint_s, "checkpoint_now": lambda: self._checkpoint_asked(job.job_id)}
+        if resume is not None:
+            events = self.servicer.engine_events(job, pending.request, pending.settings, resume=resume, **options)
+            try:
+                first = next(events, None)
+            except CheckpointMismatch as exc:        # raised before the first iteration
+                log.warning("job %s: its checkpoint after iteration %d does not fit its schedule on this server "
+                            "(%s); it runs from its first iteration", job.job_id, resume.iteration, exc)
+                self.store.drop_checkpoint(job.job_id)
+                job.iterations = 0
+            else:
+                metrics.RESUMED_FROM_CHECKPOINT.inc()
+                if first is not None:
+                    yield first
+                    yield from events
+                return
+        yield from self.servicer.engine_events(job, pending.request, pending.settings, **options)
+
+    def _checkpoint_asked(self, job_id: str) -> bool:
+        """The engine's ``checkpoint_now`` (worker thread): True once after the shutdown asked for a checkpoint."""
+        if job_id in self._checkpoint_wanted:
+            self._checkpoint_wanted.discard(job_id)
+            return True
+        return False
+
+    def _stored_checkpoint(self, job_id: str) -> Checkpoint | None:
+        """Worker thread: the job's stored checkpoint, or None (none, or unreadable: dropped, said in the log)."""
+        try:
+            return self.store.checkpoint(job_id)
+        except (OSError, ValueError) as exc:
+            log.warning("job %s: its checkpoint cannot be read (%s); it runs from its first iteration", job_id, exc)
+            self.store.drop_checkpoint(job_id)
+            return None
+
+    def _write_checkpoint(self, job: Job, checkpoint: Checkpoint) -> None:
+        """Worker thread (the engine waits meanwhile): store the checkpoint, unless the job was cancelled (no later
+        run needs it). A failed write (a full disk) leaves the previous checkpoint and the job goes on."""
+        if job.stopped_by not in (None, STOP_SHUTDOWN):
+            return
+        started = time.perf_counter()
+        try:
+            size = self.store.write_checkpoint(job.job_id, checkpoint)
+        except (OSError, sqlite3.Error) as exc:
+            log.warning("job %s: checkpoint after iteration %d not written (%s); the previous one stays",
+                        job.job_id, checkpoint.iteration, exc)
+            return
+        metrics.CHECKPOINTS.inc()
+        log.info("job %s: checkpoint after iteration %d (scale %d of %d%s), %d bytes in %.0f ms", job.job_id,
+                 checkpoint.iteration, checkpoint.scale, checkpoint.scales,
+                 ", stopped by the shutdown" if job.stopped_by == STOP_SHUTDOWN else "", size,
+                 (time.perf_counter() - started) * 1000.0)
 
     def _succeed(self, job_id: str, result: Result, chunk_bytes: int) -> None:
         """Worker thread: store the result PNG once (a file) and its events (ImageChunk pieces, then the Result),

@@ -5,12 +5,17 @@ Layout of the folder::
     jobs.sqlite3 (+ -wal, -shm)   the jobs and their events (SQLite from the standard library, WAL mode); a job's
                                   request (its images) until it finishes, then only its sha256
     results/JOB_ID.png            each SUCCEEDED job's result (written to a temporary name, then renamed)
+    checkpoints/JOB_ID.N.npz      the last checkpoint of an unfinished job, after iteration N (written to a
+                                  temporary name, fsynced, renamed; named by the job's row in ``checkpoints``,
+                                  which is changed after the rename; the previous file removed after that)
 
 Every change is one SQLite transaction, so a process killed at any moment (SIGKILL, power loss with
 ``synchronous=NORMAL``: at most the last transactions are lost) leaves the database as it was before or after a
 change, never in between; a result file is renamed into place before the transaction that marks its job
 SUCCEEDED commits, so a SUCCEEDED job always has its file. A result file without a SUCCEEDED job (killed in
-between) is removed at the next start (:meth:`JobStore.remove_orphan_files`).
+between) is removed at the next start (:meth:`JobStore.remove_orphan_files`). A checkpoint file is renamed into
+place before the transaction that names it commits, and the file it replaces is removed only after that, so the
+row always names a whole file: the new one, or (killed in between) the previous one.
 
 Threads: one connection shared by the event loop and the worker threads, every use under one lock (the
 statements are short: a row or a page of rows). Sources: SQLite's "Write-Ahead Logging" and "Atomic Commit"
@@ -19,13 +24,20 @@ documents; Cog's prediction lifecycle for the shape of a job (docs/http.md).
 
 from __future__ import annotations
 
+import io
+import math
 import os
 import sqlite3
 import threading
 import time
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
+
+from nst_server.events import Checkpoint
 
 #: ``jobs.state`` values (the names of ``nst.v1.JobState`` without the prefix).
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
@@ -33,6 +45,9 @@ FINISHED = (SUCCEEDED, FAILED, CANCELLED)
 
 DATABASE_NAME = "jobs.sqlite3"
 RESULTS_DIR = "results"
+CHECKPOINTS_DIR = "checkpoints"
+#: Version of the checkpoint files' layout (:func:`checkpoint_bytes`); a file of another version is not used.
+CHECKPOINT_FORMAT = 1
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -65,6 +80,14 @@ CREATE TABLE IF NOT EXISTS events (
     file_offset INTEGER NOT NULL DEFAULT -1,    -- >= 0: bytes of the job's result file go into the message
     file_length INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (job_id, number)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS checkpoints (        -- the last checkpoint of an unfinished job (one at most)
+    job_id TEXT PRIMARY KEY REFERENCES jobs (job_id) ON DELETE CASCADE,
+    file TEXT NOT NULL,                         -- its file's name under checkpoints/
+    file_bytes INTEGER NOT NULL,
+    scale INTEGER NOT NULL,                     -- 1-based scale of the schedule
+    iteration INTEGER NOT NULL,                 -- iterations done, all scales
+    written_s REAL NOT NULL                     -- Unix seconds
 ) WITHOUT ROWID;
 """
 
@@ -101,6 +124,19 @@ class JobRow:
 
 
 @dataclass(frozen=True)
+class CheckpointRow:
+    """The stored checkpoint of a job: its file under ``checkpoints/``, the file's size (bytes), the scale and the
+    iterations done when it was taken, when it was written (Unix seconds)."""
+
+    job_id: str
+    file: str
+    file_bytes: int
+    scale: int
+    iteration: int
+    written_s: float
+
+
+@dataclass(frozen=True)
 class StoredEvent:
     """One stored event: its number, the serialized ``nst.v1.JobEvent`` (number unset) and, when
     ``file_length`` > 0, the slice ``[file_offset, file_offset + file_length)`` of the job's result file that
@@ -126,6 +162,8 @@ class JobStore:
         self.state_dir = Path(state_dir)
         self.results_dir = self.state_dir / RESULTS_DIR
         self.results_dir.mkdir(parents=True, exist_ok=True)
+        self.checkpoints_dir = self.state_dir / CHECKPOINTS_DIR
+        self.checkpoints_dir.mkdir(exist_ok=True)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.state_dir / DATABASE_NAME, check_same_thread=False, isolation_level=None,
                                    timeout=30.0)
@@ -238,11 +276,13 @@ class JobStore:
                            (QUEUED, RUNNING))
         return [JobRow(*row) for row in rows]
 
-    def set_running(self, job_id: str, now_s: float | None = None) -> None:
-        """A worker started the job: RUNNING, ``started_s``, one more run; progress from a previous run cleared."""
+    def set_running(self, job_id: str, now_s: float | None = None, iterations: int = 0, scale: int = 0) -> None:
+        """A worker started the job: RUNNING, ``started_s``, one more run; progress set back to ``iterations`` done
+        at ``scale`` (a resumed checkpoint's; 0: from the start)."""
         with self._transaction() as db:
-            db.execute("UPDATE jobs SET state = ?, started_s = ?, runs = runs + 1, iterations = 0, scale = 0 "
-                       "WHERE job_id = ?", (RUNNING, time.time() if now_s is None else now_s, job_id))
+            db.execute("UPDATE jobs SET state = ?, started_s = ?, runs = runs + 1, iterations = ?, scale = ? "
+                       "WHERE job_id = ?", (RUNNING, time.time() if now_s is None else now_s, iterations, scale,
+                                            job_id))
 
     def set_queued(self, job_id: str) -> None:
         """Back in line (stopped by a shutdown, or found RUNNING at start)."""
@@ -261,7 +301,10 @@ class JobStore:
             db.execute("UPDATE jobs SET state = ?, finished_s = ?, error_code = ?, error_message = ?, request = x'' "
                        "WHERE job_id = ?", (state, time.time() if now_s is None else now_s, error_code,
                                             error_message, job_id))
-            return self._append(db, job_id, event) if event is not None else 0
+            old = self._forget_checkpoint(db, job_id)
+            number = self._append(db, job_id, event) if event is not None else 0
+        self._remove_checkpoint_file(old)
+        return number
 
     def succeed(self, job_id: str, png: bytes, width_px: int, height_px: int, costs: bytes,
                 events: list[tuple[bytes, int, int]], now_s: float | None = None) -> int:
@@ -284,10 +327,93 @@ class JobStore:
                        "result_bytes = ?, costs = ?, request = x'' WHERE job_id = ?",
                        (SUCCEEDED, time.time() if now_s is None else now_s, width_px, height_px, len(png), costs,
                         job_id))
+            old = self._forget_checkpoint(db, job_id)
             number = 0
             for message, offset, length in events:
                 number = self._append(db, job_id, message, offset, length)
+        self._remove_checkpoint_file(old)
         return number
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+
+    def write_checkpoint(self, job_id: str, checkpoint: Checkpoint, now_s: float | None = None) -> int:
+        """Store ``checkpoint`` as the job's last one, replacing the one before: its file written to a temporary
+        name, fsynced, renamed to ``checkpoints/JOB_ID.N.npz`` (N: its iteration) and the folder fsynced; then the
+        job's ``checkpoints`` row pointed at it (one transaction); then the previous file removed. A job that has
+        finished (or is unknown) keeps none: the file is removed again. Returns the file's size, bytes.
+
+        Raises:
+            OSError: the file cannot be written (a full disk): the previous checkpoint stays as it was.
+        """
+        data = checkpoint_bytes(checkpoint)
+        name = f"{job_id}.{checkpoint.iteration}.npz"
+        path = self.checkpoints_dir / name
+        partial = path.with_name(name + ".partial")
+        try:
+            with open(partial, "wb") as file:
+                file.write(data)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(partial, path)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        _fsync_folder(self.checkpoints_dir)
+        with self._transaction() as db:
+            state = db.execute("SELECT state FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+            old = None
+            if state is not None and state[0] not in FINISHED:
+                old = db.execute("SELECT file FROM checkpoints WHERE job_id = ?", (job_id,)).fetchone()
+                db.execute("INSERT OR REPLACE INTO checkpoints (job_id, file, file_bytes, scale, iteration, written_s) "
+                           "VALUES (?, ?, ?, ?, ?, ?)", (job_id, name, len(data), checkpoint.scale,
+                                                         checkpoint.iteration, time.time() if now_s is None else now_s))
+        if state is None or state[0] in FINISHED:
+            path.unlink(missing_ok=True)
+        elif old is not None and old[0] != name:
+            self._remove_checkpoint_file(old[0])
+        return len(data)
+
+    def checkpoint_row(self, job_id: str) -> CheckpointRow | None:
+        """The job's stored checkpoint (without its pixels), or None."""
+        rows = self._query("SELECT job_id, file, file_bytes, scale, iteration, written_s FROM checkpoints "
+                           "WHERE job_id = ?", (job_id,))
+        return CheckpointRow(*rows[0]) if rows else None
+
+    def checkpoint(self, job_id: str) -> Checkpoint | None:
+        """The job's last checkpoint, read from its file; None when it has none.
+
+        Raises:
+            OSError: the file named by its row is missing or unreadable. ValueError: the file is not a checkpoint
+                of this format (:func:`checkpoint_from_bytes`).
+        """
+        row = self.checkpoint_row(job_id)
+        if row is None:
+            return None
+        return checkpoint_from_bytes((self.checkpoints_dir / row.file).read_bytes())
+
+    def drop_checkpoint(self, job_id: str) -> None:
+        """Forget the job's checkpoint (row and file), if it has one."""
+        with self._transaction() as db:
+            old = self._forget_checkpoint(db, job_id)
+        self._remove_checkpoint_file(old)
+
+    @staticmethod
+    def _forget_checkpoint(db: sqlite3.Connection, job_id: str) -> str | None:
+        """In a transaction: delete the job's checkpoint row; returns its file's name (to remove after the commit)."""
+        row = db.execute("SELECT file FROM checkpoints WHERE job_id = ?", (job_id,)).fetchone()
+        if row is None:
+            return None
+        db.execute("DELETE FROM checkpoints WHERE job_id = ?", (job_id,))
+        return row[0]
+
+    def _remove_checkpoint_file(self, name: str | None) -> None:
+        if name:
+            (self.checkpoints_dir / name).unlink(missing_ok=True)
+
+    def checkpoint_count(self) -> int:
+        """Checkpoints stored (one per unfinished job at most)."""
+        (row,) = self._query("SELECT COUNT(*) FROM checkpoints")
+        return row[0]
 
     def progress(self, job_id: str, iterations: int, scale: int, scales: int, costs: bytes | None,
                  event: bytes | None) -> int:
@@ -337,6 +463,7 @@ class JobStore:
                 "SELECT job_id FROM jobs WHERE state IN (?, ?, ?) AND finished_s <= ?", (*FINISHED, cutoff))]
             for job_id in ids:
                 db.execute("DELETE FROM events WHERE job_id = ?", (job_id,))
+                db.execute("DELETE FROM checkpoints WHERE job_id = ?", (job_id,))
                 db.execute("DELETE FROM jobs WHERE job_id = ?", (job_id,))
         for job_id in ids:
             self.result_path(job_id).unlink(missing_ok=True)
@@ -346,11 +473,17 @@ class JobStore:
         return ids
 
     def remove_orphan_files(self) -> int:
-        """Remove result files (and partial writes) of no SUCCEEDED job; returns how many."""
+        """Remove result files (and partial writes) of no SUCCEEDED job, and checkpoint files no ``checkpoints`` row
+        names (partial writes, files replaced or dropped when the process was killed); returns how many."""
         kept = {row[0] for row in self._query("SELECT job_id FROM jobs WHERE state = ?", (SUCCEEDED,))}
         removed = 0
         for path in self.results_dir.iterdir():
             if path.name.split(".", 1)[0] not in kept or not path.name.endswith(".png"):
+                path.unlink(missing_ok=True)
+                removed += 1
+        named = {row[0] for row in self._query("SELECT file FROM checkpoints")}
+        for path in self.checkpoints_dir.iterdir():
+            if path.name not in named:
                 path.unlink(missing_ok=True)
                 removed += 1
         return removed
@@ -364,6 +497,52 @@ class JobStore:
         for state, count in self._query("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
             counts[state] = count
         return counts
+
+
+def checkpoint_bytes(checkpoint: Checkpoint) -> bytes:
+    """``checkpoint`` as an uncompressed NumPy ``.npz`` (no pickled objects): its arrays as they are (float32 pixels
+    compress little), its numbers in a float64 ``meta`` array, its costs in ``history``."""
+    arrays = {"meta": np.array([CHECKPOINT_FORMAT, checkpoint.scale, checkpoint.scales, checkpoint.iteration,
+                                checkpoint.best_total, checkpoint.best_iteration, checkpoint.elapsed_ms], np.float64),
+              "history": np.array(checkpoint.history, np.float64),
+              "pixels": np.ascontiguousarray(checkpoint.pixels, np.float32)}
+    if checkpoint.best_pixels is not None:
+        arrays["best_pixels"] = np.ascontiguousarray(checkpoint.best_pixels, np.float32)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def checkpoint_from_bytes(data: bytes) -> Checkpoint:
+    """The :class:`Checkpoint` that :func:`checkpoint_bytes` wrote. Raises ValueError for anything else (another
+    format version, a truncated or foreign file)."""
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+            meta = arrays["meta"]
+            if meta.shape != (7,) or int(meta[0]) != CHECKPOINT_FORMAT:
+                raise ValueError(f"not a checkpoint of format {CHECKPOINT_FORMAT}")
+            best = arrays["best_pixels"] if "best_pixels" in arrays.files else None
+            return Checkpoint(scale=int(meta[1]), scales=int(meta[2]), iteration=int(meta[3]),
+                              pixels=arrays["pixels"].astype(np.float32, copy=False),
+                              history=tuple(float(v) for v in arrays["history"]), best_pixels=best,
+                              best_total=float(meta[4]) if math.isfinite(meta[4]) else math.inf,
+                              best_iteration=int(meta[5]), elapsed_ms=float(meta[6]))
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:     # truncated, foreign
+        raise ValueError(f"not a checkpoint file ({exc})") from None
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (POSIX: fsync the directory); a no-op where folders cannot be opened."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
 
 
 def _files(folder: Path) -> Iterator[os.DirEntry]:

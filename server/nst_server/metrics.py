@@ -27,7 +27,9 @@ All metrics live in prometheus-client's default registry, next to its process co
   (``queued``, ``running``, ``succeeded``, ``failed``, ``cancelled``), refreshed by the expiry sweep;
   ``nst_state_bytes``, the state folder's size, bytes (the database, its WAL and the result files; compare with
   ``--state-budget``); ``nst_stored_job_events_total{event}``, jobs ``submitted``, ``succeeded``, ``failed``,
-  ``cancelled``; ``nst_jobs_resumed_total``, jobs found QUEUED or RUNNING at start and put back in line.
+  ``cancelled``; ``nst_jobs_resumed_total``, jobs found QUEUED or RUNNING at start and put back in line;
+  ``nst_job_checkpoints_total``, checkpoints written (``--checkpoint-s``; a shutdown's included);
+  ``nst_jobs_resumed_from_checkpoint_total``, jobs that went on from a stored checkpoint (not from iteration 1).
 """
 
 from __future__ import annotations
@@ -59,6 +61,9 @@ JOBS_BY_STATE = Gauge("nst_stored_jobs", "Jobs of the job API in the state folde
 STATE_BYTES = Gauge("nst_state_bytes", "Size of the state folder (--state-dir), bytes")
 STORED_JOBS = Counter("nst_stored_job_events", "Job API jobs submitted, succeeded, failed, cancelled", ["event"])
 JOBS_RESUMED = Counter("nst_jobs_resumed", "Job API jobs found queued or running at start and put back in line")
+CHECKPOINTS = Counter("nst_job_checkpoints", "Checkpoints of job API jobs written to the state folder")
+RESUMED_FROM_CHECKPOINT = Counter("nst_jobs_resumed_from_checkpoint",
+                                  "Job API jobs that went on from a stored checkpoint instead of their first iteration")
 
 for _outcome in OUTCOMES:                     # export zeros, so that rates exist before the first event
     JOBS.labels(_outcome)

@@ -508,19 +508,23 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
             raise _Abort(grpc.StatusCode.INTERNAL, f"job {job_id} ended without a result")
         # Whatever ends this loop, Stylize sets the job's stop flag (with the reason, for the cancel counter).
 
-    def engine_events(self, job: Job, request: pb.StylizeRequest, settings: StyleTransferSettings):
+    def engine_events(self, job: Job, request: pb.StylizeRequest, settings: StyleTransferSettings,
+                      **checkpoints):
         """Worker thread: decode the request's images and run the engine on them for ``job``; yield its events
         (:class:`~nst_server.events.Progress`, then one :class:`~nst_server.events.Result`), counting its
         iterations. The one path from a request to the engine, for Stylize and for the job API
-        (:mod:`nst_server.jobapi`).
+        (:mod:`nst_server.jobapi`). ``checkpoints``: the engine's ``checkpoint_s``, ``checkpoint_now`` and
+        ``resume`` (:func:`nst_server.engine.stylize`), the job API's only: with them,
+        :class:`~nst_server.events.Checkpoint` events come too (Stylize passes none, so none reaches its stream).
 
         Raises:
             ImageInputError: an image cannot be used (INVALID_ARGUMENT). Anything the engine raises
-                (:func:`abort_for` maps it).
+                (:func:`abort_for` maps it); CheckpointMismatch for a ``resume`` of another schedule.
         """
         inputs = decode_inputs(request, self.limits.max_input_pixels)
-        for event in engine.stylize(self.models, inputs, settings, should_stop=job.should_stop, batcher=self.batcher):
-            job.count_iterations(event.iteration if isinstance(event, Progress) else event.iterations)
+        for event in engine.stylize(self.models, inputs, settings, should_stop=job.should_stop, batcher=self.batcher,
+                                    **checkpoints):
+            job.count_iterations(event.iterations if isinstance(event, Result) else event.iteration)
             yield event
 
     def _heartbeat(self, job: Job) -> pb.StylizeResponse:
