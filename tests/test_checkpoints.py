@@ -46,8 +46,8 @@ def test_checkpoints_change_nothing_and_a_resume_goes_on_numbering_to_a_valid_re
     plain = _run(models, small_images, TWO_SCALES)
     every = _run(models, small_images, TWO_SCALES, checkpoint_now=lambda: True)      # one after every iteration
     checkpoints = _kinds(every, Checkpoint)
-    assert [c.iteration for c in checkpoints] == list(range(1, 9))
-    assert [c.scale for c in checkpoints] == [1, 1, 1, 1, 2, 2, 2, 2]
+    assert [c.iteration for c in checkpoints] == list(range(1, 8))      # but the last: its Result follows
+    assert [c.scale for c in checkpoints] == [1, 1, 1, 1, 2, 2, 2]
     # Checkpointing only copies: the same Progress costs and the same bytes as the job without it.
     assert [p.costs for p in _kinds(every, Progress)] == [p.costs for p in _kinds(plain, Progress)]
     assert every[-1].png == plain[-1].png
@@ -86,7 +86,7 @@ def test_a_stopped_job_checkpoints_the_state_it_stopped_in_and_the_timer_paces_t
     resumed = _run(models, small_images, TWO_SCALES, resume=events[-2])
     assert [p.iteration for p in _kinds(resumed, Progress)] == [6, 7, 8] and resumed[-1].iterations == 8
     paced = _run(models, small_images, TWO_SCALES, checkpoint_s=1e-6)
-    assert [c.iteration for c in _kinds(paced, Checkpoint)] == list(range(1, 9))
+    assert [c.iteration for c in _kinds(paced, Checkpoint)] == list(range(1, 8))
     assert not _kinds(_run(models, small_images, TWO_SCALES, should_stop=lambda: False), Checkpoint)
 
 

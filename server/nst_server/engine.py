@@ -452,8 +452,8 @@ def _optimise_scale(job: _Job, scale: _Scale, pixels: torch.Tensor, tally: _Tall
             if scale.final and _converged(history, settings.convergence_tolerance):
                 tally.stop_reason = STOP_CONVERGED
                 return
-            if job.checkpointing and job.checkpoint_due():
-                yield _checkpoint(job, scale, pixels, tally, history)
+            if job.checkpointing and not (scale.final and done + 1 == scale.budget) and job.checkpoint_due():
+                yield _checkpoint(job, scale, pixels, tally, history)     # (none after the last: its Result follows)
 
 
 def _checkpoint(job: _Job, scale: _Scale, pixels: torch.Tensor, tally: _Tally, history: list[float]) -> Checkpoint:

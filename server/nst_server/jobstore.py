@@ -24,7 +24,6 @@ documents; Cog's prediction lifecycle for the shape of a job (docs/http.md).
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import sqlite3
@@ -34,6 +33,7 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -46,7 +46,7 @@ FINISHED = (SUCCEEDED, FAILED, CANCELLED)
 DATABASE_NAME = "jobs.sqlite3"
 RESULTS_DIR = "results"
 CHECKPOINTS_DIR = "checkpoints"
-#: Version of the checkpoint files' layout (:func:`checkpoint_bytes`); a file of another version is not used.
+#: Version of the checkpoint files' layout (:func:`write_checkpoint_file`); a file of another version is not used.
 CHECKPOINT_FORMAT = 1
 
 _SCHEMA = """
@@ -345,13 +345,13 @@ class JobStore:
         Raises:
             OSError: the file cannot be written (a full disk): the previous checkpoint stays as it was.
         """
-        data = checkpoint_bytes(checkpoint)
         name = f"{job_id}.{checkpoint.iteration}.npz"
         path = self.checkpoints_dir / name
         partial = path.with_name(name + ".partial")
         try:
             with open(partial, "wb") as file:
-                file.write(data)
+                write_checkpoint_file(file, checkpoint)
+                size = file.tell()
                 file.flush()
                 os.fsync(file.fileno())
             os.replace(partial, path)
@@ -365,13 +365,13 @@ class JobStore:
             if state is not None and state[0] not in FINISHED:
                 old = db.execute("SELECT file FROM checkpoints WHERE job_id = ?", (job_id,)).fetchone()
                 db.execute("INSERT OR REPLACE INTO checkpoints (job_id, file, file_bytes, scale, iteration, written_s) "
-                           "VALUES (?, ?, ?, ?, ?, ?)", (job_id, name, len(data), checkpoint.scale,
+                           "VALUES (?, ?, ?, ?, ?, ?)", (job_id, name, size, checkpoint.scale,
                                                          checkpoint.iteration, time.time() if now_s is None else now_s))
         if state is None or state[0] in FINISHED:
             path.unlink(missing_ok=True)
         elif old is not None and old[0] != name:
             self._remove_checkpoint_file(old[0])
-        return len(data)
+        return size
 
     def checkpoint_row(self, job_id: str) -> CheckpointRow | None:
         """The job's stored checkpoint (without its pixels), or None."""
@@ -384,12 +384,13 @@ class JobStore:
 
         Raises:
             OSError: the file named by its row is missing or unreadable. ValueError: the file is not a checkpoint
-                of this format (:func:`checkpoint_from_bytes`).
+                of this format (:func:`read_checkpoint_file`).
         """
         row = self.checkpoint_row(job_id)
         if row is None:
             return None
-        return checkpoint_from_bytes((self.checkpoints_dir / row.file).read_bytes())
+        with open(self.checkpoints_dir / row.file, "rb") as file:
+            return read_checkpoint_file(file)
 
     def drop_checkpoint(self, job_id: str) -> None:
         """Forget the job's checkpoint (row and file), if it has one."""
@@ -499,25 +500,24 @@ class JobStore:
         return counts
 
 
-def checkpoint_bytes(checkpoint: Checkpoint) -> bytes:
-    """``checkpoint`` as an uncompressed NumPy ``.npz`` (no pickled objects): its arrays as they are (float32 pixels
-    compress little), its numbers in a float64 ``meta`` array, its costs in ``history``."""
+def write_checkpoint_file(file: BinaryIO, checkpoint: Checkpoint) -> None:
+    """Write ``checkpoint`` to ``file`` as an uncompressed NumPy ``.npz`` (no pickled objects): its arrays as they
+    are (float32 pixels compress little), its numbers in a float64 ``meta`` array, its costs in ``history``. Written
+    straight to the file, so that no second copy of the image is held in memory."""
     arrays = {"meta": np.array([CHECKPOINT_FORMAT, checkpoint.scale, checkpoint.scales, checkpoint.iteration,
                                 checkpoint.best_total, checkpoint.best_iteration, checkpoint.elapsed_ms], np.float64),
               "history": np.array(checkpoint.history, np.float64),
               "pixels": np.ascontiguousarray(checkpoint.pixels, np.float32)}
     if checkpoint.best_pixels is not None:
         arrays["best_pixels"] = np.ascontiguousarray(checkpoint.best_pixels, np.float32)
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    return buffer.getvalue()
+    np.savez(file, **arrays)
 
 
-def checkpoint_from_bytes(data: bytes) -> Checkpoint:
-    """The :class:`Checkpoint` that :func:`checkpoint_bytes` wrote. Raises ValueError for anything else (another
-    format version, a truncated or foreign file)."""
+def read_checkpoint_file(file: BinaryIO) -> Checkpoint:
+    """The :class:`Checkpoint` that :func:`write_checkpoint_file` wrote to ``file``. Raises ValueError for anything
+    else (another format version, a truncated or foreign file)."""
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+        with np.load(file, allow_pickle=False) as arrays:
             meta = arrays["meta"]
             if meta.shape != (7,) or int(meta[0]) != CHECKPOINT_FORMAT:
                 raise ValueError(f"not a checkpoint of format {CHECKPOINT_FORMAT}")
