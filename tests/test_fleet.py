@@ -45,8 +45,18 @@ def _pid(replica_id: str) -> int:
     return int(replica_id.rsplit("/", 1)[1])
 
 
+#: The job API's counts of the outcomes of nst_jobs_total (Stylize calls): ``stylize`` submits its jobs
+#: (SubmitJob) where the server has the job API.
+_JOB_API_COUNT = {"completed": ("nst_stored_job_events_total", {"event": "succeeded"}),
+                  "refused_busy": ("nst_rpcs_total", {"method": "/nst.v1.StyleTransfer/SubmitJob",
+                                                      "code": "RESOURCE_EXHAUSTED"})}
+
+
 def _outcomes(replicas, outcome: str) -> dict[int, float]:
-    return {r.pid: r.metric("nst_jobs_total", outcome=outcome) for r in replicas if r.process.poll() is None}
+    """Jobs of ``outcome`` per replica, Stylize calls and job-API jobs together."""
+    name, labels = _JOB_API_COUNT[outcome]
+    return {r.pid: r.metric("nst_jobs_total", outcome=outcome) + r.metric(name, **labels)
+            for r in replicas if r.process.poll() is None}
 
 
 def test_nine_concurrent_jobs_through_one_multi_address_target(fleet, small_images, tmp_path):
@@ -153,6 +163,8 @@ def test_sigterm_drains_a_replica_new_jobs_go_to_the_others(fleet, small_images)
     assert "error" not in outcome, outcome.get("error")
     assert outcome["result"].attempts == 1 and _pid(outcome["result"].replica) == draining.pid
     assert all(_pid(r.replica) != draining.pid for r in others)
-    refused = sum("Stylize" in line and "status=UNAVAILABLE" in line for line in draining.log().splitlines())
-    print(f"\ndrained {draining.pid}; it refused {refused} Stylize calls while draining (UNAVAILABLE before any "
-          f"response, retried by gRPC on another address; none when round robin's health watch dropped it first)")
+    refused = sum(("Stylize" in line or "SubmitJob" in line) and "status=UNAVAILABLE" in line
+                  for line in draining.log().splitlines())
+    print(f"\ndrained {draining.pid}; it refused {refused} Stylize/SubmitJob calls while draining (UNAVAILABLE "
+          f"before any response, retried by gRPC on another address; none when round robin's health watch dropped "
+          f"it first)")

@@ -12,7 +12,10 @@
 
 ``--server`` takes any gRPC target: several replicas as ``ipv4:10.0.0.1:50051,10.0.0.2:50051`` or
 ``dns:///nst-headless.NAMESPACE.svc:50051`` are balanced round robin, refusals are retried on another replica,
-and a job whose replica is lost mid-stream is sent again (``--max-resubmits``).
+and the calls about one job (watch, result, cancel) go to the replica that holds it. ``nst stylize`` runs its job
+through the job API where the server has it: a stream that breaks is reattached (it says so) from the last event
+seen, and the job is sent again (``--max-resubmits``) only when its replica stays unreachable for
+``--reattach-s`` or no longer knows it.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from nst_client import bench as bench_module
 from nst_client import output
 from nst_proto.argtypes import finite, integer, seconds, timeout
 from nst_proto.console import tolerate_console
-from nst_client.client import CHOICES, JOB_STATES, NSTClient, NSTError, check_target, state_name
+from nst_client.client import CHOICES, JOB_STATES, REATTACH_S, NSTClient, NSTError, check_target, state_name
 from nst_client.options import StylizeOptions
 from nst_proto.v1 import style_transfer_pb2 as pb
 
@@ -80,6 +83,9 @@ def _add_server(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-resubmits", type=integer(0), default=2,
                         help="send a job again at most this many times when its replica is lost mid-stream "
                              "(default: %(default)s)")
+    parser.add_argument("--reattach-s", type=seconds, default=REATTACH_S,
+                        help="keep reattaching to a job whose stream broke (WatchJob on its replica, from the last "
+                             "event seen) for this long before sending it again, s (default: %(default)s)")
     parser.add_argument("--busy-retry-s", type=seconds, default=0.0,
                         help="keep sending a job that every replica refuses (busy, loading, draining) for up to "
                              "this long, s; inf: until --timeout-s (default: %(default)s: fail at once)")
@@ -176,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     stylize.add_argument("--timeout-s", type=timeout, default=None,
                          help="deadline for the whole job, s, > 0; inf (or more than 1e9): none (default: none)")
     stylize.add_argument("--quiet", action="store_true", help="no progress bar")
+    stylize.add_argument("--no-job-api", dest="job_api", action="store_false",
+                         help="run the job on one Stylize stream, as before the job API: a broken stream cancels it "
+                              "and it is sent again from the start (default: the job API where the server has it)")
     _add_controls(stylize)
 
     submit = commands.add_parser("submit", help="submit a job that outlives this command (SubmitJob); prints its "
@@ -300,6 +309,14 @@ def _stylize(args: argparse.Namespace, client: NSTClient, fmt: str) -> int:
         shown["attempt"] = f" (attempt {retry.attempt})"
         bar.set_description(f"stylize{shown['attempt']}" + (f" {shown['scale']}" if shown["scale"] else ""))
 
+    def on_reattach(reattach) -> None:
+        line = (f"nst: the stream broke ({reattach.error}); reattached to job {reattach.job_id} after event "
+                f"{reattach.after} in {reattach.waited_s:.2f} s")
+        if bar is None:
+            print(line, file=sys.stderr)
+        else:
+            bar.write(line, file=sys.stderr)
+
     def on_progress(progress) -> None:
         if progress.preview_png and not preview_failed:
             preview = target.with_suffix(f".preview{progress.iteration:04d}{target.suffix}")
@@ -327,7 +344,7 @@ def _stylize(args: argparse.Namespace, client: NSTClient, fmt: str) -> int:
     try:
         result = client.stylize(
             args.content, args.style, stylize_options(args), on_progress=on_progress, on_heartbeat=on_heartbeat,
-            on_retry=on_retry, timeout_s=args.timeout_s,
+            on_retry=on_retry, on_reattach=on_reattach, timeout_s=args.timeout_s,
             styles=[_file_weight(item) for item in args.styles], init_image=args.init_image)
     finally:
         if bar is not None:
@@ -417,7 +434,8 @@ def main(argv: list[str] | None = None) -> int:
                 if getattr(args, option):
                     output.check_writable(getattr(args, option), "--" + option.replace("_", "-"))
         with NSTClient(args.server, tls=args.tls, tls_ca=args.tls_ca, token=args.token, balance=args.balance,
-                       max_resubmits=args.max_resubmits, busy_retry_s=args.busy_retry_s) as client:
+                       max_resubmits=args.max_resubmits, busy_retry_s=args.busy_retry_s,
+                       reattach_s=args.reattach_s, job_api=getattr(args, "job_api", True)) as client:
             if args.command == "stylize":
                 return _stylize(args, client, fmt)
             if args.command == "bench":

@@ -6,8 +6,15 @@ message.
 One client can serve from many replicas: a target that names several addresses (``ipv4:10.0.0.1:50051,
 10.0.0.2:50051``) or a resolver (``dns:///nst-headless.NAMESPACE.svc:50051``) gets gRPC's ``round_robin``
 balancing and a retry policy for refusals that come before any response (RESOURCE_EXHAUSTED at admission,
-UNAVAILABLE while a replica loads or drains), through a gRPC service config (gRFC A6 "Client retries");
-:meth:`NSTClient.stylize` sends a job again when its stream breaks after ``JobAccepted`` (the replica died).
+UNAVAILABLE while a replica loads or drains), through a gRPC service config (gRFC A6 "Client retries").
+
+:meth:`NSTClient.stylize` runs its job through the job API where the server has it (``SubmitJob`` under a
+``request_id`` made once per call, then ``WatchJob``): a stream that breaks is reattached with ``WatchJob(after=
+the last event seen)`` on the replica that owns the job, and the job is sent again (same ``request_id``) only
+when that replica stays unreachable for ``reattach_s`` or no longer knows the job. Servers without the job API
+(UNIMPLEMENTED) get the ``Stylize`` stream, sent again when it breaks after ``JobAccepted``. On a fleet, the calls
+about one job (WatchJob, GetJob, GetJobResult, CancelJob) go to the replica that holds it: the one named in the
+job id (:mod:`nst_proto.jobids`; its pod under a ``dns:`` target), or the address that answers ``GetJob``.
 
 The job's controls are :class:`nst_client.options.StylizeOptions`; :class:`nst_client.aio.AsyncNSTClient` is
 this client on asyncio (``grpc.aio``), built from the helpers here.
@@ -21,7 +28,9 @@ import math
 import numbers
 import os
 import re
+import socket
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -33,6 +42,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nst_proto import MAX_TIMEOUT_S
 from nst_proto.files import atomic_write_bytes
+from nst_proto.jobids import job_owner
 from nst_proto.v1 import style_transfer_pb2 as pb
 from nst_proto.v1 import style_transfer_pb2_grpc as pb_grpc
 # Re-exported: ``from nst_client.client import CHOICES, build_request`` predates nst_client.options.
@@ -64,6 +74,17 @@ RETRYABLE_CODES = ("RESOURCE_EXHAUSTED", "UNAVAILABLE")
 #: Status codes after ``JobAccepted`` that mean the replica went away (killed, connection lost, shutdown grace
 #: over): the job is sent again.
 RESUBMIT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
+#: Default of the clients' ``reattach_s``: how long :meth:`NSTClient.stylize` keeps reattaching to a job whose
+#: stream broke (``WatchJob`` on its replica) before it sends the job again, s.
+REATTACH_S = 15.0
+#: Status codes of a broken ``WatchJob`` that end the reattaching at once: the call itself is refused.
+NO_REATTACH_CODES = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
+                               grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED})
+#: Deadline of one ``GetJob`` asking an address whether it holds a job (routing on a fleet), and of the
+#: ``SubmitJob`` and ``CancelJob`` calls :meth:`NSTClient.stylize` makes, s.
+ROUTE_PROBE_S, SUBMIT_S, CANCEL_S = 5.0, 60.0, 10.0
+#: ``JobEvent.error_code`` (a status code number) -> ``grpc.StatusCode``.
+STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
 def service_config(max_attempts: int = RETRY_MAX_ATTEMPTS, health_check: bool = True) -> str:
@@ -208,6 +229,14 @@ def check_target(target: str) -> str:
     naming the expected form (TypeError: not a str)."""
     target_hosts(target)
     return target
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    return True
 
 
 def _is_loopback_host(host: str) -> bool:
@@ -410,6 +439,83 @@ class Retry:
 
 
 @dataclass(frozen=True)
+class Reattach:
+    """:meth:`NSTClient.stylize` is following its job again after the stream broke (handed to its
+    ``on_reattach`` once the new ``WatchJob`` stream delivered its first message).
+
+    Attributes:
+        job_id: the job (the job API's id).
+        after: the last event number seen before the break; the new stream starts after it.
+        error: what broke the stream.
+        tries: ``WatchJob`` calls it took to reattach (1: the first one).
+        waited_s: from the break to the first message of the new stream, s.
+    """
+
+    job_id: str
+    after: int
+    error: "NSTError"
+    tries: int
+    waited_s: float
+
+
+class _JobLost(Exception):
+    """The job of a :meth:`NSTClient.stylize` call cannot be followed any more (its replica is unreachable for
+    ``reattach_s``, or no longer knows it): it is sent again."""
+
+    def __init__(self, error: "NSTError") -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _Reattaching:
+    """When :meth:`NSTClient.stylize` (and the asyncio client's) watches its job again after a break: for up to
+    ``reattach_s`` after the last message, with a backoff from 0.1 s doubling to 2 s; never past the deadline."""
+
+    def __init__(self, job_id: str, reattach_s: float, attempts: "_Attempts") -> None:
+        self.job_id, self.reattach_s, self.attempts = job_id, reattach_s, attempts
+        self.after = 0
+        self.broken_at: float | None = None
+        self.error: NSTError | None = None
+        self.tries, self.backoff_s = 0, 0.1
+
+    def received(self, event: pb.JobEvent) -> Reattach | None:
+        """A message arrived; the :class:`Reattach` to report when it is the first after a break."""
+        reattached = None
+        if self.broken_at is not None:
+            reattached = Reattach(self.job_id, self.after, self.error, self.tries,
+                                  time.monotonic() - self.broken_at)
+            self.broken_at, self.error, self.tries, self.backoff_s = None, None, 0, 0.1
+        if event.number:
+            self.after = event.number
+        return reattached
+
+    def broke(self, error: NSTError) -> float:
+        """The stream broke with ``error``: the pause before the next ``WatchJob``, s.
+
+        Raises:
+            NSTError: ``error``, when it ends the job's call (the deadline passed, a refusal of the call).
+            _JobLost: the replica no longer knows the job (NOT_FOUND), or did not answer for ``reattach_s``.
+        """
+        now = time.monotonic()
+        if error.code == grpc.StatusCode.NOT_FOUND:
+            raise _JobLost(error)
+        if error.code in NO_REATTACH_CODES:
+            raise error
+        deadline = self.attempts.deadline
+        if deadline is not None and now >= deadline - 0.05:          # gRPC's deadline of the watch: ours
+            raise error if error.code == grpc.StatusCode.DEADLINE_EXCEEDED else NSTError(
+                grpc.StatusCode.DEADLINE_EXCEEDED, f"deadline passed while reattaching to job {self.job_id} ({error})")
+        if self.broken_at is None:
+            self.broken_at = now
+        self.error = error
+        if now - self.broken_at >= self.reattach_s:
+            raise _JobLost(error)
+        wait_s, self.backoff_s = self.backoff_s, min(2 * self.backoff_s, 2.0)
+        self.tries += 1
+        return wait_s
+
+
+@dataclass(frozen=True)
 class _Connection:
     """What both clients make their channel from (:func:`_connection`)."""
 
@@ -503,11 +609,12 @@ class _Attempts:
         """The deadline of the next attempt, s (None: none; at least 1 ms, which expires at once)."""
         return None if self.deadline is None else max(0.001, self.deadline - time.monotonic())
 
-    def retry(self, error: NSTError, accepted: bool) -> Retry | None:
-        """The :class:`Retry` to make after ``error`` ended an attempt (``accepted``: it had its JobAccepted),
-        or None: give up and raise ``error``."""
+
+    def retry(self, error: NSTError, accepted: bool, lost: bool = False) -> Retry | None:
+        """The :class:`Retry` to make after ``error`` ended an attempt (``accepted``: it had its JobAccepted;
+        ``lost``: its replica lost the job, whatever the code), or None: give up and raise ``error``."""
         now = time.monotonic()
-        if accepted and error.code in RESUBMIT_CODES and self.resubmits < self.max_resubmits:
+        if accepted and (lost or error.code in RESUBMIT_CODES) and self.resubmits < self.max_resubmits:
             self.resubmits, wait_s = self.resubmits + 1, 0.0
         elif not accepted and error.code.name in RETRYABLE_CODES and now + self.backoff_s < self.busy_until:
             wait_s, self.backoff_s = self.backoff_s, min(2 * self.backoff_s, 2.0)
@@ -530,6 +637,30 @@ class _JobReader:
         self.progress: list[pb.Progress] = []
         self.chunks: list[bytes] = []
         self.final: StylizeResult | None = None
+        self.ended = False              # the job API reported the job's end (a result, or FAILED/CANCELLED)
+        self.rerun = False              # a second JobAccepted: the job runs again (a restart of its replica)
+
+    def feed_event(self, event: pb.JobEvent):
+        """Take one ``WatchJob`` event (its ``response`` as :meth:`feed` does); a job run again after its replica
+        restarted reports its iterations again: the earlier ones from there on are dropped from the progress.
+
+        Raises:
+            NSTError: the job ended FAILED or CANCELLED (its code and message).
+        """
+        if event.number and event.state in (pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED):
+            self.ended = True
+            raise NSTError(STATUS_CODES.get(event.error_code, grpc.StatusCode.UNKNOWN),
+                           event.error_message or f"the job ended {pb.JobState.Name(event.state)}")
+        kind = event.response.WhichOneof("event")
+        if kind == "accepted" and self.accepted is not None:
+            self.rerun = True
+        elif kind == "progress" and self.rerun:
+            self.rerun = False
+            self.progress = [p for p in self.progress if p.iteration < event.response.progress.iteration]
+        outcome = self.feed(event.response)
+        if kind == "result":
+            self.ended = True
+        return outcome
 
     def feed(self, message: pb.StylizeResponse):
         """Take one message; returns what the callback it went to returned (None when none was called)."""
@@ -590,6 +721,15 @@ def state_name(state: int) -> str:
     return pb.JobState.Name(state).removeprefix("JOB_STATE_").lower()
 
 
+def _unreachable(job_id: str, targets: list[str]) -> NSTError:
+    return NSTError(grpc.StatusCode.UNAVAILABLE, f"job {job_id}: no replica that answered holds it, and "
+                    f"{', '.join(targets)} did not answer (its replica may be one of them)")
+
+
+def _capped(timeout_s: float | None, most_s: float) -> float:
+    return most_s if timeout_s is None else min(timeout_s, most_s)
+
+
 def submit_request(request: pb.StylizeRequest, request_id: str | None) -> pb.SubmitJobRequest:
     """A ``SubmitJobRequest``; ``request_id`` None: a fresh UUID, so that gRPC's retries of this one submission
     (balanced targets) never make a second job."""
@@ -608,7 +748,10 @@ class _Client:
                  token: str | None = None, balance: bool | None = None, max_resubmits: int = 2,
                  busy_retry_s: float = 0.0, keepalive_time_s: float = KEEPALIVE_TIME_S,
                  keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
-                 channel_options: Sequence[tuple[str, str | int]] = ()) -> None:
+                 channel_options: Sequence[tuple[str, str | int]] = (), reattach_s: float = REATTACH_S,
+                 job_api: bool = True) -> None:
+        if _real(reattach_s, "reattach_s") < 0:
+            raise ValueError(f"reattach_s must be >= 0 s, got {reattach_s!r}")
         connection = _connection(target, tls=tls, tls_ca=tls_ca, tls_server_name=tls_server_name, token=token,
                                  balance=balance, max_resubmits=max_resubmits, busy_retry_s=busy_retry_s,
                                  keepalive_time_s=keepalive_time_s, keepalive_timeout_s=keepalive_timeout_s,
@@ -625,6 +768,81 @@ class _Client:
         self._metadata = connection.metadata
         self._stub = pb_grpc.StyleTransferStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+        self.reattach_s = float(reattach_s)
+        self.job_api = bool(job_api)
+        # Routing a job's calls on a fleet: one channel per replica address (no balancing, no retries), and the
+        # address found for each owner (the replica name in the job id, else the job id itself).
+        self._credentials = connection.credentials
+        self._route_arguments = [(key, value) for key, value in connection.arguments
+                                 if key not in ("grpc.service_config", "grpc.enable_retries",
+                                                "grpc.per_rpc_retry_buffer_size")]
+        self._route_stubs: dict[str, pb_grpc.StyleTransferStub] = {}
+        self._route_channels: list = []
+        self._routes: dict[str, str] = {}
+        self._routes_lock = threading.Lock()
+
+    def _route_key(self, job_id: str) -> str:
+        return job_owner(job_id) or job_id
+
+    def _route_candidates(self, job_id: str) -> list[str]:
+        """The targets that may hold ``job_id`` on a balanced target, the one found before first: the owner's pod
+        (``dns:///OWNER.NAME:PORT`` of a ``dns:`` target named in the id: a StatefulSet's pod behind its headless
+        Service), then every address of the target (an ``ipv4:``/``ipv6:`` list, or what its name resolves to)."""
+        found = [self._routes[key]] if (key := self._route_key(job_id)) in self._routes else []
+        scheme, rest = _split_scheme(self.target)
+        if scheme in ("ipv4", "ipv6"):
+            found += [f"{scheme}:{item}" for item in rest.split(",")]
+        elif scheme in ("dns", ""):
+            authority, path = "", rest
+            if scheme == "dns" and rest.startswith("//"):
+                server, _, path = rest[2:].partition("/")
+                authority = f"//{server}/"
+            host, port = _host_port(path, self.target)
+            literal = _is_address(host)
+            owner = job_owner(job_id)
+            if owner and not literal:
+                found.append(f"dns:{authority}{owner}.{host}:{port}")
+            try:
+                addresses = sorted({info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)})
+            except OSError:
+                addresses = []
+            found += [f"ipv6:[{address}]:{port}" if ":" in address else f"ipv4:{address}:{port}"
+                      for address in addresses]
+        return list(dict.fromkeys(found))
+
+    def _route_stub(self, target: str) -> pb_grpc.StyleTransferStub:
+        """The stub of a channel to just ``target`` (made once)."""
+        with self._routes_lock:
+            stub = self._route_stubs.get(target)
+            if stub is None:
+                arguments = list(self._route_arguments)
+                host = target_hosts(self.target)
+                if self._credentials is not None and host and not any(
+                        key == "grpc.ssl_target_name_override" for key, _ in arguments):
+                    arguments.append(("grpc.ssl_target_name_override", host[0]))    # the fleet's certificate
+                if self._credentials is not None:
+                    channel = self._channels.secure_channel(target, self._credentials, options=arguments)
+                else:
+                    channel = self._channels.insecure_channel(target, options=arguments)
+                self._route_channels.append(channel)
+                stub = self._route_stubs[target] = pb_grpc.StyleTransferStub(channel)
+            return stub
+
+    def _routed(self, job_id: str, target: str) -> None:
+        self._routes[self._route_key(job_id)] = target
+
+    def _forget_route(self, job_id: str) -> None:
+        """After UNAVAILABLE from the replica of ``job_id``: look for it again at the next call (a pod restarted
+        on another address)."""
+        self._routes.pop(self._route_key(job_id), None)
+
+    def _known_stub(self, job_id: str):
+        """The stub for ``job_id`` without asking anyone: the main one (one server), the one found before, or
+        None: ask the candidates."""
+        if not self.balanced:
+            return self._stub
+        target = self._routes.get(self._route_key(job_id))
+        return None if target is None else self._route_stub(target)
 
     def _error(self, error: grpc.RpcError) -> NSTError:
         """``error`` as :class:`NSTError`, naming the HTTP proxy of an UNAVAILABLE call that went through one."""
@@ -668,8 +886,14 @@ class NSTClient(_Client):
             instead of waiting forever. Servers must allow it (nst-server: ``--min-ping-interval-s``, 5 s).
         channel_options: more gRPC channel arguments, e.g. ``[("grpc.keepalive_time_ms", 10000)]``; they
             override the ones above.
+        reattach_s: :meth:`stylize` keeps reattaching to a job whose stream broke (``WatchJob`` on its replica,
+            from the last event seen) for this long after the last message, before it sends the job again, s.
+        job_api: :meth:`stylize` runs its job through the job API where the server has it (default); False: on
+            one ``Stylize`` stream, as before the job API (the job ends with the call: a broken stream cancels it,
+            and it is sent again from the start).
 
-        Ranges: ``max_resubmits`` an int >= 0; ``busy_retry_s`` >= 0 (``math.inf``: until the deadline);
+        Ranges: ``max_resubmits`` an int >= 0; ``busy_retry_s``, ``reattach_s`` >= 0 (``math.inf``: until the
+        deadline);
         ``keepalive_time_s`` >= 1 (``math.inf`` or above :data:`MAX_KEEPALIVE_S`: no pings);
         ``keepalive_timeout_s`` > 0.
     Raises:
@@ -687,6 +911,8 @@ class NSTClient(_Client):
         self.close()
 
     def close(self) -> None:
+        for channel in self._route_channels:
+            channel.close()
         self._channel.close()
 
     def health(self, service: str = "", timeout_s: float | None = 5.0) -> str:
@@ -749,15 +975,23 @@ class NSTClient(_Client):
                 on_progress: Callable[[pb.Progress], None] | None = None,
                 on_heartbeat: Callable[[pb.Heartbeat], None] | None = None,
                 on_retry: Callable[[Retry], None] | None = None,
+                on_reattach: Callable[[Reattach], None] | None = None,
                 timeout_s: float | None = None, **overrides: Unpack[StylizeOverrides]) -> StylizeResult:
-        """Run one job to completion, sending it again where another attempt can succeed.
+        """Run one job to completion, following it again where its stream breaks, sending it again where another
+        attempt can succeed.
 
-        A stream that breaks after ``JobAccepted`` with UNAVAILABLE (the replica was killed, the connection lost,
-        or the replica's shutdown grace ran out) is sent again, at most ``max_resubmits`` times; the job starts
-        over on another replica (the seed makes it the same job: same inputs, seed and settings give the same
-        bytes on the same device). A job refused before any response with RESOURCE_EXHAUSTED or UNAVAILABLE,
-        after gRPC's own retries, is sent again for up to ``busy_retry_s``. ``StylizeResult.attempts`` says how
-        many sends it took.
+        Where the server has the job API, the job is submitted (``SubmitJob``, under a ``request_id`` made once
+        for this call) and followed (``WatchJob``) on the replica that holds it. A stream that breaks (the
+        connection lost, a proxy's timeout, UNAVAILABLE) is reattached with ``WatchJob(after=`` the last event
+        number seen ``)``, so that no event is missed or seen twice (``on_reattach``); only when the replica stays
+        unreachable for ``reattach_s``, or no longer knows the job (NOT_FOUND), is the job sent again, with the same
+        ``request_id`` (a replica that holds it returns it, never computes it twice), at most ``max_resubmits``
+        times. Servers without the job API (UNIMPLEMENTED) get the ``Stylize`` stream instead: sent again when it
+        breaks after ``JobAccepted`` with UNAVAILABLE (the job starts over on another replica; the seed makes it
+        the same job). A job refused before it was accepted with RESOURCE_EXHAUSTED or UNAVAILABLE, after gRPC's
+        own retries, is sent again for up to ``busy_retry_s``. ``StylizeResult.attempts`` says how many sends it
+        took. A call that ends early (the deadline, an exception in a callback, KeyboardInterrupt) cancels the job
+        (``CancelJob``).
 
         Args:
             content, style: encoded image bytes or file paths (``style`` may be None when ``styles`` is given).
@@ -768,21 +1002,116 @@ class NSTClient(_Client):
                 after a resubmission).
             on_heartbeat: called with each ``nst.v1.Heartbeat`` (queue position, time waited).
             on_retry: called with a :class:`Retry` before each new attempt.
+            on_reattach: called with a :class:`Reattach` when a broken stream was reattached.
             timeout_s: deadline for the whole job, all attempts together, seconds, > 0 (None: the client's
                 ``timeout_s``; ``math.inf`` or more than :data:`MAX_TIMEOUT_S`: none).
             **overrides: :class:`StylizeOptions` fields applied over ``options`` (``max_side_px=256,
                 iterations=200`` …).
         Raises:
-            NSTError: the server refused or failed the job, or the last attempt's stream broke. TypeError: an
-                override names no option (before anything is sent), or a value of the wrong type. ValueError: a
-                value out of its proto type's range or an unknown enum value, or ``timeout_s`` out of range.
-                OSError: an image cannot be read.
+            NSTError: the server refused or failed the job (FAILED: its code and message; CANCELLED: cancelled by
+                someone else), the deadline passed, or the last attempt's stream broke. TypeError: an override names
+                no option (before anything is sent), or a value of the wrong type. ValueError: a value out of its
+                proto type's range or an unknown enum value, or ``timeout_s`` out of range. OSError: an image cannot
+                be read.
         """
         request = build_request(content, style, options, styles=styles, init_image=init_image, **overrides)
         attempts = _Attempts(timeout_s if timeout_s is not None else self.timeout_s, self.max_resubmits,
                              self.busy_retry_s)
+        if not self.job_api:
+            return self._stylize_stream(request, attempts, _JobReader(1, on_progress, on_heartbeat), on_progress,
+                                        on_heartbeat, on_retry)
+        submission = submit_request(request, None)          # one request_id for every attempt of this call
         while True:
             reader = _JobReader(attempts.attempt, on_progress, on_heartbeat)
+            try:
+                reply = self._unary(self._stub.SubmitJob, submission, _capped(attempts.remaining_s(), SUBMIT_S))
+            except NSTError as error:
+                if error.code == grpc.StatusCode.UNIMPLEMENTED:       # a server without the job API
+                    return self._stylize_stream(request, attempts, reader, on_progress, on_heartbeat, on_retry)
+                retry = attempts.retry(error, accepted=False)
+                if retry is None:
+                    raise
+                if on_retry is not None:
+                    on_retry(retry)
+                time.sleep(retry.wait_s)
+                continue
+            try:
+                self._follow(reply.job_id, reader, attempts, on_reattach)
+                return reader.result()
+            except _JobLost as lost:
+                retry = attempts.retry(lost.error, accepted=True, lost=True)
+                if retry is None:
+                    raise lost.error from None
+                if on_retry is not None:
+                    on_retry(retry)
+                time.sleep(retry.wait_s)
+            except BaseException:
+                if not reader.ended:          # the caller gave up (deadline, callback, Ctrl-C): the job stops
+                    self._cancel_quietly(reply.job_id)
+                raise
+
+    def _follow(self, job_id: str, reader: "_JobReader", attempts: _Attempts,
+                on_reattach: Callable[[Reattach], None] | None) -> None:
+        """Watch ``job_id`` into ``reader`` until its result, reattaching after breaks (:class:`_Reattaching`).
+        Raises NSTError (the job failed, the deadline) or _JobLost."""
+        state = _Reattaching(job_id, self.reattach_s, attempts)
+        while True:
+            try:
+                stub = self._job_stub(job_id)
+                call = stub.WatchJob(pb.WatchJobRequest(job_id=job_id, after=state.after),
+                                     timeout=attempts.remaining_s(), metadata=self._metadata)
+                try:
+                    for event in call:
+                        reattached = state.received(event)
+                        if reattached is not None and on_reattach is not None:
+                            on_reattach(reattached)
+                        reader.feed_event(event)
+                finally:
+                    call.cancel()
+                if reader.ended:
+                    return
+                error = NSTError(grpc.StatusCode.UNAVAILABLE, f"the watch of job {job_id} ended before the job did")
+            except grpc.RpcError as rpc_error:
+                error = self._error(rpc_error)
+            except NSTError as routing_error:                # its replica did not answer (_job_stub)
+                error = routing_error
+            if error.code == grpc.StatusCode.UNAVAILABLE:
+                self._forget_route(job_id)
+            time.sleep(state.broke(error))
+
+    def _job_stub(self, job_id: str) -> pb_grpc.StyleTransferStub:
+        """The stub for the calls about ``job_id``: on a fleet, its replica's (:meth:`_Client._route_candidates`,
+        each asked with ``GetJob`` until one has it; remembered); else, or when none has it, the main one."""
+        stub = self._known_stub(job_id)
+        if stub is not None:
+            return stub
+        unreachable: list[str] = []
+        for target in self._route_candidates(job_id):
+            candidate = self._route_stub(target)
+            try:
+                candidate.GetJob(pb.GetJobRequest(job_id=job_id), timeout=ROUTE_PROBE_S, metadata=self._metadata)
+            except grpc.RpcError as error:
+                if error.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                    raise self._error(error) from None
+                if error.code() != grpc.StatusCode.NOT_FOUND:
+                    unreachable.append(target)
+                continue
+            self._routed(job_id, target)
+            return candidate
+        if unreachable:                   # the job may be on one of them: not "not found"
+            raise _unreachable(job_id, unreachable)
+        return self._stub
+
+    def _cancel_quietly(self, job_id: str) -> None:
+        try:
+            self.cancel(job_id, timeout_s=CANCEL_S)
+        except (NSTError, ValueError):
+            pass
+
+    def _stylize_stream(self, request: pb.StylizeRequest, attempts: _Attempts, reader: "_JobReader",
+                        on_progress, on_heartbeat, on_retry) -> StylizeResult:
+        """:meth:`stylize` over the ``Stylize`` stream (servers without the job API)."""
+        while True:
             try:
                 # Read to the end of the stream, past the Result: leaving early would cancel the call, and the
                 # server would count a delivered job as cancelled.
@@ -796,6 +1125,7 @@ class NSTClient(_Client):
                 if on_retry is not None:
                     on_retry(retry)
                 time.sleep(retry.wait_s)
+                reader = _JobReader(attempts.attempt, on_progress, on_heartbeat)
 
     # -- the job API: jobs that outlive their connection (nst.v1 SubmitJob, WatchJob …) ---------------------------
 
@@ -833,18 +1163,32 @@ class NSTClient(_Client):
         Raises:
             NSTError: NOT_FOUND (no such job), or the stream broke (UNAVAILABLE: reattach).
         """
-        call = self._stub.WatchJob(pb.WatchJobRequest(job_id=job_id, after=after), timeout=check_timeout(timeout_s),
-                                   metadata=self._metadata)
+        timeout = check_timeout(timeout_s)
+        call = self._job_stub(job_id).WatchJob(pb.WatchJobRequest(job_id=job_id, after=after), timeout=timeout,
+                                               metadata=self._metadata)
         try:
             yield from call
         except grpc.RpcError as error:
-            raise self._error(error) from None
+            raise self._job_error(job_id, error) from None
         finally:
             call.cancel()
 
+    def _job_unary(self, method: str, job_id: str, request, timeout_s: float | None):
+        """A unary call about ``job_id``, on its replica (:meth:`_job_stub`)."""
+        timeout = check_timeout(timeout_s)
+        try:
+            return getattr(self._job_stub(job_id), method)(request, timeout=timeout, metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise self._job_error(job_id, error) from None
+
+    def _job_error(self, job_id: str, error: grpc.RpcError) -> NSTError:
+        if error.code() == grpc.StatusCode.UNAVAILABLE:
+            self._forget_route(job_id)
+        return self._error(error)
+
     def job(self, job_id: str, timeout_s: float | None = 30.0) -> pb.JobStatus:
         """Where the job stands (``GetJob``): state, progress, timings, costs, error. Raises NSTError (NOT_FOUND)."""
-        return self._unary(self._stub.GetJob, pb.GetJobRequest(job_id=job_id), timeout_s)
+        return self._job_unary("GetJob", job_id, pb.GetJobRequest(job_id=job_id), timeout_s)
 
     def result(self, job_id: str, timeout_s: float | None = None) -> bytes:
         """The result PNG of a SUCCEEDED job (``GetJobResult``, its chunks joined).
@@ -853,17 +1197,18 @@ class NSTClient(_Client):
             NSTError: NOT_FOUND (no such job, or expired), FAILED_PRECONDITION (the job has no result: the message
                 says its state).
         """
-        call = self._stub.GetJobResult(pb.GetJobResultRequest(job_id=job_id), timeout=check_timeout(timeout_s),
-                                       metadata=self._metadata)
+        timeout = check_timeout(timeout_s)
+        call = self._job_stub(job_id).GetJobResult(pb.GetJobResultRequest(job_id=job_id), timeout=timeout,
+                                                   metadata=self._metadata)
         try:
             return b"".join(chunk.data for chunk in call)
         except grpc.RpcError as error:
-            raise self._error(error) from None
+            raise self._job_error(job_id, error) from None
 
     def cancel(self, job_id: str, timeout_s: float | None = 30.0) -> pb.JobStatus:
         """Cancel the job (``CancelJob``): a queued one at once, a running one within one iteration; a finished
         one is left as it is. Returns its status after the request. Raises NSTError (NOT_FOUND)."""
-        return self._unary(self._stub.CancelJob, pb.CancelJobRequest(job_id=job_id), timeout_s)
+        return self._job_unary("CancelJob", job_id, pb.CancelJobRequest(job_id=job_id), timeout_s)
 
     def jobs(self, state: str | int | None = None, page_size: int = 0,
              timeout_s: float | None = 30.0) -> Iterator[pb.JobStatus]:
