@@ -120,6 +120,11 @@ def test_the_store_writes_replaces_and_removes_checkpoints(tmp_path):
     assert store.checkpoint_row("a" * 32).iteration == 7 and store.checkpoint_count() == 1
     (tmp_path / "checkpoints" / "stray.npz.partial").write_bytes(b"x")          # a write cut short by a kill
     assert store.remove_orphan_files() == 1 and store.checkpoint("a" * 32).iteration == 7
+    kept = (tmp_path / "checkpoints" / f"{'a' * 32}.7.npz").read_bytes()
+    (tmp_path / "checkpoints" / f"{'a' * 32}.7.npz").write_bytes(kept[:100])    # damaged: refused, not misread
+    with pytest.raises(ValueError, match="not a checkpoint"):
+        store.checkpoint("a" * 32)
+    (tmp_path / "checkpoints" / f"{'a' * 32}.7.npz").write_bytes(kept)
     store.finish("a" * 32, FAILED, 13, "failed")                                  # a finished job keeps none
     assert store.checkpoint("a" * 32) is None and not list((tmp_path / "checkpoints").iterdir())
     store.write_checkpoint("a" * 32, one)                                        # nor gets one afterwards
@@ -248,5 +253,34 @@ def test_sigterm_checkpoints_a_running_job_which_goes_on_from_there_after_the_re
             assert client.job(job.job_id).runs == 2 and client.job(job.job_id).iterations == JOB["iterations"]
             assert server.metric("nst_jobs_resumed_from_checkpoint_total") == 1
         assert not (state / "checkpoints" / name).exists()
+    finally:
+        server.stop()
+
+
+def test_a_checkpoint_that_does_not_fit_the_job_is_dropped_and_the_job_runs_from_its_first_iteration(
+        onnx_path, tmp_path, small_images):
+    from nst_server.jobstore import write_checkpoint_file
+    state = tmp_path / "state"
+    args = [*SERVER_ARGS, "--state-dir", str(state), "--checkpoint-s", "3600", "--grace-s", "0.2"]
+    job_options = {**JOB, "iterations": 12}
+    server = serving.start(onnx_path, tmp_path / "first.log", args)
+    with NSTClient(server.target) as client:
+        job = client.submit(*small_images, **job_options)
+        for event in client.watch(job.job_id):
+            if event.response.WhichOneof("event") == "progress" and event.response.progress.iteration >= 2:
+                break
+    assert server.stop() == 0                                                      # SIGTERM: a checkpoint is stored
+    iteration, _, name, _ = _checkpoint_row(state, job.job_id)
+    foreign = Checkpoint(scale=1, scales=3, iteration=iteration, pixels=np.zeros((1, 3, 36, 48), np.float32))
+    with open(state / "checkpoints" / name, "wb") as file:                       # as if the schedule had changed
+        write_checkpoint_file(file, foreign)
+    server = serving.start(onnx_path, tmp_path / "second.log", args)
+    try:
+        with NSTClient(server.target) as client:
+            events = [e for e in client.watch(job.job_id) if e.number]
+            assert [p.iteration for p in _runs(events)[1]] == list(range(1, 13))          # from its first iteration
+            assert events[-1].state == pb.JOB_STATE_SUCCEEDED
+            assert server.metric("nst_jobs_resumed_from_checkpoint_total") == 0
+        assert "does not fit its schedule" in server.log()
     finally:
         server.stop()
