@@ -39,7 +39,10 @@ def server(onnx_path, tmp_path_factory):
 
 @pytest.fixture()
 def client(server):
-    with NSTClient(server.target, timeout_s=120) as client:
+    """A client whose ``stylize`` makes one Stylize call (``job_api=False``): these tests are about that RPC's
+    handling on the server (admission, cancels, deadlines, its log lines and outcomes); the job API's are
+    tests/test_job_api.py and tests/test_job_client.py."""
+    with NSTClient(server.target, timeout_s=120, job_api=False) as client:
         yield client
 
 

@@ -109,7 +109,7 @@ def test_missing_or_wrong_token_is_unauthenticated_and_health_stays_open(tls_ser
                 == grpc.StatusCode.UNAUTHENTICATED
     log = tls_server.log()
     assert re.search(r"rpc=/nst.v1.StyleTransfer/GetModelInfo job=- status=UNAUTHENTICATED", log)
-    assert re.search(r"rpc=/nst.v1.StyleTransfer/Stylize job=- status=UNAUTHENTICATED", log)
+    assert re.search(r"rpc=/nst.v1.StyleTransfer/SubmitJob job=- status=UNAUTHENTICATED", log)   # stylize's
     assert TOKEN not in log
 
 

@@ -85,6 +85,8 @@ NO_REATTACH_CODES = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.
 ROUTE_PROBE_S, SUBMIT_S, CANCEL_S = 5.0, 60.0, 10.0
 #: ``JobEvent.error_code`` (a status code number) -> ``grpc.StatusCode``.
 STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
+#: A failed job's message about one request field (``content_image: …``, ``styles[1].image: …``).
+_FIELD_MESSAGE = re.compile(r"([a-z_][a-z0-9_]*(?:\[\d+\])?(?:\.[a-z_][a-z0-9_]*)*): (.+)", re.DOTALL)
 
 
 def service_config(max_attempts: int = RETRY_MAX_ATTEMPTS, health_check: bool = True) -> str:
@@ -649,8 +651,11 @@ class _JobReader:
         """
         if event.number and event.state in (pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED):
             self.ended = True
-            raise NSTError(STATUS_CODES.get(event.error_code, grpc.StatusCode.UNKNOWN),
-                           event.error_message or f"the job ended {pb.JobState.Name(event.state)}")
+            code = STATUS_CODES.get(event.error_code, grpc.StatusCode.UNKNOWN)
+            message = event.error_message or f"the job ended {pb.JobState.Name(event.state)}"
+            # The server words a field's problem "FIELD: reason", as the Stylize stream's BadRequest violation.
+            violation = _FIELD_MESSAGE.fullmatch(message) if code == grpc.StatusCode.INVALID_ARGUMENT else None
+            raise NSTError(code, message, [violation.groups()] if violation else None)
         kind = event.response.WhichOneof("event")
         if kind == "accepted" and self.accepted is not None:
             self.rerun = True
