@@ -4,9 +4,10 @@
   command line (and its values pass the server's checks); the HEALTHCHECK is a command ``nst`` knows.
 - Kubernetes: each overlay rendered with ``kubectl kustomize`` (kubectl's built-in kustomize) and every object
   validated against the schemas of Kubernetes :data:`K8S_VERSION` (kubernetes-validate, strict); every flag,
-  port, probe service and metric the manifests name exists in ``nst-server --help`` and in the server; and the
-  CPU overlay's command line starts a real server whose probe services answer SERVING and whose /metrics has
-  every series the HPA's adapter rule reads.
+  port, probe service and metric the manifests name exists in ``nst-server --help`` and in the server; the
+  replicas are a StatefulSet behind the headless Service, each with its own volume for --state-dir and its pod's
+  name as --replica-name; and the CPU overlay's command line starts a real server whose probe services answer
+  SERVING, whose /metrics has every series the HPA's adapter rule reads, and whose job ids carry the pod's name.
 """
 
 from __future__ import annotations
@@ -132,8 +133,8 @@ def test_manifests_validate_against_the_kubernetes_schemas(overlay):
     import kubernetes_validate
     docs = _render(overlay)
     kinds = sorted(doc["kind"] for doc in docs)
-    assert kinds == ["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "Namespace", "PodDisruptionBudget",
-                     "Service", "Service"]
+    assert kinds == ["ConfigMap", "HorizontalPodAutoscaler", "Namespace", "PodDisruptionBudget", "Service",
+                     "Service", "StatefulSet"]
     for doc in docs:
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)     # raises ValidationError
 
@@ -148,7 +149,8 @@ def test_schema_validation_is_strict():
 
 
 def _deployment(docs: list[dict]) -> tuple[dict, dict]:
-    deployment = next(doc for doc in docs if doc["kind"] == "Deployment")
+    """The replicas' workload (a StatefulSet) and its one container."""
+    deployment = next(doc for doc in docs if doc["kind"] == "StatefulSet")
     containers = deployment["spec"]["template"]["spec"]["containers"]
     assert len(containers) == 1
     return deployment, containers[0]
@@ -189,6 +191,32 @@ def test_flags_ports_probes_and_metrics_named_in_the_manifests_exist(overlay):
     from prometheus_client import REGISTRY
     assert series <= {family.name for family in REGISTRY.collect()}
     assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    assert hpa["spec"]["scaleTargetRef"]["kind"] == deployment["kind"] == "StatefulSet"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
+def test_each_replica_has_a_stable_name_its_own_state_volume_and_a_dns_name(overlay):
+    """The job API on a fleet (docs/operations.md): a StatefulSet whose serviceName is the headless Service (pod
+    DNS names POD.nst-headless…, where clients send a job's calls), a volume per pod (volumeClaimTemplates) mounted
+    at --state-dir, and the pod's name as --replica-name ($NST_REPLICA_NAME from the downward API)."""
+    docs = _render(overlay)
+    statefulset, container = _deployment(docs)
+    spec = statefulset["spec"]
+    headless = next(doc for doc in docs if doc["kind"] == "Service" and doc["spec"].get("clusterIP") == "None")
+    assert spec["serviceName"] == headless["metadata"]["name"]
+    assert headless["spec"]["selector"].items() <= spec["template"]["metadata"]["labels"].items()
+    config = build_config(build_parser().parse_args(container["args"]))
+    (claim,) = spec["volumeClaimTemplates"]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts[claim["metadata"]["name"]] == config.state_dir
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    from nst_server import memory
+    size = memory.parse_budget_flag(claim["spec"]["resources"]["requests"]["storage"].replace("Gi", "GiB"))
+    assert 0 < config.state_budget_bytes < size                  # refused before the volume is full
+    env = {e["name"]: e for e in container["env"]}
+    assert env["NST_REPLICA_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert spec["template"]["spec"]["securityContext"]["fsGroup"] == 10001       # the volume writable by uid 10001
+    assert spec["persistentVolumeClaimRetentionPolicy"]["whenScaled"] == "Retain"
 
 
 def test_cpu_overlay_command_line_starts_a_server_that_the_probes_and_the_hpa_can_read(onnx_path, tmp_path):
@@ -199,10 +227,11 @@ def test_cpu_overlay_command_line_starts_a_server_that_the_probes_and_the_hpa_ca
 
     _, container = _deployment(_render(DEPLOY / "k8s" / "overlays" / "cpu"))
     local = {"--model": str(onnx_path), "--host": "127.0.0.1", "--port": None, "--metrics-host": "127.0.0.1",
-             "--metrics-port": None}
+             "--metrics-port": None, "--state-dir": str(tmp_path / "state")}
     args = [arg for arg in container["args"] if arg.split("=", 1)[0] not in local]
     args += [f"{flag}={value}" for flag, value in local.items() if value is not None and flag != "--model"]
-    server = serving.start(onnx_path, tmp_path / "server.log", args)
+    # $NST_REPLICA_NAME as the downward API sets it: the pod's name.
+    server = serving.start(onnx_path, tmp_path / "server.log", args, env={"NST_REPLICA_NAME": "nst-server-1"})
     try:
         with grpc.insecure_channel(server.target) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
@@ -214,6 +243,14 @@ def test_cpu_overlay_command_line_starts_a_server_that_the_probes_and_the_hpa_ca
         assert server.metric("nst_max_running_jobs") == config.limits.max_running_jobs
         assert server.metric("nst_max_queued_jobs") == config.limits.max_queued_jobs
         assert server.metric("nst_jobs_running") == 0 and server.metric("nst_jobs_waiting") == 0
+        from nst_client import NSTClient
+        from conftest import encode
+        from PIL import Image
+        image = encode(Image.new("RGB", (32, 32), (200, 80, 40)))
+        with NSTClient(server.target) as client:
+            reply = client.submit(image, image, max_side_px=32, iterations=1)
+            assert reply.job_id.startswith("nst-server-1.") and client.cancel(reply.job_id).job_id == reply.job_id
+        assert (tmp_path / "state" / "jobs.sqlite3").is_file()
         print("\n" + shlex.join(["nst-server", *args]))
     finally:
         assert server.stop() == 0
