@@ -348,3 +348,73 @@ def test_a_fleet_client_finds_a_job_again_after_its_replica_moved(named_pair, sm
         started = time.perf_counter()
         assert client.job(reply.job_id).state == pb.JOB_STATE_SUCCEEDED
         print(f"\nowner {key} found again in {time.perf_counter() - started:.3f} s")
+
+
+def test_stylize_reattaches_to_its_replica_restarted_on_its_state_folder(onnx_path, small_images, tmp_path):
+    """SIGKILL the server mid-job and start it again on the same port and --state-dir: stylize keeps reattaching
+    (reattach_s 120) instead of sending the job again, and gets the job's result from the restarted process: one job,
+    run twice by the server (runs 2), submitted once."""
+    content, style = small_images
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    args = [*SERVER_ARGS, "--port", str(port), "--state-dir", str(tmp_path / "state")]
+    first = serving.start(onnx_path, tmp_path / "first.log", args)
+    killed, reattaches, retries, outcome = threading.Event(), [], [], {}
+
+    def on_progress(progress: pb.Progress) -> None:
+        if progress.iteration == 3 and not killed.is_set():
+            first.process.kill()
+            first.process.wait(timeout=30)
+            killed.set()
+
+    def run() -> None:
+        try:
+            with NSTClient(f"127.0.0.1:{port}", timeout_s=300, reattach_s=120) as client:
+                outcome["result"] = client.stylize(content, style, iterations=30, **TINY, on_progress=on_progress,
+                                                   on_reattach=reattaches.append, on_retry=retries.append)
+        except Exception as exc:                          # reported below
+            outcome["error"] = exc
+    thread = threading.Thread(target=run)
+    thread.start()
+    second = None
+    try:
+        assert killed.wait(timeout=120)
+        started = time.perf_counter()
+        second = serving.start(onnx_path, tmp_path / "second.log", args)
+        thread.join(timeout=240)
+        assert "error" not in outcome, outcome.get("error")
+        result = outcome["result"]
+        assert retries == [] and result.attempts == 1 and result.iterations == 30
+        assert len(reattaches) == 1 and reattaches[0].job_id == result.job_id
+        with NSTClient(second.target) as direct:
+            (job,) = list(direct.jobs())
+            assert job.job_id == result.job_id and job.runs == 2 and job.state == pb.JOB_STATE_SUCCEEDED
+            assert direct.result(result.job_id) == result.image_png
+        print(f"\nkilled after iteration 3; restarted and reattached after {reattaches[0].tries} tries, "
+              f"{reattaches[0].waited_s:.1f} s after the break ({time.perf_counter() - started:.1f} s to the "
+              f"result from the restart)")
+    finally:
+        thread.join(timeout=10)
+        if second is not None:
+            second.stop()
+        first.stop()
+
+
+def test_route_candidates_of_a_headless_dns_target_start_with_the_owners_pod():
+    """Under ``dns:///NAME:PORT``, a job named ``POD.…`` is looked for at ``dns:///POD.NAME:PORT`` first (the
+    StatefulSet pod's DNS name behind the headless Service), then at the addresses NAME resolves to; an address
+    list is asked address by address; one server is never asked."""
+    token = "0123456789abcdef" * 2
+    with NSTClient("dns:///localhost:50051") as client:
+        candidates = client._route_candidates(f"nst-server-1.{token}")
+        assert candidates[0] == "dns:///nst-server-1.localhost:50051"
+        assert set(candidates[1:]) <= {"ipv4:127.0.0.1:50051", "ipv6:[::1]:50051"} and len(candidates) > 1
+        assert "dns:///nst-server-1.localhost:50051" not in client._route_candidates(token)    # no name: no pod
+    with NSTClient("dns://8.8.8.8/nst-headless.nst.svc.cluster.local:50051") as client:
+        assert client._route_candidates(f"nst-server-0.{token}")[0] == \
+            "dns://8.8.8.8/nst-server-0.nst-headless.nst.svc.cluster.local:50051"
+    with NSTClient("ipv4:127.0.0.1:5001,127.0.0.1:5002") as client:
+        assert client._route_candidates(token) == ["ipv4:127.0.0.1:5001", "ipv4:127.0.0.1:5002"]
+    with NSTClient("127.0.0.1:5001") as client:
+        assert client._known_stub(token) is client._stub
