@@ -418,3 +418,35 @@ def test_route_candidates_of_a_headless_dns_target_start_with_the_owners_pod():
         assert client._route_candidates(token) == ["ipv4:127.0.0.1:5001", "ipv4:127.0.0.1:5002"]
     with NSTClient("127.0.0.1:5001") as client:
         assert client._known_stub(token) is client._stub
+
+
+def test_which_broken_streams_are_reattached():
+    """A watch that ends with UNAVAILABLE, a reset, or its own deadline (a proxy's limit on a stream's length)
+    before the call's deadline is watched again, with a backoff, for up to reattach_s; NOT_FOUND (the replica
+    lost the job) and reattach_s without a message send the job again; a refused call and the call's own deadline
+    end it."""
+    from nst_client.client import _Attempts, _JobLost, _Reattaching
+
+    def error(code: grpc.StatusCode) -> NSTError:
+        return NSTError(code, code.name)
+    state = _Reattaching("j", reattach_s=60.0, attempts=_Attempts(120.0, 2, 0.0))
+    waits = [state.broke(error(code)) for code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                                                   grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL)]
+    assert waits == [0.1, 0.2, 0.4, 0.8] and state.tries == 4
+    reattached = state.received(pb.JobEvent(number=7))
+    assert (reattached.after, reattached.tries, reattached.error.code) == (0, 4, grpc.StatusCode.INTERNAL)
+    assert state.after == 7 and state.received(pb.JobEvent(number=8)) is None and state.backoff_s == 0.1
+    with pytest.raises(_JobLost):
+        state.broke(error(grpc.StatusCode.NOT_FOUND))
+    with pytest.raises(NSTError) as refused:
+        state.broke(error(grpc.StatusCode.UNAUTHENTICATED))
+    assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
+    impatient = _Reattaching("j", reattach_s=0.0, attempts=_Attempts(None, 2, 0.0))
+    with pytest.raises(_JobLost) as lost:
+        impatient.broke(error(grpc.StatusCode.UNAVAILABLE))
+    assert lost.value.error.code == grpc.StatusCode.UNAVAILABLE
+    late = _Reattaching("j", reattach_s=60.0, attempts=_Attempts(0.01, 2, 0.0))
+    time.sleep(0.02)
+    with pytest.raises(NSTError) as expired:
+        late.broke(error(grpc.StatusCode.DEADLINE_EXCEEDED))
+    assert expired.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
