@@ -326,11 +326,20 @@ def test_a_job_is_reached_through_the_fleet_target_on_the_replica_named_in_its_i
     assert nst_main(["result", job_id, "-o", str(tmp_path / "r.png"), "--server", fleet]) == 0
     assert f"job {job_id} succeeded" in capsys.readouterr().out
     assert _misrouted(named_pair) == misrouted                  # no call about a job reached the other replica
+    held = {}
     for replica in named_pair:
         with NSTClient(replica.target) as direct:
-            held = {job.job_id for job in direct.jobs()}
+            held[replica.target] = {job.job_id for job in direct.jobs()}
         name = f"nst-{named_pair.index(replica)}"
-        assert all(job_owner(job) == name for job in held) and held
+        assert all(job_owner(job) == name for job in held[replica.target]) and held[replica.target]
+    with NSTClient(fleet) as lister:                            # ListJobs through the fleet: every replica's jobs
+        listed = [job.job_id for job in lister.jobs()]
+    assert sorted(listed) == sorted(set().union(*held.values()))
+
+    async def list_async() -> list[str]:
+        async with AsyncNSTClient(fleet) as client:
+            return [job.job_id for job in await client.jobs()]
+    assert sorted(asyncio.run(list_async())) == sorted(listed)
 
 
 def test_a_fleet_client_finds_a_job_again_after_its_replica_moved(named_pair, small_images):

@@ -354,12 +354,25 @@ class AsyncNSTClient(_Client):
 
     async def jobs(self, state: str | int | None = None, page_size: int = 0,
                    timeout_s: float | None = 30.0) -> list[pb.JobStatus]:
-        """``ListJobs``, every page, as :meth:`nst_client.NSTClient.jobs` (a list here)."""
-        request = pb.ListJobsRequest(page_size=page_size, state=job_state(state))
+        """``ListJobs``, every page (of every replica), as :meth:`nst_client.NSTClient.jobs` (a list here)."""
+        number = job_state(state)
+        targets = await asyncio.to_thread(self._route_candidates, "") if self.balanced else []
+        stubs = [self._route_stub(target) for target in targets] or [self._stub]   # channels: on the loop's thread
         found: list[pb.JobStatus] = []
-        while True:
-            page = await self._unary(self._stub.ListJobs, request, timeout_s)
-            found.extend(page.jobs)
-            if not page.next_page_token:
-                return found
-            request.page_token = page.next_page_token
+        unreachable: list[NSTError] = []
+        for stub in stubs:
+            request = pb.ListJobsRequest(page_size=page_size, state=number)
+            try:
+                while True:
+                    page = await self._unary(stub.ListJobs, request, timeout_s)
+                    found.extend(page.jobs)
+                    if not page.next_page_token:
+                        break
+                    request.page_token = page.next_page_token
+            except NSTError as error:
+                if len(stubs) == 1 or error.code != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                unreachable.append(error)
+        if len(unreachable) == len(stubs):
+            raise unreachable[0]
+        return found

@@ -833,6 +833,12 @@ class _Client:
                 stub = self._route_stubs[target] = pb_grpc.StyleTransferStub(channel)
             return stub
 
+    def _replica_stubs(self) -> list:
+        """A stub per replica of a balanced target (its addresses: :meth:`_route_candidates`), else the main one."""
+        if not self.balanced:
+            return [self._stub]
+        return [self._route_stub(target) for target in self._route_candidates("")] or [self._stub]
+
     def _routed(self, job_id: str, target: str) -> None:
         self._routes[self._route_key(job_id)] = target
 
@@ -1218,11 +1224,24 @@ class NSTClient(_Client):
     def jobs(self, state: str | int | None = None, page_size: int = 0,
              timeout_s: float | None = 30.0) -> Iterator[pb.JobStatus]:
         """Every job the server holds (``ListJobs``, page after page), oldest submission first; ``state``: only
-        those in it (:data:`JOB_STATES`). Raises NSTError; ValueError for an unknown ``state``."""
-        request = pb.ListJobsRequest(page_size=page_size, state=job_state(state))
-        while True:
-            page = self._unary(self._stub.ListJobs, request, timeout_s)
-            yield from page.jobs
-            if not page.next_page_token:
-                return
-            request.page_token = page.next_page_token
+        those in it (:data:`JOB_STATES`). On a target of many replicas, every replica's jobs, replica after
+        replica (one that does not answer is left out, unless none answers). Raises NSTError; ValueError for an
+        unknown ``state``."""
+        number = job_state(state)
+        stubs = self._replica_stubs()
+        unreachable: list[NSTError] = []
+        for stub in stubs:
+            request = pb.ListJobsRequest(page_size=page_size, state=number)
+            try:
+                while True:
+                    page = self._unary(stub.ListJobs, request, timeout_s)
+                    yield from page.jobs
+                    if not page.next_page_token:
+                        break
+                    request.page_token = page.next_page_token
+            except NSTError as error:
+                if len(stubs) == 1 or error.code != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                unreachable.append(error)
+        if len(unreachable) == len(stubs):
+            raise unreachable[0]
