@@ -459,3 +459,27 @@ def test_which_broken_streams_are_reattached():
     with pytest.raises(NSTError) as expired:
         late.broke(error(grpc.StatusCode.DEADLINE_EXCEEDED))
     assert expired.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_a_job_cancelled_by_someone_else_ends_stylize_at_once_without_a_reattach(job_server, small_images):
+    """Another client cancels the job stylize follows (CancelJob): stylize raises CANCELLED with the server's
+    message as soon as the job's last event arrives; it neither reattaches nor sends the job again."""
+    content, style = small_images
+    reattaches, retries, cancelled = [], [], []
+
+    def on_progress(progress: pb.Progress) -> None:
+        if progress.iteration == 2 and not cancelled:
+            with NSTClient(job_server.target) as other:
+                (job,) = list(other.jobs(state="running"))
+                cancelled.append(other.cancel(job.job_id).job_id)
+
+    submitted = _submitted(job_server)
+    with NSTClient(job_server.target, timeout_s=300) as client:
+        started = time.perf_counter()
+        with pytest.raises(NSTError) as error:
+            client.stylize(content, style, iterations=2000, **TINY, on_progress=on_progress,
+                           on_reattach=reattaches.append, on_retry=retries.append)
+        took_s = time.perf_counter() - started
+    assert error.value.code == grpc.StatusCode.CANCELLED and cancelled[0] in error.value.details
+    assert reattaches == [] and retries == [] and _submitted(job_server) == submitted + 1
+    assert took_s < 30, took_s

@@ -217,6 +217,10 @@ class AsyncNSTClient(_Client):
         while True:
             try:
                 stub = await self._job_stub(job_id)
+            except NSTError as routing_error:                # its replica did not answer
+                await asyncio.sleep(state.broke(routing_error))
+                continue
+            try:
                 call = stub.WatchJob(pb.WatchJobRequest(job_id=job_id, after=state.after),
                                      timeout=attempts.remaining_s(), metadata=self._metadata)
                 try:
@@ -224,7 +228,7 @@ class AsyncNSTClient(_Client):
                         reattached = state.received(event)
                         if reattached is not None:
                             await _call(on_reattach, reattached)
-                        outcome = reader.feed_event(event)
+                        outcome = reader.feed_event(event)       # NSTError: the job failed or was cancelled
                         if inspect.isawaitable(outcome):
                             await outcome
                 finally:
@@ -234,8 +238,6 @@ class AsyncNSTClient(_Client):
                 error = NSTError(grpc.StatusCode.UNAVAILABLE, f"the watch of job {job_id} ended before the job did")
             except grpc.RpcError as rpc_error:
                 error = self._error(rpc_error)
-            except NSTError as routing_error:                # its replica did not answer (_job_stub)
-                error = routing_error
             if error.code == grpc.StatusCode.UNAVAILABLE:
                 self._forget_route(job_id)
             await asyncio.sleep(state.broke(error))

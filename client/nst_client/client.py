@@ -1069,6 +1069,10 @@ class NSTClient(_Client):
         while True:
             try:
                 stub = self._job_stub(job_id)
+            except NSTError as routing_error:                # its replica did not answer
+                time.sleep(state.broke(routing_error))
+                continue
+            try:
                 call = stub.WatchJob(pb.WatchJobRequest(job_id=job_id, after=state.after),
                                      timeout=attempts.remaining_s(), metadata=self._metadata)
                 try:
@@ -1076,7 +1080,7 @@ class NSTClient(_Client):
                         reattached = state.received(event)
                         if reattached is not None and on_reattach is not None:
                             on_reattach(reattached)
-                        reader.feed_event(event)
+                        reader.feed_event(event)         # NSTError: the job failed or was cancelled
                 finally:
                     call.cancel()
                 if reader.ended:
@@ -1084,8 +1088,6 @@ class NSTClient(_Client):
                 error = NSTError(grpc.StatusCode.UNAVAILABLE, f"the watch of job {job_id} ended before the job did")
             except grpc.RpcError as rpc_error:
                 error = self._error(rpc_error)
-            except NSTError as routing_error:                # its replica did not answer (_job_stub)
-                error = routing_error
             if error.code == grpc.StatusCode.UNAVAILABLE:
                 self._forget_route(job_id)
             time.sleep(state.broke(error))
