@@ -137,3 +137,78 @@ def test_voluntary_switches_count_a_threads_sleeps():
         time.sleep(0.002)
     after = voluntary_switches(os.getpid())
     assert after[tid] - before[tid] >= 5
+
+
+# ---------------------------------------------------------------------------------------------------------
+# nst-benchmark's floor stage: the bare network, its pass, the engine's profile, the stage's report
+# ---------------------------------------------------------------------------------------------------------
+
+def test_bare_network_gives_the_replicas_relu5_1(models):
+    """The floor's network holds the replica's weights: in fp32 its output is the replica's relu5_1 (its input
+    is the replica's minus input_mean, the one op it leaves out)."""
+    import torch
+
+    from nst_bench.floor import bare_network
+    net = bare_network(models, torch.float32)
+    assert isinstance(net[0], torch.nn.Conv2d) and isinstance(net[-1], torch.nn.ReLU)
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in net) == 13
+    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in net) == 4
+    assert not any(p.requires_grad for p in net.parameters())
+    torch.manual_seed(0)
+    image = torch.rand(1, 3, 64, 80, device=models.device)            # (1, 3, H, W) RGB [0, 1]
+    with torch.no_grad():
+        expected = models.replica(image)[-1]                          # (1, 512, 4, 5)
+        got = net((image - models.replica.input_mean).contiguous(memory_format=torch.channels_last))
+    assert got.shape == expected.shape == (1, 512, 4, 5)
+    assert expected.abs().max() > 0
+    assert torch.allclose(got.float(), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+    with pytest.raises(ValueError, match="deepest"):
+        bare_network(models, torch.float32, deepest="relu5_1")
+
+
+def test_floor_pass_s_is_a_positive_time(models):
+    import torch
+
+    from nst_bench.floor import bare_network, floor_pass_s
+    seconds = floor_pass_s(bare_network(models, torch.float32, deepest="conv2_1"), 32, 48, torch.float32,
+                           models.device, repeats=2, warmup=1)
+    assert math.isfinite(seconds) and seconds > 0
+
+
+def _small_inputs(small_images):
+    import io
+
+    from PIL import Image
+
+    from nst_server.events import JobInputs
+    content, style = (Image.open(io.BytesIO(data)).convert("RGB") for data in small_images)
+    return JobInputs(content=content, styles=[(style, 1.0)])
+
+
+def test_engine_profile_shares_sum_to_one_and_name_aten_ops(models, small_images):
+    from nst_bench.floor import PROFILE_TOP, engine_profile
+    settings = StyleTransferSettings.preset("classic", max_side_px=64, iterations=4, precision="fp32")
+    table = engine_profile(models, _small_inputs(small_images), settings, start=1, count=2)
+    assert 2 <= len(table) <= PROFILE_TOP + 1 and table[-1]["op"] == "other"
+    assert sum(row["share"] for row in table) == pytest.approx(1.0, abs=1e-6)
+    assert all(row["share"] >= 0 and row["ms_per_iteration"] >= 0 for row in table)
+    ops = [row["op"] for row in table[:-1]]
+    assert ops[0].startswith("aten::")
+    assert any(op in ("aten::convolution_backward", "aten::mkldnn_convolution", "aten::convolution",
+                      "aten::_convolution", "aten::cudnn_convolution") for op in ops), ops
+
+
+def test_floor_stage_reports_engine_over_floor_per_precision(models, small_images):
+    from nst_bench.floor import floor_precisions, floor_stage
+    stage = floor_stage(models, _small_inputs(small_images), 64, iterations=4, profile_iterations=2, repeats=1,
+                        warmup=1, matmul_n=256, floor_repeats=2)
+    assert stage["size_px"] == [64, 48]
+    assert list(stage["precisions"]) == floor_precisions(models.device) and "fp32" in stage["precisions"]
+    for figures in stage["precisions"].values():
+        assert figures["engine_over_floor"] == pytest.approx(
+            figures["engine_per_iteration_s"] / figures["floor_pass_s"])
+        assert figures["engine_per_iteration_s"] > 0 and figures["floor_pass_s"] > 0
+        assert figures["matmul_flop_per_s"] > 0 and figures["floor_fraction_of_matmul"] > 0
+        assert sum(row["share"] for row in figures["profile"]) == pytest.approx(1.0, abs=1e-6)
+    with pytest.raises(ValueError, match="precision"):
+        floor_stage(models, _small_inputs(small_images), 64, iterations=4, warmup=1, precisions=["fp8"])

@@ -32,6 +32,11 @@ Figures (JSON in the output folder, times in seconds):
   coarse-to-fine scales;
 * FLOPs of one iteration (:func:`iteration_flops`) and the achieved FLOP/s of each over the FLOP/s of a large
   fp32 matmul measured in the same run (:func:`matmul_flops_per_s`);
+* the yardstick: the bare VGG-19 network's floor (forward to relu5_1 and the gradient to the input, plain
+  ``nn.Conv2d``/``nn.ReLU``/``nn.MaxPool2d`` holding the replica's weights in the job's dtype) at ``--floor-size``
+  px, and the engine's per-iteration time over it, in fp32 and in the precision ``auto`` picks here when that is
+  not fp32, interleaved; the matmul reference in that precision, the FLOP/s of both over it and the engine's
+  profile by operator (:mod:`nst_bench.floor`);
 * the speed levers of the engine, each switched off in turn against all on, and the style Gram cache
   (:func:`lever_ablation`);
 * bf16 autocast against fp32 (engine): speed and the delivered image's costs (where the device has no native
@@ -63,6 +68,7 @@ from nst_server.images import resize_to_max_side
 from nst_server.model import StyleModels
 from nst_server.precision import default_precision
 
+from nst_bench.floor import floor_precisions, floor_stage
 from nst_bench.inputs import DEFAULT_CONTENT, DEFAULT_STYLE, encoded, image_paths, load_image
 from nst_bench.inputs import model_path as resolve_model
 from nst_bench.measure import (Trace, batched_jobs, compute_thread_sleeps, iteration_flops, lever_ablation,
@@ -125,6 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rss-size", type=int, default=512, help="size of the peak-memory job, px (0 skips)")
     parser.add_argument("--rss-iterations", type=int, default=3)
     parser.add_argument("--matmul-n", type=int, default=4096, help="side of the reference matmul")
+    parser.add_argument("--floor-size", type=int, default=512,
+                        help="max_side_px of the engine against the bare network's floor, per precision "
+                             "(0 skips; default: %(default)s)")
+    parser.add_argument("--floor-iterations", type=int, default=12,
+                        help="iterations of each engine run of the floor stage (default: %(default)s)")
+    parser.add_argument("--profile-iterations", type=int, default=6,
+                        help="iterations profiled (torch.profiler) of the engine in each precision of the floor "
+                             "stage, after the warm-up ones (default: %(default)s)")
     parser.add_argument("--no-server", action="store_true", help="skip (c)")
     parser.add_argument("--device", default=None, help="replica device (default: cuda when available, else cpu)")
     parser.add_argument("--providers", default=None, help="execution providers, comma-separated")
@@ -198,6 +212,27 @@ def _speed(run: _Run) -> None:
         report["server"]["compute_thread_voluntary_switches_per_iteration"] = sleeps
         log(f"server: compute threads' voluntary context switches per iteration {sleeps} "
             f"(amx_bf16 {report['machine']['amx_bf16']}, avx512_bf16 {report['machine']['avx512_bf16']})")
+    run.save()
+
+
+def _floor(run: _Run) -> None:
+    """The engine against the bare network's floor at --floor-size px, per precision (:mod:`nst_bench.floor`)."""
+    args = run.args
+    precisions = floor_precisions(run.device)
+    log(f"floor: engine and bare network at {args.floor_size} px, {'/'.join(precisions)}, interleaved, "
+        f"{max(1, args.repeats)} rounds")
+    # Fewer warm-up iterations than asked where the run is too short for a median after them.
+    warm = min(run.warm, max(0, args.floor_iterations - 2))
+    stage = run.report["floor"] = floor_stage(run.models, run.inputs, args.floor_size, args.floor_iterations,
+                                              args.profile_iterations, args.repeats, warm, args.matmul_n,
+                                              precisions=precisions)
+    width, height = stage["size_px"]
+    for p, figures in stage["precisions"].items():
+        top = ", ".join(f"{row['op']} {row['share']:.0%}" for row in figures["profile"][:3])
+        log(f"floor {p} {width}x{height}: engine {figures['engine_per_iteration_s']:.3g} s/it, bare network "
+            f"{figures['floor_pass_s']:.3g} s, engine/floor {figures['engine_over_floor']:.2f}, matmul {p} "
+            f"{figures['matmul_flop_per_s'] / 1e9:.0f} GFLOP/s (engine {figures['engine_fraction_of_matmul']:.1%}, "
+            f"floor {figures['floor_fraction_of_matmul']:.1%} of it); profile: {top}")
     run.save()
 
 
@@ -305,6 +340,14 @@ def main(argv: list[str] | None = None) -> int:
         StyleTransferSettings.preset("classic", max_side_px=args.size, iterations=args.iterations).validate()
     except ValueError as exc:
         parser.error(f"--size/--iterations: {exc}")
+    if args.floor_size:
+        if args.floor_iterations < 2 or args.profile_iterations < 1:
+            parser.error("--floor-iterations must be at least 2 and --profile-iterations at least 1")
+        try:
+            StyleTransferSettings.preset("classic", max_side_px=args.floor_size,
+                                         iterations=args.floor_iterations).validate()
+        except ValueError as exc:
+            parser.error(f"--floor-size/--floor-iterations: {exc}")
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     model_path = resolve_model(args.model, log=log)
@@ -344,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
         run_server(run.server, run.content_bytes, run.style_bytes, settings.replace(iterations=2))
     try:
         _speed(run)
+        if args.floor_size:
+            _floor(run)
         if args.lever_repeats:
             _levers(run)
         if args.ttq_iterations:
