@@ -98,15 +98,18 @@ def side_by_side(paths: list[Path], output: Path, height_px: int | None = None, 
 
 
 def start_server(model: Path, extra_args: list[str] | None = None,
-                 timeout_s: float = 300.0) -> tuple[subprocess.Popen, str]:
+                 timeout_s: float = 300.0, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
     """Start ``nst-server --port 0`` as a child process; return it and its ``host:port`` once SERVING.
+
+    ``env``: environment variables set for the server over this process's own (e.g. ``OMP_WAIT_POLICY``).
 
     Raises:
         RuntimeError: the server exited or did not print its address within ``timeout_s``.
     """
     command = [sys.executable, "-m", "nst_server.cli", "--model", str(model), "--port", "0",
                *(extra_args or [])]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True,
+                               env=None if env is None else {**os.environ, **env})
     deadline = time.monotonic() + timeout_s
     assert process.stdout is not None
     for line in process.stdout:                      # the server prints one line when it listens
