@@ -82,10 +82,14 @@ from nst_server.settings import StyleTransferSettings
 
 
 SIZES_EPILOG = """\
-the other mode, time and memory against the output's size:
+the other modes, time and memory against the output's size:
   nst-benchmark sizes [--sides 512,1024,2048,4096] [--iterations 4] [--whole-jobs 2048,4096] [--json PATH]
   s per megapixel-iteration, peak RSS and their targets at each side, each in a fresh process
-  (nst-benchmark sizes --help; an output folder named sizes is ./sizes)"""
+  (nst-benchmark sizes --help; an output folder named sizes is ./sizes)
+and small jobs' slowdown when the CPUs are shared:
+  nst-benchmark contention [--jobs 4] [--size 48] [--server-env NAME:VAR=VALUE[,…]] [--rounds 1] [--json PATH]
+  s/job idle, with two replicas on the same CPUs and beside CPU-bound processes, and the ratios over idle
+  (nst-benchmark contention --help; an output folder named contention is ./contention)"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -334,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["sizes"]:     # the other mode: time and memory against the output's size (nst_bench.sizes)
         from nst_bench import sizes
         return sizes.main(argv[1:])
+    if argv[:1] == ["contention"]:    # small jobs' slowdown on shared CPUs (nst_bench.contention)
+        from nst_bench import contention
+        return contention.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:       # a usage error naming the option, before any export, load or run (was a traceback mid-run)
