@@ -87,6 +87,37 @@ def test_channels_last_changes_no_cost(models, small_images, monkeypatch):
     assert result_cl.costs.total == pytest.approx(result_nchw.costs.total, rel=1e-3)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_weights_cast_once_give_the_same_features_and_job(models, small_images, monkeypatch, channels_last):
+    """The replica with its weights cast to bf16 once gives the bits autocast's per-call casts give (forward and
+    the gradient to the image), is made once per layout, and leaves fp32 jobs on the replica itself."""
+    monkeypatch.setattr(objective_room, "CHANNELS_LAST", channels_last)
+    run = objective_room.batch_pass(models)
+    torch.manual_seed(0)
+    image = torch.rand(1, 3, 40, 56)
+    key = (tuple(image.shape), "max", "bf16")
+    results = {}
+    for once in (False, True):
+        monkeypatch.setattr(objective_room, "CAST_WEIGHTS_ONCE", once)
+        pixels = image.clone().requires_grad_(True)
+        feats = run(pixels, key)
+        sum((feat.float() * (index + 1)).sum() for index, feat in enumerate(feats)).backward()
+        results[once] = ([feat.detach() for feat in feats], pixels.grad)
+    assert all(feat.dtype == torch.bfloat16 for feat in results[True][0])
+    assert all(torch.equal(a, b) for a, b in zip(results[False][0], results[True][0]))
+    assert torch.equal(results[False][1], results[True][1])
+    cast = objective_room.replica_for(models, "bf16")
+    assert cast is not models.replica and cast is objective_room.replica_for(models, "bf16")
+    assert cast.conv1_1.weight.dtype == torch.bfloat16 and cast.input_mean.dtype == torch.float32
+    assert cast.conv1_1.weight.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert models.replica.conv1_1.weight.dtype == torch.float32
+    assert objective_room.replica_for(models, "fp32") is models.replica
+    first, result = _job(models, small_images, precision="bf16")
+    monkeypatch.setattr(objective_room, "CAST_WEIGHTS_ONCE", False)
+    first_cast, result_cast = _job(models, small_images, precision="bf16")
+    assert first.costs == first_cast.costs and result.png == result_cast.png
+
+
 def test_style_cache_serves_the_second_job(models, small_images, monkeypatch):
     monkeypatch.setattr(targets_room, "STYLE_CACHE_ENTRIES", 0)
     _, uncached = _job(models, small_images, seed=3)

@@ -199,6 +199,8 @@ class StyleModels:
             :func:`nst_server.targets.style_grams` under ``style_cache_lock``.
         replica_channels_last: whether the replica's weights are now in channels_last
             (:func:`nst_server.objective.replica_input` converts them once, under ``layout_lock``).
+        replica_casts: copies of the replica with their weights in a lower precision, by dtype
+            (:func:`nst_server.objective.replica_for`, made once under ``layout_lock``).
     """
 
     path: Path
@@ -211,6 +213,7 @@ class StyleModels:
     style_cache: OrderedDict = field(default_factory=OrderedDict, repr=False, compare=False)
     style_cache_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
     replica_channels_last: bool = False
+    replica_casts: dict = field(default_factory=dict, repr=False, compare=False)
     layout_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @classmethod
