@@ -84,3 +84,14 @@ def small_images():
     stripes = ((np.mgrid[0:48, 0:48][1] // 6) % 2 * 200 + 30).astype(np.uint8)
     style = np.stack([stripes, 255 - stripes, stripes // 2], -1)
     return encode(Image.fromarray(content)), encode(Image.fromarray(style))
+
+
+@pytest.fixture()
+def image_files(tmp_path, small_images) -> list[str]:
+    """``small_images`` written to ``content.png`` and ``style.png`` in the test's folder: their paths."""
+    content, style = tmp_path / "content.png", tmp_path / "style.png"
+    content.write_bytes(small_images[0])
+    style.write_bytes(small_images[1])
+    return [str(content), str(style)]
+
+

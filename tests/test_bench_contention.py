@@ -15,14 +15,6 @@ import pytest
 from nst_bench import contention
 
 
-@pytest.fixture()
-def image_files(tmp_path, small_images) -> list[str]:
-    content, style = tmp_path / "content.png", tmp_path / "style.png"
-    content.write_bytes(small_images[0])
-    style.write_bytes(small_images[1])
-    return [str(content), str(style)]
-
-
 def _gone(pid: int, what: str) -> bool:
     """True when ``pid`` is no process, or another one than ``what`` (a pid reused since)."""
     try:

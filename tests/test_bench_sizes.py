@@ -11,14 +11,6 @@ import pytest
 from nst_bench import sizes
 
 
-@pytest.fixture()
-def image_files(tmp_path, small_images) -> list[str]:
-    content, style = tmp_path / "content.png", tmp_path / "style.png"
-    content.write_bytes(small_images[0])
-    style.write_bytes(small_images[1])
-    return [str(content), str(style)]
-
-
 def test_sizes_mode_reports_a_row_per_side_and_whole_jobs(onnx_path, image_files, tmp_path, capsys):
     from nst_bench.cli import main as benchmark_main
     out = tmp_path / "sizes.json"

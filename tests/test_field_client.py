@@ -63,14 +63,6 @@ def server(onnx_path, tmp_path_factory):
 
 
 @pytest.fixture()
-def images(tmp_path, small_images) -> list[str]:
-    content, style = tmp_path / "content.png", tmp_path / "style.png"
-    content.write_bytes(small_images[0])
-    style.write_bytes(small_images[1])
-    return [str(content), str(style)]
-
-
-@pytest.fixture()
 def refused_port():
     """A port on 127.0.0.1 that refuses connections (bound, not listening) while the test runs."""
     with socket.socket() as sock:
@@ -173,28 +165,28 @@ def test_server_keeps_serving_when_its_stdout_is_closed(onnx_path, tmp_path):
     assert "Broken pipe" not in log_path.read_text()
 
 
-def test_stylize_with_stdout_on_dev_full_writes_the_picture_and_exits_0(server, images, tmp_path):
+def test_stylize_with_stdout_on_dev_full_writes_the_picture_and_exits_0(server, image_files, tmp_path):
     """The report's case: `nst stylize … -o out.png > /dev/full` wrote out.png, then exited 120 (the interpreter's
     flush at exit failed with ENOSPC)."""
     out = tmp_path / "out.png"
     with open("/dev/full", "w") as full:
-        done = _run("nst", "stylize", *images, "-o", str(out), "--server", server.target, *JOB, stdout=full,
+        done = _run("nst", "stylize", *image_files, "-o", str(out), "--server", server.target, *JOB, stdout=full,
                     stderr=subprocess.PIPE, capture_output=False)
     assert done.returncode == 0, done.stderr.decode()
     assert _is_png(out)
 
 
-def test_stylize_with_stdout_and_stderr_on_dev_full_and_a_progress_bar(server, images, tmp_path):
+def test_stylize_with_stdout_and_stderr_on_dev_full_and_a_progress_bar(server, image_files, tmp_path):
     out = tmp_path / "out.png"
     with open("/dev/full", "w") as full:
-        done = _run("nst", "stylize", *images, "-o", str(out), "--server", server.target, *JOB[:-1], stdout=full,
+        done = _run("nst", "stylize", *image_files, "-o", str(out), "--server", server.target, *JOB[:-1], stdout=full,
                     stderr=full, capture_output=False)
     assert done.returncode == 0 and _is_png(out)
 
 
-def test_cli_exit_code_still_reports_a_failure_with_stdout_on_dev_full(tmp_path, images):
+def test_cli_exit_code_still_reports_a_failure_with_stdout_on_dev_full(tmp_path, image_files):
     with open("/dev/full", "w") as full:
-        unreachable = _run("nst", "stylize", *images, "-o", str(tmp_path / "o.png"), "--server", "127.0.0.1:1",
+        unreachable = _run("nst", "stylize", *image_files, "-o", str(tmp_path / "o.png"), "--server", "127.0.0.1:1",
                            *JOB, stdout=full, stderr=subprocess.PIPE, capture_output=False)
         health = _run("nst", "health", "--server", "127.0.0.1:1", stdout=full, stderr=subprocess.PIPE,
                       capture_output=False)
@@ -218,11 +210,11 @@ def test_health_with_a_closed_stdout_pipe_exits_by_the_health(server):
 # C. numbers at the edges ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("timeout", ["inf", "1e10", "1e300"])
-def test_stylize_with_an_infinite_or_huge_timeout_runs_the_job(server, images, tmp_path, timeout):
+def test_stylize_with_an_infinite_or_huge_timeout_runs_the_job(server, image_files, tmp_path, timeout):
     """The report's case: `--timeout-s inf` (or 1e10) failed at once with DEADLINE_EXCEEDED, never reaching the
     server (gRPC's deadline overflows past about 7.4e9 s from now)."""
     out = tmp_path / "out.png"
-    done = _run("nst", "stylize", *images, "-o", str(out), "--server", server.target, "--timeout-s", timeout, *JOB)
+    done = _run("nst", "stylize", *image_files, "-o", str(out), "--server", server.target, "--timeout-s", timeout, *JOB)
     assert done.returncode == 0, done.stderr.decode()
     assert _is_png(out)
 
@@ -410,11 +402,11 @@ def test_bearer_scheme_is_case_insensitive_and_the_token_is_not(server):
             assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED, header
 
 
-def test_output_name_the_console_cannot_encode_is_printed_escaped(server, images, tmp_path):
+def test_output_name_the_console_cannot_encode_is_printed_escaped(server, image_files, tmp_path):
     """The report's case: `-o $'out_\\xff.png'` under PYTHONIOENCODING=utf-8:strict wrote the file, then exited 2
     printing its name (UnicodeEncodeError)."""
     out = os.fsencode(tmp_path) + b"/out_\xff.png"
-    done = _run("nst", "stylize", *images, "-o", out, "--server", server.target, *JOB,
+    done = _run("nst", "stylize", *image_files, "-o", out, "--server", server.target, *JOB,
                 env=_env(PYTHONIOENCODING="utf-8:strict"))
     assert done.returncode == 0, done.stderr.decode(errors="replace")
     assert _is_png(out)
