@@ -92,6 +92,7 @@ def test_weights_cast_once_give_the_same_features_and_job(models, small_images, 
     """The replica with its weights cast to bf16 once gives the bits autocast's per-call casts give (forward and
     the gradient to the image), is made once per layout, and leaves fp32 jobs on the replica itself."""
     monkeypatch.setattr(objective_room, "CHANNELS_LAST", channels_last)
+    monkeypatch.setattr(objective_room, "PACKED_WEIGHTS", False)          # tests/test_packed.py tests that one
     run = objective_room.batch_pass(models)
     torch.manual_seed(0)
     image = torch.rand(1, 3, 40, 56)

@@ -264,6 +264,7 @@ def lever_ablation(models: StyleModels, inputs: JobInputs, settings: StyleTransf
         ``{"per_iteration_s": {config: s}, "gain_over_off": {lever: off / on}, "first_progress_s": {...}}``.
     """
     levers = {"channels_last": (objective_room, "CHANNELS_LAST", False),
+              "packed_weights": (objective_room, "PACKED_WEIGHTS", False),
               "fast_style_gradient": (costs, "FAST_STYLE_GRADIENT", False)}
 
     @contextlib.contextmanager

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 from collections.abc import Callable
 
 import torch
 
 from nst_export.vgg import OUTPUT_LAYERS
-from nst_server import costs
+from nst_server import costs, packed
 from nst_server.batching import ReplicaBatcher
 from nst_server.costs import CostTerms
 from nst_server.images import resize_lanczos
@@ -21,6 +22,8 @@ from nst_server.settings import PRECISIONS, StyleTransferSettings
 from nst_server.targets import LevelTargets, Targets, layer_positions
 from nst_server.tiling import Forward, needs_tiles, tiled_backward, tiled_features
 
+log = logging.getLogger(__name__)
+
 # Speed levers, each kept because ``nst-benchmark`` measured a gain (docs/benchmarks.md). Module attributes, so
 # that the benchmark can switch them off to measure them; they change no result beyond float rounding.
 #: The replica's weights and the generated image in channels_last (NHWC), oneDNN's native layout on CPU (no
@@ -28,6 +31,11 @@ from nst_server.tiling import Forward, needs_tiles, tiled_backward, tiled_featur
 CHANNELS_LAST = True
 #: The replica's weights cast to the job's autocast dtype once, not at every convolution call (:func:`replica_for`).
 CAST_WEIGHTS_ONCE = True
+#: On the CPU, fp32 and bf16 passes run on convolution weights packed once in oneDNN's blocked format, each
+#: convolution fused with its ReLU (:mod:`nst_server.packed`); where packing fails, the replica, logged.
+PACKED_WEIGHTS = True
+#: The dtypes :data:`PACKED_WEIGHTS` serves (fp16 on the CPU keeps autocast's path).
+PACKED_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def replica_input(models: StyleModels, image: torch.Tensor) -> torch.Tensor:
@@ -43,18 +51,35 @@ def replica_input(models: StyleModels, image: torch.Tensor) -> torch.Tensor:
     return image.contiguous(memory_format=torch.channels_last) if CHANNELS_LAST else image
 
 
-def replica_for(models: StyleModels, precision: str) -> torch.nn.Module:
-    """The replica to run under ``precision``'s autocast: ``models.replica`` for fp32, else a copy whose weights and
-    biases are in that dtype already (made once per dtype and layout, under the models' layout lock; its
-    ``input_mean`` stays fp32), when :data:`CAST_WEIGHTS_ONCE`.
+def replica_for(models: StyleModels, precision: str):
+    """The replica to run under ``precision``'s autocast, called as ``replica(images, pooling=)``.
 
-    Autocast casts each fp32 weight to bf16/fp16 at every convolution call: its cast cache holds only leaves that
-    require grad, and the replica's weights do not. The copy's weights are those casts done once (the same
-    round-to-nearest conversion), so the features are bit-identical; what goes is a cast of the 13 convolutions'
-    12.9 M weights (52 MB read, 26 MB written) per replica pass, tile and pyramid level (in the bf16 profile of a
-    256 px iteration, ``copy_`` was 16 % of the time). Call after :func:`replica_input` (which sets the layout)."""
-    dtype = PRECISIONS[precision]
-    if dtype is None or not CAST_WEIGHTS_ONCE:
+    * On the CPU, for fp32 and bf16, when :data:`PACKED_WEIGHTS`: a :class:`~nst_server.packed.PackedReplica`
+      (weights packed once for oneDNN, convolution and ReLU fused; made once per dtype and layout under the
+      models' layout lock). Where this torch build or CPU cannot pack (``RuntimeError`` or a check failing on
+      a 16 px probe pass), a warning is logged once and the next choice serves.
+    * Else, for bf16/fp16 when :data:`CAST_WEIGHTS_ONCE`: a copy of ``models.replica`` whose weights and biases are
+      in that dtype already (its ``input_mean`` stays fp32). Autocast casts each fp32 weight to bf16/fp16 at every
+      convolution call: its cast cache holds only leaves that require grad, and the replica's weights do not. The
+      copy's weights are those casts done once (the same round-to-nearest conversion), so the features are
+      bit-identical; what goes is a cast of the 13 convolutions' 12.9 M weights (52 MB read, 26 MB written) per
+      replica pass, tile and pyramid level (in the bf16 profile of a 256 px iteration, ``copy_`` was 16 % of it).
+    * Else ``models.replica``.
+
+    Call after :func:`replica_input` (which sets the layout)."""
+    dtype = PRECISIONS[precision] or torch.float32
+    if PACKED_WEIGHTS and models.device.type == "cpu" and dtype in PACKED_DTYPES:
+        key = ("packed", dtype, models.replica_channels_last)
+        replica = models.replica_casts.get(key)
+        if replica is None:
+            with models.layout_lock:
+                replica = models.replica_casts.get(key)
+                if replica is None:
+                    replica = _packed_or_none(models, dtype)
+                    models.replica_casts[key] = replica
+        if replica:                                    # False: packing failed here, once
+            return replica
+    if dtype == torch.float32 or not CAST_WEIGHTS_ONCE:
         return models.replica
     key = (dtype, models.replica_channels_last)
     cast = models.replica_casts.get(key)
@@ -67,6 +92,36 @@ def replica_for(models: StyleModels, precision: str) -> torch.nn.Module:
                     parameter.data = parameter.data.to(dtype)
                 models.replica_casts[key] = cast
     return cast
+
+
+def _packed_or_none(models: StyleModels, dtype: torch.dtype):
+    """A :class:`~nst_server.packed.PackedReplica` of ``models.replica`` in ``dtype`` that passed a probe (a
+    16 px image's features and gradient, finite and of the replica's shapes), or False, logged."""
+    usable, why = packed.available(dtype)
+    if not usable:
+        log.info("no packed convolution weights in %s (%s): the replica runs F.conv2d", dtype, why)
+        return False
+    try:
+        replica = packed.PackedReplica(models.replica, dtype)
+        probe = torch.rand(1, 3, 16, 16).contiguous(
+            memory_format=torch.channels_last if models.replica_channels_last else torch.contiguous_format)
+        with torch.enable_grad():                      # the first caller may be a pass without autograd
+            probe.requires_grad_(True)
+            feats = replica(probe)
+            sum(feat.float().sum() for feat in feats).backward()
+        if not (torch.isfinite(probe.grad).all() and all(feat.shape[1] == conv.out_channels for feat, conv in
+                                                          zip(feats, _output_convs(models.replica)))):
+            raise RuntimeError("the probe pass gave non-finite gradients or wrong shapes")
+    except RuntimeError as exc:
+        log.warning("packed convolution weights (%s) are unavailable here, the replica runs F.conv2d: %s",
+                    dtype, exc)
+        return False
+    log.info("replica passes in %s on packed oneDNN weights", dtype)
+    return replica
+
+
+def _output_convs(replica) -> list:
+    return [getattr(replica, layer.replace("relu", "conv")) for layer in OUTPUT_LAYERS]
 
 
 def evaluate(feats: dict[str, torch.Tensor] | tuple[torch.Tensor, ...], pixels: torch.Tensor, targets: Targets,
