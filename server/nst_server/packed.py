@@ -39,8 +39,11 @@ from nst_export.vgg import CONV_NAMES, OUTPUT_LAYERS
 log = logging.getLogger(__name__)
 
 #: A layer's input with at most this many positions (H x W, per image) runs on packed weights; larger ones
-#: through ``F.conv2d``. Chosen by measurement (docs/benchmarks.md, "Packed weights").
-PACKED_MAX_POSITIONS = 32 * 32
+#: through ``F.conv2d``. Chosen by measurement (docs/benchmarks.md, "Packed weights"): one bf16 pass + backward
+#: of the whole stack, best of 2-3 interleaved rounds, AMX Xeon: 48 x 64 px 52.7 -> 25.9 ms with this bound
+#: (30.7 with 32 x 32), 96 x 128 px 188.6 -> 81.2 ms, 192 x 256 px 271 -> 236 ms, 384 x 512 px 1073 -> 1033 ms;
+#: packing every layer (one hint for all) was no faster at 384 x 512 px (within the machine's noise).
+PACKED_MAX_POSITIONS = 64 * 64
 #: The weights are packed for an input of this side (px, square), which is within the packed range.
 PACK_HINT_SIDE = 16
 
