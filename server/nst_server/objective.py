@@ -56,8 +56,9 @@ def replica_for(models: StyleModels, precision: str):
 
     * On the CPU, for fp32 and bf16, when :data:`PACKED_WEIGHTS`: a :class:`~nst_server.packed.PackedReplica`
       (weights packed once for oneDNN, convolution and ReLU fused; made once per dtype and layout under the
-      models' layout lock). Where this torch build or CPU cannot pack (``RuntimeError`` or a check failing on
-      a 16 px probe pass), a warning is logged once and the next choice serves.
+      models' layout lock). Where this torch build or CPU cannot pack (:func:`nst_server.packed.available`, or a
+      ``RuntimeError`` or a failed check on a 16 px probe pass: a warning), that is logged once and the next
+      choice serves.
     * Else, for bf16/fp16 when :data:`CAST_WEIGHTS_ONCE`: a copy of ``models.replica`` whose weights and biases are
       in that dtype already (its ``input_mean`` stays fp32). Autocast casts each fp32 weight to bf16/fp16 at every
       convolution call: its cast cache holds only leaves that require grad, and the replica's weights do not. The
@@ -103,7 +104,7 @@ def _packed_or_none(models: StyleModels, dtype: torch.dtype):
         return False
     try:
         replica = packed.PackedReplica(models.replica, dtype)
-        probe = torch.rand(1, 3, 16, 16).contiguous(
+        probe = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0)).contiguous(
             memory_format=torch.channels_last if models.replica_channels_last else torch.contiguous_format)
         with torch.enable_grad():                      # the first caller may be a pass without autograd
             probe.requires_grad_(True)
