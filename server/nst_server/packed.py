@@ -18,28 +18,25 @@ for a 3 x 3 convolution with stride 1 and padding 1 that is the transposed convo
 backward-data computes the same sums).
 
 Where. A layer whose input has more than :data:`PACKED_MAX_POSITIONS` positions per image keeps ``F.conv2d`` (its
-weights are reordered at each call, but the reorder is small beside its convolution, and a weight format packed
-for small maps is slower there). The weights are packed for an input of :data:`PACK_HINT_SIDE` px square: oneDNN
-picks a format by the input's shape; one format for all small maps keeps one packed copy per dtype (26 MB in
-bf16, twice that for the transposed weights).
+weights are reordered at each call, but the reorder is small beside its convolution, and packing those layers
+too was no faster). The weights are packed for an input of :data:`PACK_HINT_SIDE` px square: oneDNN
+picks a format by the input's shape; one format for all small maps keeps two packed copies per dtype (the weights
+and their transposes: 52 MB in bf16, 104 MB in fp32) beside the cast weights ``F.conv2d`` uses (26 MB in bf16).
 
-Results. Forward features and input gradients equal ``F.conv2d``'s in bf16 (both run oneDNN's same kernel on the
-same format); fp32 may differ by float rounding where oneDNN picks another kernel (tests/test_packed.py).
+Results. bf16 features, input gradients and whole jobs were bit-identical to ``F.conv2d``'s on an AMX Xeon; fp32
+differed by float rounding (1e-6) at a 64 x 48 px image, where oneDNN picks another kernel; the tests bound the
+difference (tests/test_packed.py), and docs/benchmarks.md has the figures.
 """
 
 from __future__ import annotations
-
-import logging
 
 import torch
 import torch.nn.functional as F
 
 from nst_export.vgg import CONV_NAMES, OUTPUT_LAYERS
 
-log = logging.getLogger(__name__)
-
 #: A layer's input with at most this many positions (H x W, per image) runs on packed weights; larger ones
-#: through ``F.conv2d``. Chosen by measurement (docs/benchmarks.md, "Packed weights"): one bf16 pass + backward
+#: through ``F.conv2d``. Chosen by measurement (docs/benchmarks.md, "Speed: packed weights"): one bf16 pass + backward
 #: of the whole stack, best of 2-3 interleaved rounds, AMX Xeon: 48 x 64 px 52.7 -> 25.9 ms with this bound
 #: (30.7 with 32 x 32), 96 x 128 px 188.6 -> 81.2 ms, 192 x 256 px 271 -> 236 ms, 384 x 512 px 1073 -> 1033 ms;
 #: packing every layer (one hint for all) was no faster at 384 x 512 px (within the machine's noise).
