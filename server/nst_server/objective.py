@@ -70,28 +70,31 @@ def replica_for(models: StyleModels, precision: str):
     Call after :func:`replica_input` (which sets the layout)."""
     dtype = PRECISIONS[precision] or torch.float32
     if PACKED_WEIGHTS and models.device.type == "cpu" and dtype in PACKED_DTYPES:
-        key = ("packed", dtype, models.replica_channels_last)
-        replica = models.replica_casts.get(key)
-        if replica is None:
-            with models.layout_lock:
-                replica = models.replica_casts.get(key)
-                if replica is None:
-                    replica = _packed_or_none(models, dtype)
-                    models.replica_casts[key] = replica
+        replica = _made_once(models, ("packed", dtype), lambda: _packed_or_none(models, dtype))
         if replica:                                    # False: packing failed here, once
             return replica
     if dtype == torch.float32 or not CAST_WEIGHTS_ONCE:
         return models.replica
-    key = (dtype, models.replica_channels_last)
-    cast = models.replica_casts.get(key)
-    if cast is None:
+    return _made_once(models, (dtype,), lambda: _cast_copy(models.replica, dtype))
+
+
+def _made_once(models: StyleModels, key: tuple, make: Callable[[], object]):
+    """``models.replica_casts[key + (layout,)]``, made by ``make()`` under the models' layout lock the first time."""
+    key = key + (models.replica_channels_last,)
+    made = models.replica_casts.get(key)
+    if made is None:
         with models.layout_lock:
-            cast = models.replica_casts.get(key)
-            if cast is None:
-                cast = copy.deepcopy(models.replica)
-                for parameter in cast.parameters():
-                    parameter.data = parameter.data.to(dtype)
-                models.replica_casts[key] = cast
+            made = models.replica_casts.get(key)
+            if made is None:
+                made = models.replica_casts[key] = make()
+    return made
+
+
+def _cast_copy(replica: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A copy of ``replica`` with its weights and biases in ``dtype`` (``input_mean`` is a buffer: it stays fp32)."""
+    cast = copy.deepcopy(replica)
+    for parameter in cast.parameters():
+        parameter.data = parameter.data.to(dtype)
     return cast
 
 
