@@ -105,12 +105,27 @@ def test_the_tiled_gradient_equals_the_whole_images(models, monkeypatch, precisi
     assert float(forward_only) == pytest.approx(float(whole_terms.total), rel=bound)
 
 
-def test_tiled_costs_through_the_session_equal_evaluate(models, monkeypatch):
+@pytest.mark.parametrize("grid_name", ["tile_grid", "session_grid"])
+def test_tiled_costs_through_the_session_equal_evaluate(models, monkeypatch, grid_name):
+    """On the backward pass's tiles, or on the session's larger tiles (:func:`tiling.session_grid`: the targets and
+    the delivered costs): the same costs."""
     objective, start = _objective(models, "fp32")
     expected = objective.total(start)
-    monkeypatch.setattr(tiling, "MAX_PASS_PIXELS", 288 * 288)
-    terms = tiled_costs(models.features, start, objective.targets, objective.settings)
+    monkeypatch.setattr(tiling, "MAX_PASS_PIXELS", 240 * 240)
+    grid = getattr(tiling, grid_name)
+    assert 1 < len(grid(300, 400)) <= len(tiling.tile_grid(300, 400))
+    terms = tiled_costs(models.features, start, objective.targets, objective.settings, grid)
     assert float(terms.total) == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_the_gram_of_a_map_is_the_same_in_chunks(monkeypatch):
+    feature = torch.rand(1, 64, 50, 30, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    whole = tiling.own_gram(feature)
+    monkeypatch.setattr(tiling, "GRAM_CHUNK_POSITIONS", 100)             # 3 rows of 30 positions at a time
+    chunked = tiling.own_gram(feature.contiguous(memory_format=torch.channels_last))
+    expected = torch.einsum("bchw,bdhw->bcd", feature.double(), feature.double())
+    assert whole.dtype == chunked.dtype == torch.float32 and whole.shape == (1, 64, 64)
+    assert torch.allclose(chunked.double(), expected, rtol=1e-5) and torch.allclose(whole.double(), expected, rtol=1e-5)
 
 
 def _job(models, settings: StyleTransferSettings):

@@ -72,7 +72,7 @@ from nst_server.optimizers import make_optimizer
 from nst_server.precision import default_precision
 from nst_server.settings import MAX_STYLES, StyleTransferSettings, blend_weights
 from nst_server.targets import Targets, compute_targets, features, pyramid_sizes, session_forward
-from nst_server.tiling import needs_tiles
+from nst_server.tiling import needs_tiles, session_grid
 
 #: Window of the convergence test, iterations.
 CONVERGENCE_WINDOW = 10
@@ -560,7 +560,7 @@ def _deliver(job: _Job, inputs: JobInputs, targets: Targets, tally: _Tally) -> R
     delivered = to_tensor(Image.fromarray(image, "RGB")).to(models.device)
     if needs_tiles(*delivered.shape[2:]):
         final = Costs.of(tiled_costs(session_forward(models, settings.pooling), delivered * 255.0, targets,
-                                     settings))
+                                     settings, session_grid))
     else:
         level_feats = [features(models, downsample(delivered * 255.0, level.size) / 255.0, settings.pooling)
                        for level in targets.levels[1:]]

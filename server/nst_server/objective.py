@@ -20,7 +20,7 @@ from nst_server.images import resize_lanczos
 from nst_server.model import StyleModels
 from nst_server.settings import PRECISIONS, StyleTransferSettings
 from nst_server.targets import LevelTargets, Targets, layer_positions
-from nst_server.tiling import Forward, needs_tiles, tiled_backward, tiled_features
+from nst_server.tiling import Forward, Grid, needs_tiles, tile_grid, tiled_backward, tiled_features
 
 log = logging.getLogger(__name__)
 
@@ -254,13 +254,13 @@ def _level_factors(level: LevelTargets, settings: StyleTransferSettings, levels:
             settings.style_weight / (level.style_norm * levels))
 
 
-def _tiled_level(forward: Forward, image: torch.Tensor, level: LevelTargets, settings: StyleTransferSettings
-                 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+def _tiled_level(forward: Forward, image: torch.Tensor, level: LevelTargets, settings: StyleTransferSettings,
+                 grid: Grid = tile_grid) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """One level's ``J_content``, ``J_style`` ``(1,)`` and ``D_l / norm_l`` (``D_l = G_l - G_S``, ``norm_l = 4 n_C^2
     P^2``: ``J_style^[l] = sum D_l^2 / norm_l``) of ``image`` ``(1, 3, h, w)`` pixel levels, from a forward pass over
-    tiles."""
+    the tiles ``grid(h, w)`` gives."""
     passed = tiled_features(forward, image / 255.0, gram_layers=tuple(settings.style_layers),
-                            keep_layers=tuple(settings.content_layers))
+                            keep_layers=tuple(settings.content_layers), tiles=grid(*image.shape[2:]))
     content = sum(weight * costs.content_cost(level.content[layer], passed.kept[layer])
                   for layer, weight in settings.content_layers.items())
     height, width = image.shape[2:]
@@ -273,17 +273,20 @@ def _tiled_level(forward: Forward, image: torch.Tensor, level: LevelTargets, set
 
 
 def tiled_costs(forward: Forward, pixels: torch.Tensor, targets: Targets,
-                settings: StyleTransferSettings) -> CostTerms:
+                settings: StyleTransferSettings, grid: Grid = tile_grid) -> CostTerms:
     """:func:`evaluate`'s costs of ``pixels`` ``(1, 3, H, W)`` (pixel levels), every level's features from
     forward passes over tiles (:func:`nst_server.tiling.tiled_features`; ``forward`` is the replica's pass or the
-    session's), without autograd. Equal to :func:`evaluate` on the whole image up to float rounding."""
+    session's), without autograd. Equal to :func:`evaluate` on the whole image up to float rounding.
+
+    ``grid``: the tiles of an image's pass: :func:`~nst_server.tiling.tile_grid` (the backward pass's), or
+    :func:`~nst_server.tiling.session_grid` for the session's (larger: it keeps no activations)."""
     with torch.no_grad():
         pixels = pixels.detach()
         levels = len(targets.levels)
         objective, first = 0.0, None
         for level in targets.levels:
             image = pixels if level.size == tuple(pixels.shape[2:]) else downsample(pixels, level.size)
-            content, style, _ = _tiled_level(forward, image, level, settings)
+            content, style, _ = _tiled_level(forward, image, level, settings, grid)
             first = first or (content, style)
             content_factor, style_factor = _level_factors(level, settings, levels)
             objective = objective + content_factor * content + style_factor * style

@@ -15,7 +15,7 @@ from nst_export.vgg import LAYER_STRIDE, MIN_SIDE_PX, OUTPUT_LAYERS
 from nst_server import costs
 from nst_server.model import StyleModels
 from nst_server.settings import StyleTransferSettings, blend_weights
-from nst_server.tiling import Forward, needs_tiles, tiled_features
+from nst_server.tiling import Forward, needs_tiles, session_grid, tiled_features
 
 #: Style Gram matrices of this many recent style images are kept per loaded model (0: none), keyed by the
 #: style image's pixels as the network sees them (after resizing and colour control) and the pooling.
@@ -80,7 +80,8 @@ def session_forward(models: StyleModels, pooling: str) -> Forward:
 def _grams_of(models: StyleModels, style: torch.Tensor, pooling: str, layers) -> dict[str, torch.Tensor]:
     """Gram matrices of every layer in ``layers`` of ``style``; over tiles when it is large."""
     if needs_tiles(*style.shape[2:]):
-        return tiled_features(session_forward(models, pooling), style, gram_layers=tuple(layers)).grams
+        return tiled_features(session_forward(models, pooling), style, gram_layers=tuple(layers),
+                              tiles=session_grid(*style.shape[2:])).grams
     style_features = features(models, style, pooling)
     return {layer: costs.gram_matrix(style_features[layer]) for layer in layers}
 
@@ -143,7 +144,8 @@ def level_targets(models: StyleModels, content: torch.Tensor, styles: list[tuple
     height, width = content.shape[2:]
     if needs_tiles(height, width):              # the content layers' maps only, assembled from tiles
         content_features = tiled_features(session_forward(models, settings.pooling), content,
-                                          keep_layers=tuple(settings.content_layers)).kept
+                                          keep_layers=tuple(settings.content_layers),
+                                          tiles=session_grid(height, width)).kept
     else:
         content_features = features(models, content, settings.pooling)
     grams = _blended_grams(models, styles, height, width, settings)

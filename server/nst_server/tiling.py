@@ -14,7 +14,8 @@ relu5_1), so every pooling window falls where it falls in the whole image. Then:
   tile's input gradient (halo included) into the whole image's.
 
 The price of exactness is the halo (each tile's pass covers more pixels than it owns) and the second forward
-pass; :func:`tile_grid` chooses the grid that passes the fewest pixels within the memory budget. Gatys et al.'s
+pass; :func:`tile_grid` chooses the grid that passes the fewest pixels within the memory budget (the session's
+passes, which keep no activations, run on larger tiles: :func:`session_grid`). Gatys et al.'s
 costs (the seed's equations) are not changed: the tests compare the tiled gradient with the whole image's.
 """
 
@@ -42,6 +43,16 @@ ALIGN_PX = 16
 #: bytes per output pixel. 704 x 704 (0.5 MP, about 0.75 GiB) keeps a 512 px job whole and cuts a 1024 x 768
 #: scale in two (1.16x its pixels passed).
 MAX_PASS_PIXELS = 704 * 704
+#: The session's forward passes (float32, no autograd: the targets' features and the delivered costs,
+#: :func:`session_grid`) run whole or in tiles of up to this many times :data:`MAX_PASS_PIXELS`: they keep no
+#: activations for a backward. One over 704 x 704 px added 0.45-0.52 GiB to the process and one over 848 x 1104
+#: px 0.99 GiB, against 0.77 GiB for the bf16 replica's backward pass over 704 x 704 px (2-core Xeon): at 1.5x a tile
+#: adds about as much, and a 2048 x 1536 image passes 1.28x its pixels in 6 tiles instead of 1.45x in 10 (its
+#: Gram matrices and relu4_2 through the session: 18.3-18.4 s against 20.9-23.0 s, two interleaved rounds). The
+#: replica's forward-only first pass stays on the backward pass's tiles: on twice the pixels (1.19x in 4 tiles)
+#: it took 7.1-9.9 s against 7.4-9.6 s in four interleaved rounds (bf16): its time per pixel grows with the tile
+#: (1.5-1.6 us at 704 x 704 px, 1.9 at 848 x 1104 and at 1536 x 2048), which takes back what the halo gives.
+SESSION_PASS_FACTOR = 1.5
 #: Give the C heap's free pages back to the OS after each tile (:func:`~nst_server.model.release_free_memory`).
 #: A tile's pass frees about 1 GiB of activations that glibc otherwise keeps, fragmented, beside the next tile's:
 #: over a 2048 x 1536 image (10 tiles of at most 704 x 704 px, bf16, forward and backward) the pass added 1.03 GiB
@@ -52,6 +63,8 @@ TRIM_BETWEEN_TILES = True
 
 #: ``forward(image)``: ``(1, 3, h, w)`` RGB [0, 1] -> the features in OUTPUT_LAYERS order (a tuple) or by name.
 Forward = Callable[[torch.Tensor], "tuple[torch.Tensor, ...] | dict[str, torch.Tensor]"]
+#: ``grid(height, width)``: the tiles of a pass over an image of that size (:func:`tile_grid`, :func:`session_grid`).
+Grid = Callable[[int, int], "list[Tile]"]
 
 
 @dataclass(frozen=True)
@@ -126,6 +139,12 @@ def tile_grid(height: int, width: int, own_side: int | None = None,
     return list(_best_grid(height, width, MAX_PASS_PIXELS if max_pixels is None else max_pixels))
 
 
+def session_grid(height: int, width: int) -> list[Tile]:
+    """The tiles of the session's forward pass (float32) over ``height x width`` px: :func:`tile_grid` with
+    :data:`SESSION_PASS_FACTOR` x :data:`MAX_PASS_PIXELS` per tile."""
+    return tile_grid(height, width, max_pixels=int(SESSION_PASS_FACTOR * MAX_PASS_PIXELS))
+
+
 @functools.lru_cache(maxsize=64)
 def _best_grid(height: int, width: int, budget: int) -> tuple[Tile, ...]:
     best: list[Tile] | None = None
@@ -145,10 +164,23 @@ def _named(feats) -> dict[str, torch.Tensor]:
     return feats if isinstance(feats, dict) else dict(zip(OUTPUT_LAYERS, feats))
 
 
+#: :func:`own_gram` converts the features to float32 this many positions (rows of the map) at a time: a whole
+#: relu1_1 crop of a 1 MP tile in float32 is 256 MB beside the pass's 0.4 GiB.
+GRAM_CHUNK_POSITIONS = 1 << 16
+
+
 def own_gram(feature: torch.Tensor) -> torch.Tensor:
-    """``A A^T`` ``(1, C, C)`` float32 of a (cropped) feature map ``(1, C, h, w)``, any layout and dtype."""
-    unrolled = feature.permute(0, 2, 3, 1).reshape(feature.shape[0], -1, feature.shape[1]).float()   # (1, P, C)
-    return torch.bmm(unrolled.transpose(1, 2), unrolled)
+    """``A A^T`` ``(1, C, C)`` float32 of a (cropped) feature map ``(1, C, h, w)``, any layout and dtype; the
+    products summed in float32 over chunks of about :data:`GRAM_CHUNK_POSITIONS` positions (whole rows)."""
+    batch, channels, height, width = feature.shape
+    rows = max(1, GRAM_CHUNK_POSITIONS // max(1, width))
+    gram = None
+    for start in range(0, height, rows):
+        chunk = feature[:, :, start:start + rows]
+        unrolled = chunk.permute(0, 2, 3, 1).reshape(batch, -1, channels).float()                 # (1, P, C)
+        part = torch.bmm(unrolled.transpose(1, 2), unrolled)
+        gram = part if gram is None else gram.add_(part)
+    return gram
 
 
 @dataclass
