@@ -126,6 +126,8 @@ def test_the_gram_of_a_map_is_the_same_in_chunks(monkeypatch):
     expected = torch.einsum("bchw,bdhw->bcd", feature.double(), feature.double())
     assert whole.dtype == chunked.dtype == torch.float32 and whole.shape == (1, 64, 64)
     assert torch.allclose(chunked.double(), expected, rtol=1e-5) and torch.allclose(whole.double(), expected, rtol=1e-5)
+    empty = tiling.own_gram(feature[:, :, :0])
+    assert empty.shape == (1, 64, 64) and not empty.any()
 
 
 def _job(models, settings: StyleTransferSettings):

@@ -50,10 +50,13 @@ JOB_FIXED_BYTES: dict[str, int] = {
 #: Peak bytes a job adds per pixel of its OUTPUT (height x width at ``max_side_px``), one style image: the image,
 #: its gradient and the optimiser's state (L-BFGS pairs or Adam's moments), the content targets and the pyramid's
 #: downsampled copies, the delivered image and its PNG. Calibrated on the tiled engine (2-core Xeon, bf16,
-#: tubingen x starry_night, default settings, in-process): a 512 x 384 job added 1.01 GiB to the process's peak
-#: (1.88 over 0.87 GiB), a 2048 x 1536 job 3.17 GiB (4.03 over 0.86 GiB); 700 bytes per pixel over the bf16 fixed
-#: part covers both (estimates 1.33 and 3.25 GiB). The engine's target, 400 bytes per pixel, is not met yet.
-BYTES_PER_OUTPUT_PIXEL = 700
+#: tubingen x starry_night, default settings, in-process, each job in its own process, 2026-12-03): a 512 x 384 job
+#: peaked at 1.90 GiB, a 2048 x 1536 one at 2.90 GiB and a 4096 x 3072 one at 5.05 GiB, over 0.85-0.87 GiB after
+#: loading: about 1.04, 2.04 and 4.19 GiB added. 350 bytes per pixel over the bf16 fixed part estimates 1.26, 2.23
+#: and 5.30 GiB; the margin at 4096 px covers the L-BFGS history's last pairs (the default job's four iterations
+#: there keep three of its five pairs: 0.6 GB more for a longer job, :func:`nst_server.optimizers.lbfgs_pairs`).
+#: Was 700 (calibrated before the tiles' memory work: a 2048 x 1536 job then added 3.17 GiB).
+BYTES_PER_OUTPUT_PIXEL = 350
 
 #: Each style image beyond the first adds this fraction of the per-pixel part: the style images are resized to
 #: the output's side times ``style_scale`` and their features computed per scale and pyramid level (the blended
