@@ -102,6 +102,33 @@ def start(model: Path, log_path: Path, args: list[str] = (), env: dict[str, str]
     return server
 
 
+# Run by ``python -c`` in the child: set the limits and signal dispositions, then exec the command (both survive
+# exec). Tests use this instead of ``subprocess``'s ``preexec_fn``: that runs Python between fork and exec in a
+# child of a process that holds gRPC channels, where gRPC's after-fork handler restarts its poller thread and
+# subprocess's ``close_fds`` then closes the epoll descriptor under it ("epoll_wait error: Bad file descriptor",
+# SIGABRT before the command ever ran: CI, 2026-12-03).
+_LAUNCHER = """
+import os, resource, signal, sys
+limit, sigint, argv = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
+if limit >= 0:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+if sigint == "default":
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+os.execv(argv[0], argv)
+"""
+
+
+def cli_command(args: list[str], file_size_limit: int | None = None, default_sigint: bool = False) -> list[str]:
+    """The argv that runs ``python -m nst_client.cli *args`` with, where given, files limited to
+    ``file_size_limit`` bytes (RLIMIT_FSIZE, SIGXFSZ ignored: writes fail with EFBIG instead of a kill) and the
+    default SIGINT handler (a shell's background job starts with SIGINT ignored, and Python then installs no
+    KeyboardInterrupt handler)."""
+    limit = -1 if file_size_limit is None else file_size_limit
+    return [sys.executable, "-c", _LAUNCHER, str(limit), "default" if default_sigint else "inherit",
+            sys.executable, "-m", "nst_client.cli", *args]
+
+
 def wait_for(predicate, timeout_s: float = 30.0, interval_s: float = 0.05):
     """Poll ``predicate`` until it returns a true value (returned) or ``timeout_s`` passes (AssertionError)."""
     deadline = time.monotonic() + timeout_s

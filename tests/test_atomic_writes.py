@@ -14,8 +14,6 @@ import errno
 import io
 import json
 import os
-import resource
-import signal
 import stat
 import subprocess
 import sys
@@ -262,13 +260,6 @@ def test_write_image_says_when_neither_file_could_be_written(tmp_path, monkeypat
     assert target.read_bytes() == OLD and _left_in(spare) == [] and _left_in(tmp_path) == ["out.png", "spare"]
 
 
-def _limit_file_size(limit: int):
-    def preexec() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)      # EFBIG from write() instead of a kill
-    return preexec
-
-
 def test_the_cli_keeps_the_old_result_when_its_write_fails_part_way(onnx_path, tmp_path, small_images):
     """A real ``nst stylize -o out.png`` over an existing good out.png, in a process whose files cannot grow
     past 64 bytes: the job runs, both the write and the fallback fail with EFBIG, and the old file is intact."""
@@ -285,9 +276,9 @@ def test_the_cli_keeps_the_old_result_when_its_write_fails_part_way(onnx_path, t
         assert len(old) > 64
         target.write_bytes(old)
         process = subprocess.run(
-            [sys.executable, "-m", "nst_client.cli", "stylize", str(content), str(style), "-o", str(target),
-             "--server", server.target, "--size", "48", "--iterations", "2", "--quiet"],
-            capture_output=True, text=True, timeout=300, preexec_fn=_limit_file_size(64),
+            serving.cli_command(["stylize", str(content), str(style), "-o", str(target), "--server", server.target,
+                                 "--size", "48", "--iterations", "2", "--quiet"], file_size_limit=64),
+            capture_output=True, text=True, timeout=300,
             env={**os.environ, "TMPDIR": str(spare), "PYTHONDONTWRITEBYTECODE": "1"})
     finally:
         server.stop()

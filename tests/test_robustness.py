@@ -142,12 +142,11 @@ def test_ctrl_c_in_the_cli_cancels_the_job_without_a_traceback(server, small_ima
     for path, data in zip(paths, small_images):
         path.write_bytes(data)
     serving.wait_for(lambda: _idle(server), timeout_s=30)
-    process = subprocess.Popen([sys.executable, "-m", "nst_client.cli", "stylize", *map(str, paths), "-o",
-                                str(tmp_path / "out.png"), "--server", server.target, "--size", "48",
-                                "--iterations", "500", "--quiet"], stderr=subprocess.PIPE, text=True,
-                               # A shell's background job starts with SIGINT ignored, and Python then installs
-                               # no KeyboardInterrupt handler: give the CLI the terminal's default.
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # A shell's background job starts with SIGINT ignored: give the CLI the terminal's default.
+    process = subprocess.Popen(serving.cli_command(["stylize", *map(str, paths), "-o", str(tmp_path / "out.png"),
+                                                    "--server", server.target, "--size", "48", "--iterations", "500",
+                                                    "--quiet"], default_sigint=True),
+                               stderr=subprocess.PIPE, text=True)
     try:
         serving.wait_for(lambda: server.metric("nst_jobs_running") == 1, timeout_s=60)
         process.send_signal(signal.SIGINT)
