@@ -214,3 +214,18 @@ def test_floor_stage_reports_engine_over_floor_per_precision(models, small_image
         assert sum(row["share"] for row in figures["profile"]) == pytest.approx(1.0, abs=1e-6)
     with pytest.raises(ValueError, match="precision"):
         floor_stage(models, _small_inputs(small_images), 64, iterations=4, warmup=1, precisions=["fp8"])
+
+
+def test_the_quality_target_is_the_tutorials_last_finite_best_when_it_diverged():
+    """The tutorial's J after N iterations, or, when its L-BFGS diverged on the way (NaN from some iteration on,
+    as on an H200), the lowest finite J before that and the iteration it diverged at."""
+    import math
+
+    from nst_bench.measure import Trace
+    from nst_bench.report import quality_target
+
+    assert quality_target(Trace("tutorial", [1.0, 2.0, 3.0], [9.0, 7.0, 8.0])) == (8.0, None)
+    assert quality_target(Trace("tutorial", [1.0, 2.0, 3.0, 4.0], [9.0, 6.0, 7.0, math.nan])) == (6.0, 4)
+    assert quality_target(Trace("tutorial", [1.0, 2.0], [9.0, math.inf])) == (9.0, 2)
+    target, diverged = quality_target(Trace("tutorial", [1.0], [math.nan]))
+    assert math.isnan(target) and diverged == 1

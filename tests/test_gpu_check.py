@@ -82,3 +82,28 @@ def test_conv_search_timings_time_each_shape_in_each_mode(onnx_path):
     for per_shape in figures.values():
         assert set(per_shape) == {"64x64", "32x48", "64x48"}
         assert all(t["first_s"] > 0 and t["steady_s"] > 0 for t in per_shape.values())
+
+
+def test_large_jobs_run_whole_default_jobs_and_write_their_pictures(onnx_path, tmp_path):
+    """The large_jobs step at CPU sizes: a whole default job per side (3 scales, the default iterations), the
+    seconds and iterations of each scale adding up to the job's, the picture and its preview written; a side
+    past the deadline is skipped, not run."""
+    from PIL import Image
+
+    figures = gpu_check.large_jobs(onnx_path, (96,), tmp_path)
+    job = figures["jobs"]["96"]
+    assert "error" not in job and job["size"] == [96, 72] and job["peak_gib"] is None
+    assert len(job["scales"]) == 3 and sum(scale["iterations"] for scale in job["scales"].values()) == job["iterations"]
+    assert job["scales"]["3"]["size"] == [96, 72] and job["scales"]["1"]["size"][0] < 96
+    assert 0 < sum(scale["seconds"] for scale in job["scales"].values()) <= job["seconds"]
+    with Image.open(tmp_path / job["result"]) as picture:
+        assert picture.size == (96, 72)
+    assert (tmp_path / "large_96_1024.jpg").is_file()
+    late = gpu_check.large_jobs(onnx_path, (40,), tmp_path, deadline=time.monotonic() - 1)
+    assert late["jobs"]["40"] == {"error": "skipped: out of time budget"}
+
+
+def test_unknown_steps_are_refused(capsys, tmp_path):
+    with pytest.raises(SystemExit) as stopped:
+        gpu_check.main([str(tmp_path / "out"), "--steps", "sweep,warp_drive"])
+    assert stopped.value.code == 2 and "warp_drive" in capsys.readouterr().err

@@ -74,8 +74,8 @@ from nst_bench.inputs import model_path as resolve_model
 from nst_bench.measure import (Trace, batched_jobs, compute_thread_sleeps, iteration_flops, lever_ablation,
                                matmul_flops_per_s, peak_rss, replica_pass_s, run_engine, run_server, serving_cpu_s,
                                thread_cpu_s, voluntary_switches)
-from nst_bench.report import (add_matmul_again, add_ratios, add_speed, batching, bf16_pass, bf16_runs, log, machine,
-                              time_to_quality, write)
+from nst_bench.report import (add_matmul_again, add_ratios, add_speed, batching, bf16_pass, bf16_runs, log,
+                              machine, quality_target, time_to_quality, write)
 from nst_bench.tutorial import run_tutorial
 from nst_server.events import JobInputs
 from nst_server.settings import StyleTransferSettings
@@ -256,9 +256,12 @@ def _time_to_quality(run: _Run) -> None:
     n = args.ttq_iterations
     log(f"time to quality: (a) for {n} iterations")
     reference = run_tutorial(models, run.content_image, run.style_image, settings, n)
-    target = reference.totals[-1]
+    target, diverged_at = quality_target(reference)
     cap = settings.replace(iterations=max(n, int(args.ttq_cap * n)))
     traces = [reference]
+    if diverged_at is not None:
+        log(f"the tutorial's J was not finite from iteration {diverged_at} (its L-BFGS diverged): the target is "
+            "the lowest J it reached before")
     log(f"target J = {target:.6g}; (b) engine")
     traces.append(run_engine(models, inputs, cap, target=target))
     auto = default_precision(run.device)[0]
@@ -273,7 +276,7 @@ def _time_to_quality(run: _Run) -> None:
     if run.server:
         log("(c) server")
         traces.append(run_server(run.server, run.content_bytes, run.style_bytes, cap, target=target))
-    run.report["time_to_quality"] = time_to_quality(reference, traces, n, target)
+    run.report["time_to_quality"] = time_to_quality(reference, traces, n, target, diverged_at)
     run.save()
 
 

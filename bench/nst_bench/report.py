@@ -8,6 +8,7 @@ seconds; ``float`` is the JSON fallback (NaN where a run never reached a figure)
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -110,11 +111,27 @@ def add_ratios(report: dict, per_iteration: dict[str, float], serving: list[floa
                 f"{report['ratios']['server_serving_cpu_over_engine_iteration']:.2%} of an engine iteration")
 
 
-def time_to_quality(reference: Trace, traces: list[Trace], iterations: int, target: float) -> dict:
+def quality_target(reference: Trace) -> tuple[float, int | None]:
+    """The J the other runs must reach: the tutorial's J after its last iteration, or, where its J went NaN or
+    infinite on the way (its L-BFGS with lr 1 and no line search diverged: seen on an H200 in fp32 with cuDNN's
+    default TF32 convolutions, 2026-12-04), the lowest finite J it reached before that.
+
+    Returns ``(target, the 1-based iteration whose J was first not finite, or None)``; ``(nan, 1)`` when no J
+    was finite."""
+    diverged = next((i + 1 for i, total in enumerate(reference.totals) if not math.isfinite(total)), None)
+    if diverged is None:
+        return (reference.totals[-1] if reference.totals else math.nan), None
+    before = reference.totals[:diverged - 1]
+    return (min(before) if before else math.nan), diverged
+
+
+def time_to_quality(reference: Trace, traces: list[Trace], iterations: int, target: float,
+                    diverged_at: int | None = None) -> dict:
     """``report["time_to_quality"]``: for each run (the tutorial's ``reference`` included), the wall time and
     the iterations to the first iteration at the output size whose J <= ``target``, and that time over the
     tutorial's (its J is not monotone: L-BFGS without line search overshoots now and then)."""
-    ttq = {"iterations": iterations, "target_total": target, "tutorial_time_at_n_s": reference.times_s[-1]}
+    ttq = {"iterations": iterations, "target_total": target, "tutorial_time_at_n_s": reference.times_s[-1],
+           "tutorial_diverged_at_iteration": diverged_at}
     reference_s = reference.time_to(target)
     for trace in traces:
         seconds = trace.time_to(target)

@@ -19,7 +19,13 @@ Steps, each bounded by what is left of ``--budget-s`` (default 480 s, the issue'
    time to quality at the issue's N = 300, FLOP/s against the matmul, bf16 vs fp32, batching, peak memory;
 7. ``bench.json``, ``bench.csv``, ``bench.png``: ``nst bench`` against a server (4 running jobs, batches of up to
    4) at concurrency 1, 2, 4;
-8. ``summary.json``: what ran, how long, what failed.
+8. ``large_jobs.json``, ``large_<side>.png`` (or ``.jpg``) and ``large_<side>_1024.jpg``: whole default jobs at
+   2048 and 4096 px (``--large-sides``; on ``--content``/``--style`` where given), their time per scale and peak
+   device memory (:func:`large_jobs`), where time is left after the steps above;
+9. ``summary.json``: what ran, how long, what failed.
+
+``--steps`` runs some of them (``machine``, ``model``, ``parity``, ``sweep``, ``default_job``, ``session``,
+``benchmark``, ``bench``, ``large_jobs``), always in this order.
 
 Without CUDA (or with ``--smoke``) it runs the same steps on the CPU at 64 px with a few iterations, in about
 two minutes on two cores, so the script itself is tested where no GPU is.
@@ -53,6 +59,8 @@ GPU_BENCHMARK = ["--size", "512", "--iterations", "50", "--warmup-iterations", "
 SMOKE_BENCHMARK = ["--size", "64", "--iterations", "6", "--warmup-iterations", "2", "--ttq-iterations", "10",
                    "--bf16-iterations", "2", "--batch-size-px", "64", "--batch-iterations", "2", "--rss-size", "64",
                    "--rss-iterations", "2", "--matmul-n", "1024"]
+#: The steps of a run, in the order they run (``--steps`` picks some).
+STEPS = ("machine", "model", "parity", "sweep", "default_job", "session", "benchmark", "bench", "large_jobs")
 GPU_BENCH = ["--size", "512", "--iterations", "50", "--concurrency", "1,2,4", "--jobs-per-level", "8"]
 SMOKE_BENCH = ["--size", "32", "--iterations", "2", "--concurrency", "1,2", "--jobs-per-level", "2"]
 
@@ -206,6 +214,91 @@ def default_job(model_path: Path, side: int, iterations: int | None = None) -> d
     return figures
 
 
+def large_jobs(model_path: Path, sides: tuple[int, ...], out: Path, content: Path | None = None,
+               style: Path | None = None, deadline: float | None = None) -> dict:
+    """Whole default jobs (the server's defaults, precision auto) at each output side in ``sides``, smallest
+    first, one each in this process (issue 22's "a whole default job's time and peak at 2048 and 4096"): wall
+    seconds, the seconds and iterations of each scale (from the Progress events: a scale's time runs from the
+    previous scale's last report, so it includes its targets), the peak device memory torch allocated, and the
+    result written to ``out`` as ``large_<side>.png`` (or ``.jpg``, quality 95, where the PNG would pass 15 MiB:
+    the device tool brings back files of at most 16 MiB) with a 1024 px preview ``large_<side>_1024.jpg``.
+    ``content``/``style``: image files (default: :func:`_inputs`' synthetic content and the sample painting).
+    No job starts after ``deadline`` (``time.monotonic()``); a failed job is recorded and the next side runs.
+
+    Returns ``{"replica_device", "providers", "jobs": {side: {...} or {"error"}}}``.
+    """
+    import io
+
+    from PIL import Image
+
+    from nst_server import engine
+    from nst_server.model import StyleModels
+
+    models = StyleModels.load(model_path)
+    figures: dict = {"replica_device": str(models.device), "providers": models.providers,
+                     "content": str(content) if content else "synthetic",
+                     "style": str(style) if style else "sample painting", "jobs": {}}
+    for side in sides:
+        if deadline is not None and time.monotonic() > deadline:
+            figures["jobs"][str(side)] = {"error": "skipped: out of time budget"}
+            continue
+        if content is not None and style is not None:
+            inputs = JobInputs(content=Image.open(content).convert("RGB"),
+                               styles=[(Image.open(style).convert("RGB"), 1.0)])
+        else:
+            inputs = _inputs(side)
+        _peak_memory_reset(models.device)
+        started = time.monotonic()
+        scales: dict[int, dict] = {}
+        result = None
+        try:
+            for event in engine.stylize(models, inputs, StyleTransferSettings(max_side_px=side)):
+                if isinstance(event, Progress):
+                    entry = scales.setdefault(event.scale, {"size": list(event.size), "iterations": 0})
+                    entry["iterations"] += 1
+                    entry["until_s"] = event.elapsed_ms / 1000.0
+                else:
+                    result = event
+            if models.device.type == "cuda":
+                torch.cuda.synchronize(models.device)
+        except Exception as exc:  # noqa: BLE001 - recorded per job; the next side still runs
+            figures["jobs"][str(side)] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}",
+                                          "seconds": time.monotonic() - started}
+            if models.device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        wall = time.monotonic() - started
+        previous = 0.0
+        for index in sorted(scales):
+            scales[index]["seconds"] = scales[index]["until_s"] - previous
+            previous = scales[index]["until_s"]
+        image = Image.fromarray(result.image)
+        name = f"large_{side}.png"
+        if len(result.png) > 15 * 2**20:
+            buffer = io.BytesIO()
+            image.save(buffer, "JPEG", quality=95)
+            name, data = f"large_{side}.jpg", buffer.getvalue()
+        else:
+            data = result.png
+        with atomic_open(out / name) as handle:
+            handle.write(data)
+        preview = image.copy()
+        preview.thumbnail((1024, 1024), Image.LANCZOS)
+        with atomic_open(out / f"large_{side}_1024.jpg") as handle:
+            preview.save(handle, "JPEG", quality=90)
+        figures["jobs"][str(side)] = {
+            "seconds": wall, "size": [image.width, image.height], "iterations": result.iterations,
+            "precision": result.precision, "stop_reason": result.stop_reason,
+            "costs": {"content": result.costs.content, "style": result.costs.style},
+            "scales": {str(k): {key: v for key, v in entry.items() if key != "until_s"}
+                       for k, entry in sorted(scales.items())},
+            "peak_gib": _peak_memory_gib(models.device), "result": name}
+        _log(f"large job {side} px: {wall:.1f} s, {result.iterations} iterations, peak "
+             f"{figures['jobs'][str(side)]['peak_gib']} GiB; per scale "
+             f"{[round(entry['seconds'], 1) for entry in scales.values()]} s")
+    return figures
+
+
 def session_timings(model_path: Path, providers: list[str], side: int, repeats: int = 5,
                     trt_cache: Path | None = None) -> dict:
     """Seconds of the session's forward pass of one ``side x side`` image (on the replica's device), first call
@@ -337,7 +430,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="execution providers of the benchmark and the bench server, comma-separated "
                              "(default with CUDA: CUDAExecutionProvider,CPUExecutionProvider: TensorRT's engine "
                              "build is timed once, in the session step, not in every process)")
+    parser.add_argument("--steps", default=",".join(STEPS),
+                        help="the steps to run, comma-separated, in this order whatever the order given "
+                             "(default: all: %(default)s; 'model' is always run when a later step needs it)")
+    parser.add_argument("--large-sides", default="2048,4096",
+                        help="output sides of the large_jobs step, px, comma-separated (default: %(default)s; "
+                             "96,128 in the smoke run)")
+    parser.add_argument("--content", default=None, help="content image of the large_jobs step (default: synthetic)")
+    parser.add_argument("--style", default=None, help="style image of the large_jobs step (default: the sample "
+                                                      "painting)")
     args = parser.parse_args(argv)
+    wanted = {name.strip() for name in args.steps.split(",") if name.strip()}
+    if wanted - set(STEPS):
+        parser.error(f"--steps: unknown {sorted(wanted - set(STEPS))}; the steps are {', '.join(STEPS)}")
+    if (args.content is None) != (args.style is None):
+        parser.error("--content and --style go together")
     if args.session_child:
         providers, side, target = args.session_child
         figures = session_timings(Path(args.model), providers.split(","), int(side),
@@ -427,6 +534,14 @@ def main(argv: list[str] | None = None) -> int:
         figures = default_job(model_path, 64 if smoke else 512, iterations=10 if smoke else None)
         atomic_write_text(out / "default_job.json", json.dumps(figures, indent=2))
 
+    def large_jobs_step() -> bool:
+        sides = tuple(int(side) for side in args.large_sides.split(",")) if not smoke or \
+            args.large_sides != "2048,4096" else (96, 128)
+        figures = large_jobs(model_path, sides, out, Path(args.content) if args.content else None,
+                             Path(args.style) if args.style else None, deadline=time.monotonic() + left() - 30)
+        atomic_write_text(out / "large_jobs.json", json.dumps(figures, indent=2))
+        return all("error" not in job for job in figures["jobs"].values())
+
     def session_step() -> bool:
         """CUDA EP, then TensorRT EP (engine build included, 150 s at most) where this onnxruntime has them (and
         TensorRT's library loads); else the CPU EP (the GPU machine's image has onnxruntime for the CPU only)."""
@@ -474,17 +589,16 @@ def main(argv: list[str] | None = None) -> int:
 
     _log(f"{'CUDA: ' + torch.cuda.get_device_name() if cuda else 'no CUDA device'}; "
          f"{'smoke (CPU-sized) run' if smoke else '512 px run'}; figures in {out}")
-    step("machine", machine)
-    step("model", model)
-    step("parity", parity_step)
-    step("sweep", sweep_step)
-    step("default_job", default_job_step)
-    step("session", session_step)
-    step("benchmark", benchmark)
-    if left() > 20:
-        step("bench", bench)
-    else:
-        summary["steps"]["bench"] = {"ok": False, "error": "skipped: out of time budget"}
+    functions = {"machine": machine, "model": model, "parity": parity_step, "sweep": sweep_step,
+                 "default_job": default_job_step, "session": session_step, "benchmark": benchmark, "bench": bench,
+                 "large_jobs": large_jobs_step}
+    for name in STEPS:
+        if name not in wanted and not (name == "model" and wanted - {"machine"}):
+            continue
+        if name in ("bench", "large_jobs") and left() < (20 if name == "bench" else 60):
+            summary["steps"][name] = {"ok": False, "error": "skipped: out of time budget"}
+            continue
+        step(name, functions[name])
     summary["seconds"] = time.monotonic() - started
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     ok = all(entry.get("ok") for entry in summary["steps"].values())
