@@ -229,3 +229,22 @@ def test_the_quality_target_is_the_tutorials_last_finite_best_when_it_diverged()
     assert quality_target(Trace("tutorial", [1.0, 2.0], [9.0, math.inf])) == (9.0, 2)
     target, diverged = quality_target(Trace("tutorial", [1.0], [math.nan]))
     assert math.isnan(target) and diverged == 1
+
+
+def test_the_benchmarks_server_job_is_the_engines_job(server, models, small_images):
+    """(c) runs the job (b) runs: the request carries the classic preset's weights, normalisation and pyramid
+    levels, so the server's J per iteration is the engine's (until 2026-12-04 it ran the server's defaults)."""
+    import io
+
+    from PIL import Image
+
+    from nst_bench.measure import run_engine, run_server
+    from nst_server.events import JobInputs
+
+    settings = StyleTransferSettings.preset("classic", max_side_px=48, iterations=3, precision="fp32")
+    served = run_server(server, small_images[0], small_images[1], settings)
+    inputs = JobInputs(content=Image.open(io.BytesIO(small_images[0])).convert("RGB"),
+                       styles=[(Image.open(io.BytesIO(small_images[1])).convert("RGB"), 1.0)])
+    engine = run_engine(models, inputs, settings)
+    assert len(served.totals) == len(engine.totals) == 3
+    assert served.totals == pytest.approx(engine.totals, rel=1e-4)

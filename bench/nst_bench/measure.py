@@ -223,6 +223,21 @@ def run_engine(models: StyleModels, inputs: JobInputs, settings: StyleTransferSe
     return trace
 
 
+def request_options(settings: StyleTransferSettings):
+    """The ``StylizeOptions`` of a request for the same job as ``settings`` on the engine: every option the API has
+    set from the field of that name (weights, normalisation, pyramid levels, optimiser … as well as size and
+    iterations), so that the server's J and its time per iteration compare with the engine's. (Until 2026-12-04
+    only size, iterations, precision, seed, scales and init were sent: the server ran its defaults, normalised
+    costs and 3 pyramid levels, against the engine's ``classic`` preset.)"""
+    import dataclasses
+
+    from nst_client import StylizeOptions
+
+    names = [field.name for field in dataclasses.fields(StylizeOptions)
+             if field.name not in ("preset", "keep_content_alpha") and hasattr(settings, field.name)]
+    return StylizeOptions(**{name: getattr(settings, name) for name in names})
+
+
 def run_server(target_address: str, content: bytes, style: bytes, settings: StyleTransferSettings,
                target: float | None = None) -> Trace:
     """One job through gRPC (client library stream); clocks read on the client as messages arrive. With
@@ -230,9 +245,7 @@ def run_server(target_address: str, content: bytes, style: bytes, settings: Styl
     from nst_client import NSTClient, build_request
 
     trace = Trace("server")
-    request = build_request(content, style, max_side_px=settings.max_side_px, iterations=settings.iterations,
-                            precision=settings.precision, seed=settings.seed, scales=settings.scales,
-                            init=settings.init)
+    request = build_request(content, style, request_options(settings))
     with NSTClient(target_address) as client:
         started = time.perf_counter()
         stream = client.stream(request)
