@@ -51,14 +51,16 @@ def test_a_step_that_ends_leaves_nothing_running(tmp_path):
 def test_the_output_folder_packs_into_one_archive(tmp_path):
     folder = tmp_path / "gpu_check"
     (folder / "benchmark").mkdir(parents=True)
-    for name in ("summary.json", "machine.json", "parity.json", "benchmark/benchmark.json"):
+    for name in ("summary.json", "machine.json", "parity.json", "benchmark/benchmark.json", "large_2048.png",
+                 "large_4096.jpg", "large_2048_1024.jpg"):
         (folder / name).write_text(name)
     (tmp_path / "out").mkdir()
     target = gpu_check.archive(folder, tmp_path / "out" / "gpu_check.tar.gz")
-    with tarfile.open(target) as tar:
+    with tarfile.open(target) as tar:            # the full-size pictures travel beside it, their previews in it
         assert sorted(tar.getnames()) == sorted(["gpu_check", "gpu_check/benchmark", "gpu_check/summary.json",
                                                  "gpu_check/machine.json", "gpu_check/parity.json",
-                                                 "gpu_check/benchmark/benchmark.json"])
+                                                 "gpu_check/benchmark/benchmark.json",
+                                                 "gpu_check/large_2048_1024.jpg"])
     assert os.listdir(tmp_path / "out") == ["gpu_check.tar.gz"]
 
 

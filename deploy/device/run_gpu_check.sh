@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine (and in the CPU rehearsal): install the carried wheels beside the image's own packages, run
-# nst-gpu-check from the source tree, and leave at most 3 files in $OUT: gpu_check.log (its output),
-# summary.json and gpu_check.tar.gz (every file it wrote).
+# nst-gpu-check from the source tree, and leave in $OUT gpu_check.log (its output), summary.json,
+# gpu_check.tar.gz (every file it wrote but the large jobs' full-size pictures) and those pictures (at most 3).
 #   OUT=... bash deploy/device/run_gpu_check.sh [nst-gpu-check options, e.g. --smoke]
 # Environment: OUT (required), PYTHON (python3), WHEELS (.whl), SITE (/tmp/site), BUDGET_S (400: nst-gpu-check's
 # --budget-s; the whole script is killed 60 s after it).
@@ -23,6 +23,11 @@ timeout -k 10 "$((budget + 60))" "$python" -m nst_tools.gpu_check "$work/gpu_che
     --archive "$OUT/gpu_check.tar.gz" "$@" > "$OUT/gpu_check.log" 2>&1
 code=$?
 cp "$work/gpu_check/summary.json" "$OUT/summary.json" 2>/dev/null
+# The large jobs' full-size pictures travel as files of their own (not in the archive: 16 MiB a file at most).
+for picture in "$work"/gpu_check/large_[0-9]*.png "$work"/gpu_check/large_[0-9]*.jpg; do
+    [ -f "$picture" ] || continue                   # the pattern itself, where nothing matched
+    case "$picture" in *_1024.jpg) ;; *) cp "$picture" "$OUT/" ;; esac
+done
 tail -n 30 "$OUT/gpu_check.log"
 echo "run_gpu_check.sh: nst-gpu-check exited $code; results in $OUT: $(ls "$OUT" | tr '\n' ' ')"
 exit "$code"

@@ -404,11 +404,18 @@ def _kill_group(process: subprocess.Popen) -> None:
 
 def archive(folder: Path, target: Path) -> Path:
     """``folder`` packed into one ``.tar.gz`` at ``target`` (written atomically): the device tool brings back at
-    most 8 files from a run, and a run leaves more."""
+    most 8 files from a run, and a run leaves more. The large jobs' full-size pictures (``large_<side>.png`` or
+    ``.jpg``, up to 15 MiB each) are left out: with them the archive would pass the tool's 16 MiB a file;
+    ``deploy/device/run_gpu_check.sh`` brings them back as files of their own (their previews are packed)."""
+    import re
     import tarfile
     from nst_proto.files import atomic_path
+
+    def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        return None if re.fullmatch(r"large_\d+\.(png|jpg)", Path(info.name).name) else info
+
     with atomic_path(target) as temporary, tarfile.open(temporary, "w:gz") as tar:
-        tar.add(folder, arcname=folder.name)
+        tar.add(folder, arcname=folder.name, filter=keep)
     return target
 
 
