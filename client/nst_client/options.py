@@ -82,7 +82,8 @@ class StylizeOptions:
 
     max_side_px: int | None = option(
         "Longest side of the generated image, px; the content is resized to it keeping its aspect ratio. "
-        "nst-server accepts 16 up to its --max-side-px (1024 by default); unset or 0: the server's default, 256.")
+        "nst-server accepts 16 up to its --max-side-px (4096 by default) where the job's memory estimate fits the "
+        "server's memory budget; unset or 0: the server's default, 256.")
     iterations: int | None = option(
         "Optimiser iterations in all (split across the scales); nst-server accepts up to its --max-iterations "
         "(2000 by default); unset or 0: the server's default, 200.")

@@ -73,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "otherwise; one over the whole budget is refused with RESOURCE_EXHAUSTED; 0 or none: no "
                              "memory accounting (default: auto: the cgroup's memory limit or MemTotal, less 10%% "
                              "(at least 512 MiB) and less the server's resident memory after loading)")
-    parser.add_argument("--max-iterations", type=integer(1), default=limits.max_iterations)
+    parser.add_argument("--max-iterations", type=integer(1), default=limits.max_iterations,
+                        help="most iterations a job may ask for; more is refused with INVALID_ARGUMENT "
+                             "(default: %(default)s)")
     parser.add_argument("--max-running-jobs", type=integer(1), default=limits.max_running_jobs,
                         help="N: jobs optimised at once (default: %(default)s)")
     parser.add_argument("--max-queued-jobs", type=integer(0), default=limits.max_queued_jobs,

@@ -137,8 +137,8 @@ def _open_image(data: bytes, field: str, max_pixels: int, min_side_px: int) -> I
                                      f"{max_pixels} pixels (checked before decoding)", over_limit=True)
     if min(width, height) < min_side_px:
         raise ImageInputError(field, f"is {width}x{height} px; its shorter side must be at least {min_side_px} "
-                                     f"px (VGG-19 pools 4 times before relu5_1); small images are not upscaled, "
-                                     f"send a larger one", over_limit=True)
+                                     f"px (VGG-19 pools 4 times before relu5_1); an image under {min_side_px} px "
+                                     f"is not upscaled to it, send a larger one", over_limit=True)
     try:
         image.seek(0)                  # the first frame of an animation, the first page (n_frames is not read:
         image.load()                   # counting a GIF's frames walks through all of them)
