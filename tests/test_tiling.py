@@ -64,7 +64,12 @@ def test_tiled_features_equal_the_whole_images(models):
     for layer in OUTPUT_LAYERS:
         gram = costs.gram_matrix(whole[layer])
         assert float((passed.grams[layer] - gram).abs().max() / gram.abs().max()) < 1e-5, layer
-        assert torch.allclose(passed.kept[layer], whole[layer], rtol=1e-5, atol=1e-5), layer
+        # Relative to the layer's largest value, as for the Gram matrices: a tile's convolutions may sum in another
+        # order than the whole image's (oneDNN picks its blocking by shape and thread count), which moves a ReLU
+        # output near zero by the rounding of its pre-activation's scale, not of its own (exact here alone; 1e-5
+        # elementwise failed in the whole suite on an AVX512_BF16 EPYC). A wrong halo is off by O(1) of it.
+        difference = (passed.kept[layer] - whole[layer]).abs().max() / whole[layer].abs().max()
+        assert float(difference) < 1e-5, (layer, float(difference))
 
 
 def _objective(models, precision: str, size=(300, 400)) -> tuple[Objective, torch.Tensor]:
