@@ -230,9 +230,12 @@ def test_sigterm_checkpoints_a_running_job_which_goes_on_from_there_after_the_re
     state = tmp_path / "state"
     # No checkpoint on the timer within the test: the ones stored come from the shutdown.
     args = [*SERVER_ARGS, "--state-dir", str(state), "--checkpoint-s", "3600", "--grace-s", "1"]
+    # Far more iterations than the 1 s grace holds (about 20 ms an iteration at 48 px on a 2-core EPYC: JOB's 60
+    # left a margin of 0.2 s after iteration 5, and a job that finishes inside the grace leaves no checkpoint).
+    job_options = {**JOB, "iterations": 200}
     server = serving.start(onnx_path, tmp_path / "first.log", args)
     with NSTClient(server.target) as client:
-        job = client.submit(*small_images, **JOB)
+        job = client.submit(*small_images, **job_options)
         for event in client.watch(job.job_id):
             if event.response.WhichOneof("event") == "progress" and event.response.progress.iteration >= 5:
                 break
@@ -246,11 +249,11 @@ def test_sigterm_checkpoints_a_running_job_which_goes_on_from_there_after_the_re
     try:
         with NSTClient(server.target) as client:
             events = [e for e in client.watch(job.job_id) if e.number]
-            repeated, _ = _check_resumed(events, iteration, JOB["iterations"])
+            repeated, _ = _check_resumed(events, iteration, job_options["iterations"])
             print(f"SIGTERM: checkpoint after iteration {iteration}, iterations done twice: {repeated}")
             assert repeated <= 1                           # the checkpoint is taken as the job stops
             assert events[-1].state == pb.JOB_STATE_SUCCEEDED
-            assert client.job(job.job_id).runs == 2 and client.job(job.job_id).iterations == JOB["iterations"]
+            assert client.job(job.job_id).runs == 2 and client.job(job.job_id).iterations == job_options["iterations"]
             assert server.metric("nst_jobs_resumed_from_checkpoint_total") == 1
         assert not (state / "checkpoints" / name).exists()
     finally:
