@@ -66,11 +66,12 @@ def test_admission_n_running_q_waiting_then_resource_exhausted(server, client, s
         serving.wait_for(lambda: server.metric("nst_jobs_running") == 2, timeout_s=30)
         assert server.metric("nst_jobs_waiting") == 2
         refused_before = server.metric("nst_jobs_total", outcome="refused_busy")
-        started = time.perf_counter()
         with pytest.raises(NSTError) as error:
             client.stylize(content, style, max_side_px=32, iterations=2)
         assert error.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert time.perf_counter() - started < 5.0                            # at once, not after a wait
+        # At once, not after a wait for a slot: the four jobs still hold theirs (2000 iterations each).
+        assert server.metric("nst_jobs_running") == 2 and server.metric("nst_jobs_waiting") == 2
+        assert all(not s.done.is_set() for s in streams)
         assert "2 running + 2 queued" in error.value.details
         assert server.metric("nst_jobs_total", outcome="refused_busy") == refused_before + 1
     finally:
@@ -220,7 +221,7 @@ def test_health_and_model_info_answer_while_two_jobs_run(server, client, small_i
     for name, (median, worst) in summary.items():
         record_property(f"{name}_median", median)
         record_property(f"{name}_max", worst)
-    assert max(health_ms) < 2000 and max(info_ms) < 2000
+    # Each call's 2 s deadline is the bound (DEADLINE_EXCEEDED would fail it); the times are reported, not asserted.
     serving.wait_for(lambda: _idle(server), timeout_s=30)
 
 
@@ -308,7 +309,6 @@ def test_sigterm_not_serving_refuses_new_jobs_and_ends_running_ones(onnx_path, t
         long = TimedStream(server.target, build_request(content, style, max_side_px=48, iterations=2000), timeout_s=120)
         short = TimedStream(server.target, build_request(content, style, max_side_px=32, iterations=12), timeout_s=120)
         serving.wait_for(lambda: long.progress_count() >= 1 and short.progress_count() >= 1, timeout_s=60)
-        signalled = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
         serving.wait_for(lambda: "shutting down" in server.log(), timeout_s=10)
         with NSTClient(server.target) as fresh:
@@ -322,8 +322,7 @@ def test_sigterm_not_serving_refuses_new_jobs_and_ends_running_ones(onnx_path, t
         assert long.done.wait(timeout=grace_s + 15)
         assert long.error is not None and long.error.code == grpc.StatusCode.UNAVAILABLE, long.error
         assert "grace period" in long.error.details
-        assert server.process.wait(timeout=grace_s + 15) == 0
-        assert time.monotonic() - signalled < grace_s + 15
+        assert server.process.wait(timeout=grace_s + 15) == 0                    # exits; a hang raises TimeoutExpired
     finally:
         server.stop()
     assert "stopped" in server.log()
