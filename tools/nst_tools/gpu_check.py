@@ -440,8 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", default=",".join(STEPS),
                         help="the steps to run, comma-separated, in this order whatever the order given "
                              "(default: all: %(default)s; 'model' is always run when a later step needs it)")
-    parser.add_argument("--large-sides", default="2048,4096",
-                        help="output sides of the large_jobs step, px, comma-separated (default: %(default)s; "
+    parser.add_argument("--large-sides", default=None,
+                        help="output sides of the large_jobs step, px, comma-separated (default: 2048,4096; "
                              "96,128 in the smoke run)")
     parser.add_argument("--content", default=None, help="content image of the large_jobs step (default: synthetic)")
     parser.add_argument("--style", default=None, help="style image of the large_jobs step (default: the sample "
@@ -542,8 +542,8 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_text(out / "default_job.json", json.dumps(figures, indent=2))
 
     def large_jobs_step() -> bool:
-        sides = tuple(int(side) for side in args.large_sides.split(",")) if not smoke or \
-            args.large_sides != "2048,4096" else (96, 128)
+        sides = (tuple(int(side) for side in args.large_sides.split(",")) if args.large_sides
+                 else (96, 128) if smoke else (2048, 4096))
         figures = large_jobs(model_path, sides, out, Path(args.content) if args.content else None,
                              Path(args.style) if args.style else None, deadline=time.monotonic() + left() - 30)
         atomic_write_text(out / "large_jobs.json", json.dumps(figures, indent=2))
