@@ -110,6 +110,59 @@ def test_the_tiled_gradient_equals_the_whole_images(models, monkeypatch, precisi
     assert float(forward_only) == pytest.approx(float(whole_terms.total), rel=bound)
 
 
+def test_a_tiled_scale_passes_its_coarser_levels_whole_and_once(models, monkeypatch):
+    """The levels within the pass limit go forward and backward once (no forward-only first pass), the tiled level
+    twice per tile; the gradient is still the whole image's."""
+    objective, start = _objective(models, "fp32")
+    whole = start.clone().requires_grad_(True)
+    objective.costs_and_gradient(whole)
+    monkeypatch.setattr(tiling, "MAX_PASS_PIXELS", 288 * 288)
+    passes = []
+    objective.replica_pass = lambda images, key, run=batch_pass(models): passes.append(images.shape[2:]) or run(
+        images, key)
+    tiled = start.clone().requires_grad_(True)
+    objective.costs_and_gradient(tiled)
+    sizes = [level.size for level in objective.targets.levels]
+    tiles = len(tiling.tile_grid(*sizes[0]))
+    assert tiles > 1
+    assert sum(1 for shape in passes if tuple(shape) in sizes[1:]) == len(sizes) - 1
+    assert len(passes) == 2 * tiles + len(sizes) - 1
+    assert float((tiled.grad - whole.grad).norm() / whole.grad.norm()) <= 1e-3
+
+
+def test_a_larger_jobs_coarser_scales_may_pass_more_pixels():
+    """pass_pixel_limit: MAX_PASS_PIXELS at the output's own scale; more at a coarser scale of a larger output
+    (the room its estimate holds for the output's pixels), more in bf16 than in fp32; never less."""
+    output, coarse = 2048 * 1536, 1024 * 768
+    assert tiling.pass_pixel_limit(output, output, "bf16") == tiling.MAX_PASS_PIXELS
+    assert tiling.pass_pixel_limit(output, 4096 * 3072, "bf16") > tiling.MAX_PASS_PIXELS
+    assert tiling.pass_pixel_limit(coarse, output, "bf16") >= coarse > tiling.MAX_PASS_PIXELS   # runs whole
+    assert tiling.pass_pixel_limit(coarse, output, "fp32") < tiling.pass_pixel_limit(coarse, output, "bf16")
+    assert tiling.pass_pixel_limit(coarse, output, "fp16") == tiling.pass_pixel_limit(coarse, output, "fp32")
+    assert tiling.pass_pixel_limit(output, coarse, "fp32") == tiling.MAX_PASS_PIXELS             # never below
+    assert len(tiling.tile_grid(1536, 2048, max_pixels=tiling.pass_pixel_limit(output, 4096 * 3072, "bf16"))) == 2
+
+
+def test_a_job_passes_a_coarser_scale_whole_when_its_budget_holds_it(models, monkeypatch):
+    """A job's coarser scale above MAX_PASS_PIXELS but within its pass_pixel_limit runs untiled; its final scale,
+    above the limit, in tiles."""
+    monkeypatch.setattr(tiling, "MAX_PASS_PIXELS", 100 * 100)
+    tiled_sizes = []
+    backward = tiling.tiled_backward
+
+    def spy(forward, image, *args, **kwargs):
+        tiled_sizes.append(tuple(image.shape[2:]))
+        return backward(forward, image, *args, **kwargs)
+
+    monkeypatch.setattr("nst_server.objective.tiled_backward", spy)
+    settings = StyleTransferSettings(max_side_px=256, scales=2, iterations=2, precision="fp32", pyramid_levels=1)
+    events = _job(models, settings)
+    sizes = {(p.size[1], p.size[0]) for p in events[:-1]}                                   # (H, W)
+    coarse, final = sorted(sizes, key=lambda size: size[0] * size[1])
+    assert coarse[0] * coarse[1] > tiling.MAX_PASS_PIXELS                 # would have been tiled before
+    assert set(tiled_sizes) == {final}
+
+
 @pytest.mark.parametrize("grid_name", ["tile_grid", "session_grid"])
 def test_tiled_costs_through_the_session_equal_evaluate(models, monkeypatch, grid_name):
     """On the backward pass's tiles, or on the session's larger tiles (:func:`tiling.session_grid`: the targets and

@@ -72,7 +72,7 @@ from nst_server.optimizers import make_optimizer
 from nst_server.precision import default_precision
 from nst_server.settings import MAX_STYLES, StyleTransferSettings, blend_weights
 from nst_server.targets import Targets, compute_targets, features, pyramid_sizes, session_forward
-from nst_server.tiling import needs_tiles, session_grid
+from nst_server.tiling import needs_tiles, pass_pixel_limit, session_grid
 
 #: Window of the convergence test, iterations.
 CONVERGENCE_WINDOW = 10
@@ -251,6 +251,7 @@ def stylize(models: StyleModels, inputs: JobInputs, settings: StyleTransferSetti
     sides = [side for side, _ in plan]
     budgets = [budget for _, budget in plan]
     job.plan = [(side * side * aspect, budget) for side, budget in plan]
+    job.output_pixels = width * height
     if resume is not None:
         _check_resume(resume, budgets)
 
@@ -326,6 +327,7 @@ class _Job:
     replica_pass: Callable[[torch.Tensor, tuple], tuple[torch.Tensor, ...]]   # :func:`batch_pass`
     mean_pixels: torch.Tensor                # (1, 3, 1, 1) the weights' mean pixel, 0..255
     plan: list[tuple[float, int]] = ()       # each scale's (pixels, iterations), for the time estimate
+    output_pixels: int = 0                   # height x width of the output (the final scale)
     checkpoint_s: float = 0.0                # a checkpoint at most this often, s (0: none on a timer)
     checkpoint_now: Callable[[], bool] | None = None
     checkpoint_clock: float = 0.0            # time.perf_counter() of the start or the last checkpoint
@@ -404,8 +406,11 @@ def _scale_inputs(job: _Job, side: int) -> tuple[torch.Tensor, Targets]:
 
 
 def _objective(job: _Job, scale: _Scale) -> Objective:
-    """The :class:`~nst_server.objective.Objective` of one scale of ``job``."""
-    return Objective(scale.targets, job.settings, job.replica_pass, scale.batch_key, job.batcher)
+    """The :class:`~nst_server.objective.Objective` of one scale of ``job``: its passes cover at most
+    :func:`~nst_server.tiling.pass_pixel_limit` pixels (larger at the coarser scales of a large job)."""
+    height, width = scale.size
+    limit = pass_pixel_limit(height * width, job.output_pixels, job.settings.precision)
+    return Objective(scale.targets, job.settings, job.replica_pass, scale.batch_key, job.batcher, limit)
 
 
 def _optimise_scale(job: _Job, scale: _Scale, pixels: torch.Tensor, tally: _Tally) -> Iterator[Progress]:

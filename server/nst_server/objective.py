@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 from collections.abc import Callable
 
@@ -20,7 +21,7 @@ from nst_server.images import resize_lanczos
 from nst_server.model import StyleModels
 from nst_server.settings import PRECISIONS, StyleTransferSettings
 from nst_server.targets import LevelTargets, Targets, layer_positions
-from nst_server.tiling import Forward, Grid, needs_tiles, tile_grid, tiled_backward, tiled_features
+from nst_server.tiling import Forward, Grid, Tile, needs_tiles, tile_grid, tiled_backward, tiled_features
 
 log = logging.getLogger(__name__)
 
@@ -201,13 +202,21 @@ class Objective:
     """The function one scale of a job minimises: ``J`` of :func:`evaluate` against the scale's ``targets``, the
     coarser pyramid levels' features from the image downsampled, every replica pass through ``replica_pass``
     (:func:`batch_pass`) with ``key`` ``(shape, pooling, precision)``; through ``batcher`` when given, which
-    shares each pass with other jobs of equal key."""
+    shares each pass with other jobs of equal key.
+
+    ``max_pass_pixels``: the most pixels one replica pass may cover (default
+    :data:`~nst_server.tiling.MAX_PASS_PIXELS`; a job's coarser scales may have more,
+    :func:`~nst_server.tiling.pass_pixel_limit`). A scale larger than that is passed in tiles. A scale larger than
+    :data:`~nst_server.tiling.MAX_PASS_PIXELS` is costed level by level (:func:`tiled_costs_and_gradient`: each
+    pyramid level's pass freed before the next, whole where it is within ``max_pass_pixels``) and never batched
+    (a batch of B images is B times a pass's memory)."""
 
     def __init__(self, targets: Targets, settings: StyleTransferSettings,
                  replica_pass: Callable[[torch.Tensor, tuple], tuple[torch.Tensor, ...]], key: tuple,
-                 batcher: ReplicaBatcher | None = None) -> None:
+                 batcher: ReplicaBatcher | None = None, max_pass_pixels: int | None = None) -> None:
         self.targets, self.settings, self.replica_pass, self.key, self.batcher = (targets, settings, replica_pass,
                                                                                   key, batcher)
+        self.max_pass_pixels = max_pass_pixels
 
     def cost(self, feats: tuple[torch.Tensor, ...], image: torch.Tensor) -> CostTerms:
         """:func:`evaluate`'s costs of ``image`` ``(B, 3, H, W)`` (pixel levels) given its features at its own
@@ -219,19 +228,22 @@ class Objective:
     @property
     def tiled(self) -> bool:
         """Whether the replica's passes at this scale run in tiles (:mod:`nst_server.tiling`): the generated
-        image is larger than :data:`~nst_server.tiling.MAX_PASS_PIXELS`."""
-        return needs_tiles(*self.targets.levels[0].size)
+        image is larger than ``max_pass_pixels``."""
+        return needs_tiles(*self.targets.levels[0].size, self.max_pass_pixels)
+
+    def _grid(self, height: int, width: int) -> list[Tile]:
+        return tile_grid(height, width, max_pixels=self.max_pass_pixels)
 
     def _forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.replica_pass(image, self.key)
 
     def costs_and_gradient(self, pixels: torch.Tensor) -> CostTerms:
         """The costs of ``pixels`` ``(1, 3, H, W)`` (a leaf with ``requires_grad``), detached; ``pixels.grad``
-        holds dJ/dpixels when J is finite. A large image is passed in tiles (:func:`tiled_costs_and_gradient`),
-        never batched."""
+        holds dJ/dpixels when J is finite. An image over :data:`~nst_server.tiling.MAX_PASS_PIXELS` is passed
+        level by level, in tiles over ``max_pass_pixels`` (:func:`tiled_costs_and_gradient`), never batched."""
         pixels.grad = None
-        if self.tiled:
-            return tiled_costs_and_gradient(self._forward, pixels, self.targets, self.settings)
+        if needs_tiles(*self.targets.levels[0].size):
+            return tiled_costs_and_gradient(self._forward, pixels, self.targets, self.settings, self.max_pass_pixels)
         if self.batcher is not None:
             terms = self.batcher.evaluate(self.key, pixels, self.cost)
         else:
@@ -242,8 +254,8 @@ class Objective:
 
     def total(self, pixels: torch.Tensor) -> torch.Tensor:
         """``J`` ``(B,)`` of ``pixels``, forward only (never batched)."""
-        if self.tiled:
-            return tiled_costs(self._forward, pixels, self.targets, self.settings).total
+        if needs_tiles(*self.targets.levels[0].size):
+            return tiled_costs(self._forward, pixels, self.targets, self.settings, self._grid).total
         with torch.no_grad():
             return self.cost(self.replica_pass(pixels / 255.0, self.key), pixels).total
 
@@ -295,25 +307,53 @@ def tiled_costs(forward: Forward, pixels: torch.Tensor, targets: Targets,
                          total=objective + settings.tv_weight * tv)
 
 
-def tiled_costs_and_gradient(forward: Forward, pixels: torch.Tensor, targets: Targets,
-                             settings: StyleTransferSettings) -> CostTerms:
-    """The costs of ``pixels`` ``(1, 3, H, W)`` (a leaf with ``requires_grad``, pixel levels) and
-    ``pixels.grad`` = dJ/dpixels, with the replica's memory bounded by a tile (:mod:`nst_server.tiling`).
+def _whole_level(forward: Forward, image: torch.Tensor, level: LevelTargets, settings: StyleTransferSettings,
+                 content_factor: float, style_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One level's ``J_content``, ``J_style`` ``(1,)`` (detached) of ``image`` ``(1, 3, h, w)`` pixel levels (still
+    attached to the pixels' graph) from one whole forward pass; its share of ``J`` (``content_factor J_content +
+    style_factor J_style``) backpropagated into the pixels' gradient when finite. :func:`evaluate`'s terms."""
+    feats = feats_dict(forward(image / 255.0))
+    content = sum(weight * costs.content_cost(level.content[layer], feats[layer])
+                  for layer, weight in settings.content_layers.items())
+    style = sum(weight * costs.style_layer_cost(level.style_grams[layer], feats[layer])
+                for layer, weight in settings.style_layers.items())
+    share = content_factor * content + style_factor * style
+    if torch.isfinite(share).all():
+        share.sum().backward()
+    return content.detach(), style.detach()
 
-    Each pyramid level: a forward pass over tiles gives its costs and ``D_l = G_l - G_S``; a forward and
-    backward pass per tile gives the gradient with respect to the level's image, ``dJ/dG_l = beta_level
-    lambda_l 2 D_l / norm_l`` held constant; the levels' gradients are carried back through the downsampling
-    (autograd) to ``pixels``. The same ``J`` as :func:`evaluate` on the whole image, and its gradient, up to float
-    rounding (tests/test_tiling.py).
+
+def tiled_costs_and_gradient(forward: Forward, pixels: torch.Tensor, targets: Targets,
+                             settings: StyleTransferSettings, max_pixels: int | None = None) -> CostTerms:
+    """The costs of ``pixels`` ``(1, 3, H, W)`` (a leaf with ``requires_grad``, pixel levels) and
+    ``pixels.grad`` = dJ/dpixels, with the replica's memory bounded by a pass over at most ``max_pixels``
+    (default :data:`~nst_server.tiling.MAX_PASS_PIXELS`; :mod:`nst_server.tiling`).
+
+    Each pyramid level larger than that: a forward pass over tiles gives its costs and ``D_l = G_l - G_S``; a
+    forward and backward pass per tile gives the gradient with respect to the level's image, ``dJ/dG_l =
+    beta_level lambda_l 2 D_l / norm_l`` held constant. A level within ``max_pixels`` (the coarser levels of the
+    pyramid, usually) is passed whole, once, forward and backward (:func:`_whole_level`): a tile grid of one tile
+    would pass it forward twice. The levels' gradients are carried back through the downsampling (autograd) to
+    ``pixels``. The same ``J`` as :func:`evaluate` on the whole image, and its gradient, up to float rounding
+    (tests/test_tiling.py).
     """
     levels = len(targets.levels)
     objective, first = 0.0, None
     for level in targets.levels:
         image = pixels if level.size == tuple(pixels.shape[2:]) else downsample(pixels, level.size)
-        detached = image.detach()
-        content, style, per_norm = _tiled_level(forward, detached, level, settings)
-        first = first or (content, style)
         content_factor, style_factor = _level_factors(level, settings, levels)
+        if not needs_tiles(*level.size, max_pixels):
+            content, style = _whole_level(forward, image, level, settings, content_factor, style_factor)
+            first = first or (content, style)
+            objective = objective + content_factor * content + style_factor * style
+            del image
+            if not torch.isfinite(objective).all():
+                break
+            continue
+        detached = image.detach()
+        content, style, per_norm = _tiled_level(forward, detached, level, settings, functools.partial(
+            tile_grid, max_pixels=max_pixels))
+        first = first or (content, style)
         objective = objective + content_factor * content + style_factor * style
         if not torch.isfinite(objective).all():
             break
@@ -322,7 +362,8 @@ def tiled_costs_and_gradient(forward: Forward, pixels: torch.Tensor, targets: Ta
         content_terms = {layer: (level.content[layer],
                                  content_factor * weight / (4.0 * level.content[layer][0].numel()))
                          for layer, weight in settings.content_layers.items()}
-        grad = tiled_backward(forward, detached / 255.0, gram_weights, content_terms).div_(255.0)
+        grad = tiled_backward(forward, detached / 255.0, gram_weights, content_terms,
+                              tile_grid(*detached.shape[2:], max_pixels=max_pixels)).div_(255.0)
         # Carried back through the downsampling now, level by level: its graph and this gradient are freed
         # before the next level's passes (two image-sized tensors per level less at the peak).
         torch.autograd.backward(image, grad)

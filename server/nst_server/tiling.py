@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from nst_export.vgg import LAYER_STRIDE, OUTPUT_LAYERS
+from nst_server import memory
 from nst_server.model import release_free_memory
 
 #: Halo read around a tile's own region, px: at least relu5_1's receptive-field radius (78 px), a multiple of
@@ -41,7 +42,8 @@ ALIGN_PX = 16
 #: An untiled bf16 pass over 1024 x 768 px (0.79 MP) added 1.2 GiB to the process (2.06 GiB peak over 0.83 GiB
 #: after loading, 2-core Xeon); with 100 bytes per pixel of job state and the L-BFGS pairs, a job over 2 GiB + 400
 #: bytes per output pixel. 704 x 704 (0.5 MP, about 0.75 GiB) keeps a 512 px job whole and cuts a 1024 x 768
-#: scale in two (1.16x its pixels passed).
+#: output in two (1.16x its pixels passed). The coarser scales of a larger job may pass more
+#: (:func:`pass_pixel_limit`).
 MAX_PASS_PIXELS = 704 * 704
 #: The session's forward passes (float32, no autograd: the targets' features and the delivered costs,
 #: :func:`session_grid`) run whole or in tiles of up to this many times :data:`MAX_PASS_PIXELS`: they keep no
@@ -95,6 +97,33 @@ class Tile:
         """``[:, :, rows, cols]`` of the tile's input in the whole image."""
         iy0, iy1, ix0, ix1 = self.input
         return slice(None), slice(None), slice(iy0, iy1), slice(ix0, ix1)
+
+
+#: Bytes one replica pass (forward and backward, the costs' float32 copies included) adds per pixel it passes, by
+#: precision, for :func:`pass_pixel_limit`. Measured as the growth of the process's peak between a whole pass over
+#: 704 x 704 and one over 1024 x 768 px, each in a fresh process (``VmHWM``; 2-core EPYC, AVX512_BF16): bf16
+#: 1.146 -> 1.657 GiB (1887 bytes per added pixel), fp32 1.360 -> 2.023 GiB (2448). Rounded up by a fifth.
+#: fp16 counts as fp32, as in :data:`nst_server.memory.JOB_FIXED_BYTES`.
+BYTES_PER_PASS_PIXEL: dict[str, int] = {"bf16": 2300, "fp32": 2900, "fp16": 2900}
+
+
+def pass_pixel_limit(scale_pixels: int, output_pixels: int, precision: str) -> int:
+    """The most pixels one replica pass (halo included) may cover at a scale of ``scale_pixels`` px of a job whose
+    output has ``output_pixels``: :data:`MAX_PASS_PIXELS`, plus what the job's memory estimate holds for its
+    output size that this smaller scale does not use.
+
+    A job's estimate (:func:`nst_server.memory.job_peak_bytes`) counts one tile's pass in its fixed part and
+    :data:`~nst_server.memory.BYTES_PER_OUTPUT_PIXEL` per output pixel for the optimiser's state, the targets and
+    the image copies, which are sized by the scale being optimised. At a coarser scale that part is smaller by
+    ``BYTES_PER_OUTPUT_PIXEL x (output_pixels - scale_pixels)``, and that much more may go to the pass
+    (:data:`BYTES_PER_PASS_PIXEL` per pixel): the 1024 x 768 px scale of a 2048 x 1536 px job runs whole in bf16
+    (1 pass of 786 k px, not 2 tiles covering 1.16x its pixels, each passed twice), and the 2048 x 1536 px scale of
+    a 4096 x 3072 px job in 2 tiles, not 10. At the output's own scale the limit is :data:`MAX_PASS_PIXELS`.
+    Precisions other than bf16 count as fp32.
+    """
+    room = memory.BYTES_PER_OUTPUT_PIXEL * max(0, int(output_pixels) - int(scale_pixels))
+    per_pixel = BYTES_PER_PASS_PIXEL.get(precision, BYTES_PER_PASS_PIXEL["fp32"])
+    return MAX_PASS_PIXELS + room // per_pixel
 
 
 def needs_tiles(height: int, width: int, max_pixels: int | None = None) -> bool:
