@@ -11,6 +11,7 @@ from PIL import Image
 
 from nst_export.vgg import OUTPUT_LAYERS
 from nst_server import costs, tiling
+from nst_server import objective as objective_module
 from nst_server.images import to_tensor
 from nst_server.objective import Objective, batch_pass, tiled_costs
 from nst_server.settings import StyleTransferSettings
@@ -110,9 +111,12 @@ def test_the_tiled_gradient_equals_the_whole_images(models, monkeypatch, precisi
     assert float(forward_only) == pytest.approx(float(whole_terms.total), rel=bound)
 
 
-def test_a_tiled_scale_passes_its_coarser_levels_whole_and_once(models, monkeypatch):
+@pytest.mark.parametrize("keep_last", [True, False])
+def test_a_tiled_scale_passes_its_coarser_levels_whole_and_once(models, monkeypatch, keep_last):
     """The levels within the pass limit go forward and backward once (no forward-only first pass), the tiled level
-    twice per tile; the gradient is still the whole image's."""
+    twice per tile, but for the first pass's last tile, kept for the backward (objective.KEEP_LAST_TILE); the
+    gradient is still the whole image's."""
+    monkeypatch.setattr(objective_module, "KEEP_LAST_TILE", keep_last)
     objective, start = _objective(models, "fp32")
     whole = start.clone().requires_grad_(True)
     objective.costs_and_gradient(whole)
@@ -126,7 +130,7 @@ def test_a_tiled_scale_passes_its_coarser_levels_whole_and_once(models, monkeypa
     tiles = len(tiling.tile_grid(*sizes[0]))
     assert tiles > 1
     assert sum(1 for shape in passes if tuple(shape) in sizes[1:]) == len(sizes) - 1
-    assert len(passes) == 2 * tiles + len(sizes) - 1
+    assert len(passes) == 2 * tiles - keep_last + len(sizes) - 1
     assert float((tiled.grad - whole.grad).norm() / whole.grad.norm()) <= 1e-3
 
 

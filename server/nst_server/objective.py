@@ -21,7 +21,8 @@ from nst_server.images import resize_lanczos
 from nst_server.model import StyleModels
 from nst_server.settings import PRECISIONS, StyleTransferSettings
 from nst_server.targets import LevelTargets, Targets, layer_positions
-from nst_server.tiling import Forward, Grid, Tile, needs_tiles, tile_grid, tiled_backward, tiled_features
+from nst_server.tiling import (Forward, Grid, Tile, TiledFeatures, needs_tiles, tile_grid, tiled_backward,
+                               tiled_features)
 
 log = logging.getLogger(__name__)
 
@@ -267,12 +268,15 @@ def _level_factors(level: LevelTargets, settings: StyleTransferSettings, levels:
 
 
 def _tiled_level(forward: Forward, image: torch.Tensor, level: LevelTargets, settings: StyleTransferSettings,
-                 grid: Grid = tile_grid) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+                 grid: Grid = tile_grid, keep_last: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], TiledFeatures]:
     """One level's ``J_content``, ``J_style`` ``(1,)`` and ``D_l / norm_l`` (``D_l = G_l - G_S``, ``norm_l = 4 n_C^2
     P^2``: ``J_style^[l] = sum D_l^2 / norm_l``) of ``image`` ``(1, 3, h, w)`` pixel levels, from a forward pass over
-    the tiles ``grid(h, w)`` gives."""
+    the tiles ``grid(h, w)`` gives (and what that pass kept: :func:`~nst_server.tiling.tiled_features`, with
+    ``keep_last``)."""
     passed = tiled_features(forward, image / 255.0, gram_layers=tuple(settings.style_layers),
-                            keep_layers=tuple(settings.content_layers), tiles=grid(*image.shape[2:]))
+                            keep_layers=tuple(settings.content_layers), tiles=grid(*image.shape[2:]),
+                            keep_last=keep_last)
     content = sum(weight * costs.content_cost(level.content[layer], passed.kept[layer])
                   for layer, weight in settings.content_layers.items())
     height, width = image.shape[2:]
@@ -281,7 +285,7 @@ def _tiled_level(forward: Forward, image: torch.Tensor, level: LevelTargets, set
                 for layer, diff in diffs.items()}
     style = sum(weight * (diffs[layer] * per_norm[layer]).flatten(1).sum(1)
                 for layer, weight in settings.style_layers.items())
-    return content, style, per_norm
+    return content, style, per_norm, passed
 
 
 def tiled_costs(forward: Forward, pixels: torch.Tensor, targets: Targets,
@@ -298,13 +302,19 @@ def tiled_costs(forward: Forward, pixels: torch.Tensor, targets: Targets,
         objective, first = 0.0, None
         for level in targets.levels:
             image = pixels if level.size == tuple(pixels.shape[2:]) else downsample(pixels, level.size)
-            content, style, _ = _tiled_level(forward, image, level, settings, grid)
+            content, style, _, _ = _tiled_level(forward, image, level, settings, grid)
             first = first or (content, style)
             content_factor, style_factor = _level_factors(level, settings, levels)
             objective = objective + content_factor * content + style_factor * style
         tv = costs.total_variation(pixels)
         return CostTerms(content=first[0], style=first[1], total_variation=tv,
                          total=objective + settings.tv_weight * tv)
+
+
+#: Speed lever: a tiled level's forward-only first pass runs its last tile with autograd and keeps it, and the
+#: forward and backward pass starts from it: one tile's forward pass less per tiled level and iteration
+#: (:func:`~nst_server.tiling.tiled_features`, ``keep_last``). Off: every tile passed forward twice.
+KEEP_LAST_TILE = True
 
 
 def _whole_level(forward: Forward, image: torch.Tensor, level: LevelTargets, settings: StyleTransferSettings,
@@ -351,8 +361,8 @@ def tiled_costs_and_gradient(forward: Forward, pixels: torch.Tensor, targets: Ta
                 break
             continue
         detached = image.detach()
-        content, style, per_norm = _tiled_level(forward, detached, level, settings, functools.partial(
-            tile_grid, max_pixels=max_pixels))
+        content, style, per_norm, passed = _tiled_level(forward, detached, level, settings, functools.partial(
+            tile_grid, max_pixels=max_pixels), keep_last=KEEP_LAST_TILE)
         first = first or (content, style)
         objective = objective + content_factor * content + style_factor * style
         if not torch.isfinite(objective).all():
@@ -363,7 +373,8 @@ def tiled_costs_and_gradient(forward: Forward, pixels: torch.Tensor, targets: Ta
                                  content_factor * weight / (4.0 * level.content[layer][0].numel()))
                          for layer, weight in settings.content_layers.items()}
         grad = tiled_backward(forward, detached / 255.0, gram_weights, content_terms,
-                              tile_grid(*detached.shape[2:], max_pixels=max_pixels)).div_(255.0)
+                              tile_grid(*detached.shape[2:], max_pixels=max_pixels), passed.last).div_(255.0)
+        del passed
         # Carried back through the downsampling now, level by level: its graph and this gradient are freed
         # before the next level's passes (two image-sized tensors per level less at the peak).
         torch.autograd.backward(image, grad)

@@ -14,7 +14,7 @@ relu5_1), so every pooling window falls where it falls in the whole image. Then:
   tile's input gradient (halo included) into the whole image's.
 
 The price of exactness is the halo (each tile's pass covers more pixels than it owns) and the second forward
-pass; :func:`tile_grid` chooses the grid that passes the fewest pixels within the memory budget (the session's
+pass (but for the first pass's last tile, whose graph is kept for the backward: ``keep_last``); :func:`tile_grid` chooses the grid that passes the fewest pixels within the memory budget (the session's
 passes, which keep no activations, run on larger tiles: :func:`session_grid`). Gatys et al.'s
 costs (the seed's equations) are not changed: the tests compare the tiled gradient with the whole image's.
 """
@@ -220,27 +220,39 @@ class TiledFeatures:
 
     grams: dict[str, torch.Tensor]
     kept: dict[str, torch.Tensor]
+    #: With ``keep_last``: the last tile, its input (a leaf with ``requires_grad``) and its features with their
+    #: autograd graph, for :func:`tiled_backward` to start from without passing that tile forward again.
+    last: "tuple[Tile, torch.Tensor, dict[str, torch.Tensor]] | None" = None
 
 
 def tiled_features(forward: Forward, image: torch.Tensor, gram_layers=(), keep_layers=(),
-                   tiles: list[Tile] | None = None) -> TiledFeatures:
+                   tiles: list[Tile] | None = None, keep_last: bool = False) -> TiledFeatures:
     """Gram matrices of ``gram_layers`` and the assembled feature maps of ``keep_layers`` of ``image``
-    ``(1, 3, H, W)`` RGB [0, 1], from forward passes over ``tiles`` (:func:`tile_grid`), without autograd.
+    ``(1, 3, H, W)`` RGB [0, 1], from forward passes over ``tiles`` (:func:`tile_grid`), without autograd; with
+    ``keep_last``, the last tile's pass with autograd, kept (:attr:`TiledFeatures.last`).
 
-    Memory: one tile's pass, plus the kept maps (e.g. relu4_2: 512 channels at 1/8 of the side, 32 bytes per
+    Memory: one tile's pass (with ``keep_last``, the last one's activations stay until its backward, as in
+    :func:`tiled_backward`), plus the kept maps (e.g. relu4_2: 512 channels at 1/8 of the side, 32 bytes per
     image pixel in float32) and the Gram matrices.
     """
     height, width = image.shape[2:]
     tiles = tile_grid(height, width) if tiles is None else tiles
     grams: dict[str, torch.Tensor] = {}
     kept: dict[str, torch.Tensor] = {}
+    last = None
     with torch.no_grad():
-        for tile in tiles:
+        for index, tile in enumerate(tiles):
             _between_tiles(tiles)
-            feats = _named(forward(image[tile.image_slice()]))
+            if keep_last and index == len(tiles) - 1:
+                with torch.enable_grad():
+                    piece = image[tile.image_slice()].detach().requires_grad_(True)
+                    feats = _named(forward(piece))
+                last = (tile, piece, feats)
+            else:
+                feats = _named(forward(image[tile.image_slice()]))
             for layer in set(gram_layers) | set(keep_layers):
                 rows, cols = tile.layer_crop(layer)
-                crop = feats[layer][:, :, rows, cols]
+                crop = feats[layer].detach()[:, :, rows, cols]
                 if layer in gram_layers:
                     gram = own_gram(crop)
                     grams[layer] = grams[layer] + gram if layer in grams else gram
@@ -252,7 +264,7 @@ def tiled_features(forward: Forward, image: torch.Tensor, gram_layers=(), keep_l
                     kept[layer][tile.whole_map_slice(layer, crop)] = crop.float()
             del feats
     _between_tiles(tiles)
-    return TiledFeatures(grams=grams, kept=kept)
+    return TiledFeatures(grams=grams, kept=kept, last=last)
 
 
 #: Speed lever (docs/benchmarks.md, "Tile passes"): each tile's cost terms add their gradient into the features'
@@ -293,7 +305,8 @@ def _add_own_region(feature: torch.Tensor, tile: Tile, layer: str, twice_m: torc
 
 
 def tiled_backward(forward: Forward, image: torch.Tensor, gram_weights: dict[str, torch.Tensor],
-                   content: dict[str, tuple[torch.Tensor, float]], tiles: list[Tile] | None = None) -> torch.Tensor:
+                   content: dict[str, tuple[torch.Tensor, float]], tiles: list[Tile] | None = None,
+                   passed: "tuple[Tile, torch.Tensor, dict[str, torch.Tensor]] | None" = None) -> torch.Tensor:
     """The gradient ``(1, 3, H, W)`` float32 with respect to ``image`` (RGB [0, 1]) of
     ``sum_l <M_l, G_l> + sum_l k_l sum (a_l - c_l)^2``, from one forward and backward pass per tile.
 
@@ -309,16 +322,23 @@ def tiled_backward(forward: Forward, image: torch.Tensor, gram_weights: dict[str
         forward: the replica's pass with autograd (autocast inside, if any).
         gram_weights: ``{layer: M_l (1, C, C) float32}``, symmetric.
         content: ``{layer: (target (1, C, H_l, W_l) whole map, k_l)}``.
+        passed: one of ``tiles`` already passed forward with autograd (:attr:`TiledFeatures.last`): it goes
+            backward first, without a second forward pass.
     """
     height, width = image.shape[2:]
     tiles = tile_grid(height, width) if tiles is None else tiles
     grad = torch.zeros_like(image, dtype=torch.float32)
     twice = {layer: 2.0 * weight for layer, weight in gram_weights.items()}
     used = sorted(set(twice) | set(content), key=OUTPUT_LAYERS.index)
-    for tile in tiles:
-        _between_tiles(tiles)
-        piece = image[tile.image_slice()].detach().requires_grad_(True)
-        feats = _named(forward(piece))
+    order = tiles if passed is None else [passed[0]] + [tile for tile in tiles if tile != passed[0]]
+    for tile in order:
+        if passed is not None and tile == passed[0]:
+            _, piece, feats = passed
+            passed = None
+        else:
+            _between_tiles(tiles)
+            piece = image[tile.image_slice()].detach().requires_grad_(True)
+            feats = _named(forward(piece))
         if OWN_REGION_HOOKS:
             for layer in used[:-1]:
                 feats[layer].register_hook(functools.partial(
