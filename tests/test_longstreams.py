@@ -19,6 +19,10 @@ HEARTBEAT_S = 0.5
 #: The server's ping policy in the keepalive test: its default (5 s). ["--min-ping-interval-s", "300"] (gRPC's
 #: default) makes the test fail: GOAWAY too_many_pings at about 30 s.
 MIN_PING_INTERVAL_ARGS: list[str] = []
+#: The blocker of the 45 s wait: 2000 iterations at 32 px with one thread took 25 s on a 2-core EPYC (AVX512_BF16),
+#: and the queued job then ran before the wait was over; 20000 keep the line busy on a machine several times
+#: faster.
+LONG_BLOCKER_ITERATIONS = 20000
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +37,11 @@ def heartbeat_server(onnx_path, tmp_path_factory):
         process.stop()
 
 
-def _blocker(target: str, small_images, **options) -> TimedStream:
-    """A job that runs until cancelled (2000 iterations at 32 px), Progress only every 1000 iterations."""
+def _blocker(target: str, small_images, iterations: int = 2000, **options) -> TimedStream:
+    """A job that runs until cancelled (``iterations`` at 32 px), Progress only every 1000 iterations."""
     content, style = small_images
-    return TimedStream(target, build_request(content, style, max_side_px=32, iterations=2000, progress_every=1000,
-                                             **options))
+    return TimedStream(target, build_request(content, style, max_side_px=32, iterations=iterations,
+                                             progress_every=1000, **options))
 
 
 def test_queued_and_running_jobs_get_heartbeats(heartbeat_server, small_images):
@@ -97,10 +101,10 @@ def test_client_pinging_every_10_s_waits_45_s_in_the_queue(onnx_path, tmp_path, 
     data frames would reset the server's ping strikes."""
     server = serving.start(onnx_path, tmp_path / "server.log", [
         "--max-running-jobs", "1", "--max-queued-jobs", "1", "--heartbeat-s", "60", "--threads", "1",
-        *MIN_PING_INTERVAL_ARGS])
+        "--max-iterations", str(LONG_BLOCKER_ITERATIONS), *MIN_PING_INTERVAL_ARGS])
     try:
         content, style = small_images
-        running = _blocker(server.target, small_images)
+        running = _blocker(server.target, small_images, iterations=LONG_BLOCKER_ITERATIONS)
         serving.wait_for(lambda: server.metric("nst_jobs_running") == 1, timeout_s=60)
         outcome: dict = {}
 
