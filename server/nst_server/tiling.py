@@ -14,9 +14,10 @@ relu5_1), so every pooling window falls where it falls in the whole image. Then:
   tile's input gradient (halo included) into the whole image's.
 
 The price of exactness is the halo (each tile's pass covers more pixels than it owns) and the second forward
-pass (but for the first pass's last tile, whose graph is kept for the backward: ``keep_last``); :func:`tile_grid` chooses the grid that passes the fewest pixels within the memory budget (the session's
-passes, which keep no activations, run on larger tiles: :func:`session_grid`). Gatys et al.'s
-costs (the seed's equations) are not changed: the tests compare the tiled gradient with the whole image's.
+pass (but for the first pass's last tile, whose graph is kept for the backward: ``keep_last``); :func:`tile_grid`
+chooses the grid that passes the fewest pixels within the memory budget (the session's passes, which keep no
+activations, run on larger tiles: :func:`session_grid`). Gatys et al.'s costs (the seed's equations) are not
+changed: the tests compare the tiled gradient with the whole image's.
 """
 
 from __future__ import annotations
