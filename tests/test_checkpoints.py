@@ -132,8 +132,8 @@ def test_the_store_writes_replaces_and_removes_checkpoints(tmp_path):
     store.close()
 
 
-#: A job of about 60 iterations at 48 px on one thread (0.1-0.2 s each here): checkpoints every second (--checkpoint-s
-#: 1) make several of them.
+#: A small job at 48 px on one thread (12-20 ms an iteration on a 2-core EPYC, up to 0.2 s on slower machines); the
+#: tests that need it to outlast checkpoints or a shutdown's grace give it more iterations.
 JOB = {"max_side_px": 48, "iterations": 60, "seed": 5, "scales": 1, "pyramid_levels": 1}
 SERVER_ARGS = ["--threads", "1", "--max-running-jobs", "1", "--max-queued-jobs", "4", "--heartbeat-s", "1"]
 
@@ -176,25 +176,30 @@ def _check_resumed(events: list[pb.JobEvent], resumed_from: int, total: int) -> 
 def test_sigkill_after_a_checkpoint_then_restart_repeats_at_most_one_checkpoint_period(onnx_path, tmp_path,
                                                                                     small_images):
     state = tmp_path / "state"
-    checkpoint_s = 1.0
+    # A checkpoint every 0.25 s and 200 iterations: JOB's 60 iterations with one a second took 0.72 s on a 2-core
+    # EPYC (12 ms an iteration), so the job finished before its first checkpoint and nothing was left to resume.
+    checkpoint_s = 0.25
+    job_options = {**JOB, "iterations": 200}
     args = [*SERVER_ARGS, "--state-dir", str(state), "--checkpoint-s", str(checkpoint_s)]
     server = serving.start(onnx_path, tmp_path / "first.log", args)
     try:
         with NSTClient(server.target) as client:
-            job = client.submit(*small_images, request_id=f"kill-{uuid.uuid4()}", **JOB)
-            seen = []
+            job = client.submit(*small_images, request_id=f"kill-{uuid.uuid4()}", **job_options)
+            seen, went_on = [], False
             for event in client.watch(job.job_id):
                 seen.append(event)
                 if event.response.WhichOneof("event") == "progress":
                     row = _checkpoint_row(state, job.job_id)
                     if row is not None and event.response.progress.iteration >= row[0] + 3:
+                        went_on = True
                         break                         # a checkpoint is stored and the job went on past it
+            assert went_on, "the job ended before a checkpoint and three more iterations"
         server.process.send_signal(signal.SIGKILL)
         server.process.wait()
     finally:
         server.stop()
     iteration, scale, name, size = _checkpoint_row(state, job.job_id)        # what the restart goes on from
-    assert scale == 1 and 0 < iteration < JOB["iterations"]
+    assert scale == 1 and 0 < iteration < job_options["iterations"]
     assert (state / "checkpoints" / name).stat().st_size == size
     server = serving.start(onnx_path, tmp_path / "second.log", args)
     try:
@@ -202,20 +207,22 @@ def test_sigkill_after_a_checkpoint_then_restart_repeats_at_most_one_checkpoint_
             after = max(e.number for e in seen)
             rest = [e for e in client.watch(job.job_id, after=after) if e.number]    # the watcher reattaches
             events = [e for e in seen if e.number] + rest
-            repeated, span_ms = _check_resumed(events, iteration, JOB["iterations"])
+            repeated, span_ms = _check_resumed(events, iteration, job_options["iterations"])
             iteration_ms = _slowest_iteration_ms(_runs(events)[0])
             print(f"SIGKILL with --checkpoint-s {checkpoint_s:g}: resumed after iteration {iteration}, iterations "
                   f"done twice: {repeated} ({span_ms:.0f} ms of the first run; one iteration took up to "
                   f"{iteration_ms:.0f} ms)")
             # At most one checkpoint period of work, and the iteration whose end made the next checkpoint due.
             assert span_ms <= checkpoint_s * 1000.0 + iteration_ms
-            assert rest[-1].state == pb.JOB_STATE_SUCCEEDED and rest[-1].response.result.iterations == JOB["iterations"]
+            assert rest[-1].state == pb.JOB_STATE_SUCCEEDED
+            assert rest[-1].response.result.iterations == job_options["iterations"]
             status = client.job(job.job_id)
-            assert (status.state, status.iterations, status.runs) == (pb.JOB_STATE_SUCCEEDED, JOB["iterations"], 2)
+            assert (status.state, status.iterations, status.runs) == (pb.JOB_STATE_SUCCEEDED,
+                                                                      job_options["iterations"], 2)
             assert Image.open(io.BytesIO(client.result(job.job_id))).size == (48, 36)
             assert server.metric("nst_jobs_resumed_from_checkpoint_total") == 1
             assert server.metric("nst_jobs_resumed_total") == 1
-            assert f"from its checkpoint after iteration {iteration} of 60" in server.log()
+            assert f"from its checkpoint after iteration {iteration} of {job_options['iterations']}" in server.log()
         assert _checkpoint_row(state, job.job_id) is None and not list((state / "checkpoints").iterdir())
     finally:
         server.stop()
