@@ -60,8 +60,11 @@ def _outcomes(replicas, outcome: str) -> dict[int, float]:
 
 
 def test_nine_concurrent_jobs_through_one_multi_address_target(fleet, small_images, tmp_path):
-    """Nine jobs at once from one client: all complete, each replica runs at least two, and the refusals (one
-    slot per replica, no queue) were retried: by gRPC on the next replica, then by the client after a backoff."""
+    """Nine jobs at once from one client: all complete, each replica runs at least one, and the refusals (one
+    slot per replica, no queue) were retried: by gRPC on the next replica, then by the client after a backoff.
+
+    How the nine spread beyond the first three depends on which replica is free when a retry comes: 3-iteration
+    jobs at 32 px on a fast 2-core EPYC went 7 / 1 / 1 (a former "at least two each" failed there)."""
     content, style = small_images
     with NSTClient(fleet[0].target) as one:
         info = one.model_info()
@@ -85,7 +88,7 @@ def test_nine_concurrent_jobs_through_one_multi_address_target(fleet, small_imag
     print(f"\njobs per replica {dict(by_replica)}; refusals per replica {refused} (each one retried: by gRPC, "
           f"or by the client: {resubmitted} sends again, {Counter(r.error.code.name for r in retries)})")
     assert completed == dict(by_replica)
-    assert sorted(by_replica) == sorted(r.pid for r in fleet) and min(by_replica.values()) >= 2
+    assert sorted(by_replica) == sorted(r.pid for r in fleet)            # every replica ran some
     assert sum(refused.values()) > 0                     # they were busy, and every job still completed
     assert all(not r.accepted and r.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED for r in retries)
 
