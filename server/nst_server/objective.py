@@ -151,11 +151,7 @@ def evaluate(feats: dict[str, torch.Tensor] | tuple[torch.Tensor, ...], pixels: 
     objective = 0.0
     all_feats = [feats, *level_feats]
     for level, level_feat in zip(targets.levels, all_feats):
-        level_feat = feats_dict(level_feat)
-        content = sum(weight * costs.content_cost(level.content[layer], level_feat[layer])
-                      for layer, weight in settings.content_layers.items())
-        style = sum(weight * costs.style_layer_cost(level.style_grams[layer], level_feat[layer])
-                    for layer, weight in settings.style_layers.items())
+        content, style = _level_costs(level, feats_dict(level_feat), settings)
         if j_content is None:
             j_content, j_style = content, style
         objective = objective + (settings.content_weight * content / level.content_norm
@@ -163,6 +159,17 @@ def evaluate(feats: dict[str, torch.Tensor] | tuple[torch.Tensor, ...], pixels: 
     tv = costs.total_variation(pixels)
     total = objective / min(len(targets.levels), len(all_feats)) + settings.tv_weight * tv
     return CostTerms(content=j_content, style=j_style, total_variation=tv, total=total)
+
+
+def _level_costs(level: LevelTargets, feats: dict[str, torch.Tensor],
+                 settings: StyleTransferSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pyramid level's ``J_content`` and ``J_style`` ``(B,)`` of features ``feats`` against ``level``'s targets:
+    the layers' weighted sums of the seed's content and style costs (:mod:`nst_server.costs`)."""
+    content = sum(weight * costs.content_cost(level.content[layer], feats[layer])
+                  for layer, weight in settings.content_layers.items())
+    style = sum(weight * costs.style_layer_cost(level.style_grams[layer], feats[layer])
+                for layer, weight in settings.style_layers.items())
+    return content, style
 
 
 def feats_dict(feats: dict[str, torch.Tensor] | tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
@@ -322,11 +329,7 @@ def _whole_level(forward: Forward, image: torch.Tensor, level: LevelTargets, set
     """One level's ``J_content``, ``J_style`` ``(1,)`` (detached) of ``image`` ``(1, 3, h, w)`` pixel levels (still
     attached to the pixels' graph) from one whole forward pass; its share of ``J`` (``content_factor J_content +
     style_factor J_style``) backpropagated into the pixels' gradient when finite. :func:`evaluate`'s terms."""
-    feats = feats_dict(forward(image / 255.0))
-    content = sum(weight * costs.content_cost(level.content[layer], feats[layer])
-                  for layer, weight in settings.content_layers.items())
-    style = sum(weight * costs.style_layer_cost(level.style_grams[layer], feats[layer])
-                for layer, weight in settings.style_layers.items())
+    content, style = _level_costs(level, feats_dict(forward(image / 255.0)), settings)
     share = content_factor * content + style_factor * style
     if torch.isfinite(share).all():
         share.sum().backward()
