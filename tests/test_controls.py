@@ -12,6 +12,7 @@ from nst_server.images import resize_to_max_side, to_tensor
 from nst_server.events import JobInputs, STOP_CONVERGED, STOP_ITERATIONS, STOP_NON_FINITE
 from nst_server.objective import evaluate
 from nst_server.settings import DEFAULT_STYLE_LAYERS, StyleTransferSettings, blend_weights
+from nst_server.targets import level_sizes
 from nst_server.targets import compute_targets, features
 
 
@@ -228,12 +229,13 @@ def test_quality_on_real_images(models, shared):
 
 def test_a_large_output_refines_a_512_px_schedule():
     """Above 512 px the default schedule is the 512 px job's, then sides at most doubling, with few iterations
-    each (twice as many at each side as at the next); scales=1 or start_side_px keep the plain schedule."""
+    each (three times as many at each side as at the next); scales=1 or start_side_px keep the plain schedule."""
     assert engine.refinement_sides(2048) == [1024, 2048]
     assert engine.refinement_sides(4096) == [1024, 2048, 4096]
     assert engine.refinement_sides(1500) == [876, 1500]
     plan = engine.schedule(StyleTransferSettings(max_side_px=2048), 0.75)
-    assert plan == [(128, 56), (256, 56), (512, 58), (1024, 20), (2048, 10)]
+    assert plan == [(128, 56), (256, 56), (512, 56), (1024, 24), (2048, 8)]
+    assert engine.schedule(StyleTransferSettings(max_side_px=4096), 0.75)[3:] == [(1024, 21), (2048, 7), (4096, 4)]
     assert sum(budget for _, budget in engine.schedule(StyleTransferSettings(max_side_px=4096), 0.75)) == 200
     assert engine.schedule(StyleTransferSettings(max_side_px=512), 0.75) == [(128, 66), (256, 66), (512, 68)]
     assert engine.schedule(StyleTransferSettings(max_side_px=2048, scales=1), 0.75) == [(2048, 200)]
@@ -243,9 +245,20 @@ def test_a_large_output_refines_a_512_px_schedule():
 
 
 def test_refinement_scales_keep_the_structure_scales_pyramid_levels():
-    """A refinement scale's pyramid reaches down to the structure scale's coarsest level (two levels per octave
-    above 512 px); other schedules keep pyramid_levels."""
-    settings = StyleTransferSettings(max_side_px=2048)
-    assert [engine.pyramid_levels(settings, side) for side in (128, 512, 1024, 2048)] == [3, 3, 5, 7]
-    assert engine.pyramid_levels(StyleTransferSettings(max_side_px=2048, scales=1), 2048) == 3
-    assert engine.pyramid_levels(StyleTransferSettings(max_side_px=2048, pyramid_levels=1), 2048) == 1
+    """A refinement scale's pyramid is whole octaves down to 512 px, then the structure scale's own levels, so that
+    its coarsest level is the structure scale's coarsest; other schedules keep pyramid_levels' half-octaves."""
+    settings = StyleTransferSettings(max_side_px=4096)
+
+    def sides(side: int, job: StyleTransferSettings = settings) -> list[int]:
+        return [max(size) for size in level_sizes(round(side * 0.75), side, engine.pyramid_factors(job, side))]
+
+    assert sides(128) == [128, 91, 64]
+    assert sides(512) == [512, 362, 256]
+    assert sides(1024) == [1024, 512, 362, 256]
+    assert sides(2048) == [2048, 1024, 512, 362, 256]
+    assert sides(4096) == [4096, 2048, 1024, 512, 362, 256]
+    assert sides(1500, settings.replace(max_side_px=1500)) == [1500, 750, 512, 362, 256]
+    assert sides(876, settings.replace(max_side_px=1500)) == [876, 512, 362, 256]
+    assert sides(2048, settings.replace(scales=1)) == [2048, 1448, 1024]
+    assert sides(2048, settings.replace(pyramid_levels=1)) == [2048]
+    assert sides(2048, settings.replace(pyramid_levels=2)) == [2048, 1024, 512, 362]

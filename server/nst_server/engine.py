@@ -71,7 +71,7 @@ from nst_server.objective import Objective, batch_pass, downsample, evaluate, ti
 from nst_server.optimizers import make_optimizer
 from nst_server.precision import default_precision
 from nst_server.settings import MAX_STYLES, StyleTransferSettings, blend_weights
-from nst_server.targets import Targets, compute_targets, features, pyramid_sizes, session_forward
+from nst_server.targets import Targets, compute_targets, features, level_sizes, session_forward
 from nst_server.tiling import needs_tiles, pass_pixel_limit, session_grid
 
 #: Window of the convergence test, iterations.
@@ -132,7 +132,14 @@ def split_iterations(total: int, scales: int) -> list[int]:
 #: then refined at sides at most doubling up to the output (:func:`schedule`).
 STRUCTURE_SIDE_PX = 512
 #: Share of a large output's iterations that go to the refinement scales above :data:`STRUCTURE_SIDE_PX`.
-REFINEMENT_SHARE = 0.15
+REFINEMENT_SHARE = 0.16
+#: Each refinement scale runs this many times the iterations of the next (finer) one: an iteration there costs
+#: about 4x the pixels, so each refinement scale's time is about 4/3 of the one before.
+REFINEMENT_RATIO = 3.0
+#: The output's own scale gets at least this many of the refinement's iterations (taken from the first refinement
+#: scale) where it still gets no more than that one: the texture at 1:1 comes from them, and with 2 at 4096 px it
+#: was soft.
+FINAL_SCALE_MIN_ITERATIONS = 4
 
 
 def refinement_sides(final: int) -> list[int]:
@@ -147,15 +154,27 @@ def refines(settings: StyleTransferSettings) -> bool:
     return settings.scales > 1 and not settings.start_side_px and settings.max_side_px > STRUCTURE_SIDE_PX
 
 
-def pyramid_levels(settings: StyleTransferSettings, side: int) -> int:
-    """Pyramid levels of the objective at a scale of longest side ``side``: ``pyramid_levels``, and at a
-    refinement scale two more per octave above :data:`STRUCTURE_SIDE_PX`, so that its coarsest level is the
-    structure scale's coarsest (2048 px: 7 levels, 2048 down to 256 px). The refinement then adds fine texture
-    without undoing the structure: with 3 levels (2048 down to 1024 px) a 2048 px picture judged at 512 px had 3.9x
-    the 512 px job's J_style. A job without a pyramid (``pyramid_levels == 1``) keeps none."""
+def pyramid_factors(settings: StyleTransferSettings, side: int) -> list[float]:
+    """The sizes of the objective's pyramid levels at a scale of longest side ``side``, as factors of that side
+    (the first 1.0; :func:`nst_server.targets.level_sizes` turns them into sizes).
+
+    At a scale up to :data:`STRUCTURE_SIDE_PX`, or without the large-output schedule (:func:`refines`), or without a
+    pyramid (``pyramid_levels == 1``): ``pyramid_levels`` half-octave steps (1, 0.71, 0.5, ...). At a refinement
+    scale: whole octaves down to the structure scale (2048 px: 2048 and 1024), then the structure scale's own
+    levels (512, 362 and 256 px by default), so that the refinement adds fine texture without undoing the
+    structure: its coarsest level is the structure scale's coarsest (with 3 half-octave levels, 2048 down to
+    1024 px, a 2048 px picture judged at 512 px had 3.9x the 512 px job's J_style). Octaves above the structure
+    scale, not half-octaves, because a level costs its pixels at every iteration: 2048 px has 5 levels that pass
+    1.36x its pixels, against 7 half-octave ones passing 1.98x, with the same picture at 2048 px and a slightly
+    better one judged at 512 px (docs/benchmarks.md, "Octaves above the structure scale").
+    """
+    half_octaves = [2.0 ** (-k / 2) for k in range(settings.pyramid_levels)]
     if settings.pyramid_levels == 1 or not refines(settings) or side <= STRUCTURE_SIDE_PX:
-        return settings.pyramid_levels
-    return settings.pyramid_levels + 2 * math.ceil(math.log2(side / STRUCTURE_SIDE_PX) - 1e-9)
+        return half_octaves
+    octaves = []
+    while side * 2.0 ** -len(octaves) > STRUCTURE_SIDE_PX * 2.0 ** 0.25:  # down to the structure side's octave
+        octaves.append(2.0 ** -len(octaves))
+    return octaves + [STRUCTURE_SIDE_PX / side * factor for factor in half_octaves]
 
 
 def schedule(settings: StyleTransferSettings, aspect: float) -> list[tuple[int, int]]:
@@ -165,10 +184,13 @@ def schedule(settings: StyleTransferSettings, aspect: float) -> list[tuple[int, 
     :func:`scale_sides`, the iterations split equally (:func:`split_iterations`). A larger output with the default
     schedule is a print, not a bigger thumbnail: the first ``1 - REFINEMENT_SHARE`` of the iterations run the
     schedule of a :data:`STRUCTURE_SIDE_PX` job, which lays down the painting's structure where an iteration is
-    cheap, and the rest refine at :func:`refinement_sides`, twice as many at each side as at the next (a
-    2048 px job of 200 iterations: 56, 56, 58 at 128, 256 and 512 px, then 20 at 1024 and 10 at 2048). Optimised
-    at full size from the start instead, the style's finest texture is matched and its structure lost (the
-    2048 px picture's J_style judged at 512 px was 7.7x the 512 px job's), at 23x the time.
+    cheap, and the rest refine at :func:`refinement_sides`, :data:`REFINEMENT_RATIO` times as many at each side as
+    at the next (a 2048 px job of 200 iterations: 56, 56, 56 at 128, 256 and 512 px, then 24 at 1024 and 8 at
+    2048; 4096 px: 56, 56, 56, 21, 7, 4, the output's own scale getting at least
+    :data:`FINAL_SCALE_MIN_ITERATIONS`). Optimised at full size from the start instead, the style's finest texture
+    is matched and its structure lost (the 2048 px picture's J_style judged at 512 px was 7.7x the 512 px job's),
+    at 23x the time. With 20 at 1024 and 10 at 2048 px (twice as many at each side) the 2048 px job took 5.2x the
+    512 px job's time, with 24 and 8 4.8x, the same picture at 2048 px (docs/benchmarks.md).
     ``aspect`` is shorter side / longer side.
     """
     final = settings.max_side_px
@@ -180,9 +202,12 @@ def schedule(settings: StyleTransferSettings, aspect: float) -> list[tuple[int, 
     refining = min(settings.iterations - 1, max(len(refine), round(settings.iterations * REFINEMENT_SHARE)))
     if refining < len(refine):                         # too few iterations to refine: the single final scale
         return [(final, settings.iterations)]
-    weights = [2.0 ** (len(refine) - k) for k in range(1, len(refine) + 1)]          # ..., 4, 2, 1
+    weights = [REFINEMENT_RATIO ** (len(refine) - k) for k in range(1, len(refine) + 1)]      # ..., 9, 3, 1
     shares = [max(1, math.floor(refining * weight / sum(weights))) for weight in weights]
     shares[0] += refining - sum(shares)
+    deficit = FINAL_SCALE_MIN_ITERATIONS - shares[-1]
+    if len(shares) > 1 and deficit > 0 and shares[0] - deficit >= shares[-1] + deficit:    # coarse to fine still
+        shares[0], shares[-1] = shares[0] - deficit, shares[-1] + deficit
     structure = structure[-(settings.iterations - refining):]
     laid = split_iterations(settings.iterations - refining, len(structure))
     return list(zip(structure, laid)) + list(zip(refine, shares))
@@ -396,7 +421,7 @@ def _scale_inputs(job: _Job, side: int) -> tuple[torch.Tensor, Targets]:
                              f"{style.shape[2]} px, under the {MIN_SIDE_PX} px minimum; raise style_scale or "
                              f"max_side_px")
     coarser = []
-    for level_h, level_w in pyramid_sizes(*content.shape[2:], pyramid_levels(settings, side))[1:]:
+    for level_h, level_w in level_sizes(*content.shape[2:], pyramid_factors(settings, side))[1:]:
         level_styles = _resized_styles(job, max(level_h, level_w))
         if min(min(style.shape[2:]) for style, _ in level_styles) < MIN_SIDE_PX:
             break                                   # the style would be too small: no coarser level

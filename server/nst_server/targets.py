@@ -182,9 +182,15 @@ def pyramid_sizes(height: int, width: int, levels: int) -> list[tuple[int, int]]
     """``(H, W)`` of each level of the resolution pyramid: level ``k`` is the image scaled by ``2^(-k/2)``
     (half-octave steps: 1, 0.71, 0.5, ...); levels whose shorter side would fall under the network's 16 px
     minimum are left out."""
+    return level_sizes(height, width, [2.0 ** (-k / 2) for k in range(levels)])
+
+
+def level_sizes(height: int, width: int, factors: list[float]) -> list[tuple[int, int]]:
+    """``(H, W)`` of the pyramid levels at ``factors`` of an image of ``height x width`` px (decreasing, the first
+    1.0), each side rounded to the nearest pixel; the levels from the first whose shorter side would fall under the
+    network's 16 px minimum are left out."""
     sizes = []
-    for k in range(levels):
-        factor = 2.0 ** (-k / 2)
+    for factor in factors:
         size = (max(1, round(height * factor)), max(1, round(width * factor)))
         if min(size) < MIN_SIDE_PX:
             break
