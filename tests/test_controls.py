@@ -262,3 +262,29 @@ def test_refinement_scales_keep_the_structure_scales_pyramid_levels():
     assert sides(2048, settings.replace(scales=1)) == [2048, 1448, 1024]
     assert sides(2048, settings.replace(pyramid_levels=1)) == [2048]
     assert sides(2048, settings.replace(pyramid_levels=2)) == [2048, 1024, 512, 362]
+
+
+def test_a_refinement_scale_is_costed_on_its_octave_pyramid(models, images, monkeypatch):
+    """A whole job whose output is above the structure side (lowered to 64 px here, so that it runs in seconds):
+    its final scale's targets are at the pyramid_factors' sizes (the output, then the structure scale's levels),
+    the structure scales keep their half-octaves, and the job delivers an image of the output's size."""
+    content, style, _ = images
+    monkeypatch.setattr(engine, "STRUCTURE_SIDE_PX", 64)
+    seen: dict[int, list[tuple[int, int]]] = {}
+    scale_inputs = engine._scale_inputs
+
+    def recorded(job, side):
+        pixels, targets = scale_inputs(job, side)
+        seen[side] = [level.size for level in targets.levels]
+        return pixels, targets
+
+    monkeypatch.setattr(engine, "_scale_inputs", recorded)
+    events, result = run(models, content, [(style, 1.0)], max_side_px=128, iterations=12)
+    height = round(128 * content.height / content.width)
+    assert max(seen) == 128 and len(seen) >= 2, seen
+    assert [max(size) for size in seen[128]] == [128, 64, 45, 32], seen[128]
+    assert seen[128][0] == (height, 128)
+    for side in set(seen) - {128}:
+        assert [max(size) for size in seen[side]] == [max(size) for size in level_sizes(
+            *seen[side][0], [2.0 ** (-k / 2) for k in range(3)])], (side, seen[side])
+    assert result.image.shape[:2] == (height, 128)
