@@ -71,7 +71,8 @@ from nst_server.objective import Objective, batch_pass, downsample, evaluate, ti
 from nst_server.optimizers import make_optimizer
 from nst_server.precision import default_precision
 from nst_server.settings import MAX_STYLES, StyleTransferSettings, blend_weights
-from nst_server.targets import Targets, compute_targets, features, level_sizes, session_forward
+from nst_server.targets import (Targets, compute_targets, features, half_octaves, level_sizes,
+                                session_forward)
 from nst_server.tiling import needs_tiles, pass_pixel_limit, session_grid
 
 #: Window of the convergence test, iterations.
@@ -168,13 +169,13 @@ def pyramid_factors(settings: StyleTransferSettings, side: int) -> list[float]:
     1.36x its pixels, against 7 half-octave ones passing 1.98x, with the same picture at 2048 px and a slightly
     better one judged at 512 px (docs/benchmarks.md, "Octaves above the structure scale").
     """
-    half_octaves = [2.0 ** (-k / 2) for k in range(settings.pyramid_levels)]
+    structure = half_octaves(settings.pyramid_levels)
     if settings.pyramid_levels == 1 or not refines(settings) or side <= STRUCTURE_SIDE_PX:
-        return half_octaves
+        return structure
     octaves = []
     while side * 2.0 ** -len(octaves) > STRUCTURE_SIDE_PX * 2.0 ** 0.25:  # down to the structure side's octave
         octaves.append(2.0 ** -len(octaves))
-    return octaves + [STRUCTURE_SIDE_PX / side * factor for factor in half_octaves]
+    return octaves + [STRUCTURE_SIDE_PX / side * factor for factor in structure]
 
 
 def schedule(settings: StyleTransferSettings, aspect: float) -> list[tuple[int, int]]:
@@ -190,7 +191,7 @@ def schedule(settings: StyleTransferSettings, aspect: float) -> list[tuple[int, 
     :data:`FINAL_SCALE_MIN_ITERATIONS`). Optimised at full size from the start instead, the style's finest texture
     is matched and its structure lost (the 2048 px picture's J_style judged at 512 px was 7.7x the 512 px job's),
     at 23x the time. With 20 at 1024 and 10 at 2048 px (twice as many at each side) the 2048 px job took 5.2x the
-    512 px job's time, with 24 and 8 4.8x, the same picture at 2048 px (docs/benchmarks.md).
+    512 px job's time, with 24 and 8 4.8x, the same composition looked at (docs/benchmarks.md).
     ``aspect`` is shorter side / longer side.
     """
     final = settings.max_side_px

@@ -182,7 +182,12 @@ def pyramid_sizes(height: int, width: int, levels: int) -> list[tuple[int, int]]
     """``(H, W)`` of each level of the resolution pyramid: level ``k`` is the image scaled by ``2^(-k/2)``
     (half-octave steps: 1, 0.71, 0.5, ...); levels whose shorter side would fall under the network's 16 px
     minimum are left out."""
-    return level_sizes(height, width, [2.0 ** (-k / 2) for k in range(levels)])
+    return level_sizes(height, width, half_octaves(levels))
+
+
+def half_octaves(levels: int) -> list[float]:
+    """The factors of ``levels`` pyramid levels in half-octave steps: ``2^(-k/2)``, k = 0 .. levels - 1."""
+    return [2.0 ** (-k / 2) for k in range(levels)]
 
 
 def level_sizes(height: int, width: int, factors: list[float]) -> list[tuple[int, int]]:
