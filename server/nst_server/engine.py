@@ -65,7 +65,8 @@ from nst_server.costs import CostTerms
 from nst_server.errors import CheckpointMismatch, FieldError
 from nst_server.events import (STOP_CANCELLED, STOP_CONVERGED, STOP_ITERATIONS, STOP_NON_FINITE, Checkpoint, Costs,
                                JobInputs, Progress, Result)
-from nst_server.images import encode_png, encode_png_with_alpha, resize_to_max_side, to_tensor, to_uint8
+from nst_server.images import (encode_png, encode_png_with_alpha, fitted_size, resize_to_max_side, to_tensor,
+                                to_uint8)
 from nst_server.model import StyleModels
 from nst_server.objective import Objective, batch_pass, downsample, evaluate, tiled_costs
 from nst_server.optimizers import make_optimizer
@@ -73,7 +74,7 @@ from nst_server.precision import default_precision
 from nst_server.settings import MAX_STYLES, StyleTransferSettings, blend_weights
 from nst_server.targets import (Targets, compute_targets, features, half_octaves, level_sizes,
                                 session_forward)
-from nst_server.tiling import needs_tiles, pass_pixel_limit, session_grid
+from nst_server.tiling import needs_tiles, pass_pixel_limit, session_grid, tile_grid
 
 #: Window of the convergence test, iterations.
 CONVERGENCE_WINDOW = 10
@@ -278,6 +279,8 @@ def stylize(models: StyleModels, inputs: JobInputs, settings: StyleTransferSetti
     budgets = [budget for _, budget in plan]
     job.plan = [(side * side * aspect, budget) for side, budget in plan]
     job.output_pixels = width * height
+    job.work = [iteration_work(*fitted_size(*job.content_image.size, side)[::-1], side, settings, job.output_pixels)
+                for side in sides]
     if resume is not None:
         _check_resume(resume, budgets)
 
@@ -353,6 +356,7 @@ class _Job:
     replica_pass: Callable[[torch.Tensor, tuple], tuple[torch.Tensor, ...]]   # :func:`batch_pass`
     mean_pixels: torch.Tensor                # (1, 3, 1, 1) the weights' mean pixel, 0..255
     plan: list[tuple[float, int]] = ()       # each scale's (pixels, iterations), for the time estimate
+    work: list[float] = ()                   # each scale's :func:`iteration_work`, for the time estimate
     output_pixels: int = 0                   # height x width of the output (the final scale)
     checkpoint_s: float = 0.0                # a checkpoint at most this often, s (0: none on a timer)
     checkpoint_now: Callable[[], bool] | None = None
@@ -531,29 +535,69 @@ def _resumed_pixels(job: _Job, resume: Checkpoint, size: tuple[int, int], tally:
     return torch.from_numpy(np.array(resume.pixels, dtype=np.float32)).to(device).contiguous()
 
 
-#: Seconds per pixel-iteration measured at large scales (at least :data:`SPEED_MIN_PIXELS`), by device type and
-#: precision, a running mean over this process's jobs: small scales are dominated by per-iteration overheads, so
-#: their speed per pixel says little about a larger scale's.
+#: Seconds per unit of :func:`iteration_work` measured at large scales (at least :data:`SPEED_MIN_PIXELS`), by device
+#: type and precision, a running mean over this process's jobs: small scales are dominated by per-iteration
+#: overheads, so their speed per pixel says little about a larger scale's.
 _SPEED: dict[tuple[str, str], float] = {}
 SPEED_MIN_PIXELS = 256 * 256
+
+#: A forward pass's share of a forward and backward pass (the backward computes two products per layer to the
+#: forward's one: Kaplan et al. 2020, "Scaling laws for neural language models", section 2.1), for
+#: :func:`iteration_work`'s tiled levels, which are passed forward once more.
+FORWARD_SHARE = 1.0 / 3.0
+
+#: The time estimate's allowance, in iterations of the scale concerned, for what a later scale does besides its
+#: iterations (its targets: the session's fp32 passes over the content and style images at each pyramid level) and
+#: for the job's end (the last step's image costed, then the delivered image's costs recomputed by the session).
+#: Measured on a default 2048 px job through the server (2-core EPYC, AVX512_BF16, bf16): the 2048 px scale's
+#: targets took about 17 s beside iterations of 21 s, the 1024 px scale's about 2 s beside 2.7 s, and the end
+#: 20.6 s after the last iteration; without them, and with the 2048 px scale costed per output pixel at the
+#: 1024 px scale's speed, the estimate was under half the time that remained (docs/benchmarks.md).
+SCALE_SETUP_ITERATIONS = 1.0
+DELIVERY_ITERATIONS = 1.0
+
+
+def iteration_work(height: int, width: int, side: int, settings: StyleTransferSettings,
+                   output_pixels: int) -> float:
+    """The replica's work in one iteration at a scale of ``height x width`` px (longest side ``side``) of a job
+    whose output has ``output_pixels``, in pixels passed forward and backward: each pyramid level's pixels
+    (:func:`pyramid_factors`), and for a level passed in tiles (over :func:`~nst_server.tiling.pass_pixel_limit`)
+    its tiles' pixels, halos included, and their forward-only first pass (:data:`FORWARD_SHARE` of them again).
+    The time estimate's yardstick (:func:`_remaining_ms`): a 2048 x 1536 px scale of a 2048 px job is about 6.7x
+    the work of its 1024 x 768 px scale, for 4x the pixels. A model, not a measurement: the kept last tile
+    (:data:`nst_server.objective.KEEP_LAST_TILE`) and the batcher are left out."""
+    limit = pass_pixel_limit(height * width, output_pixels, settings.precision)
+    work = 0.0
+    for level_h, level_w in level_sizes(height, width, pyramid_factors(settings, side)):
+        if needs_tiles(level_h, level_w, limit):
+            passed = sum((tile.input[1] - tile.input[0]) * (tile.input[3] - tile.input[2])
+                         for tile in tile_grid(level_h, level_w, max_pixels=limit))
+            work += passed * (1.0 + FORWARD_SHARE)
+        else:
+            work += level_h * level_w
+    return work
 
 
 def _remaining_ms(job: _Job, scale: _Scale, done: int, seconds: float) -> float:
     """Estimated time to the Result, ms: this scale's iterations left at its measured speed (``done`` iterations in
-    ``seconds``), the later scales' pixel-iterations at the speed measured at large scales (:data:`_SPEED`; this
-    scale's per pixel while none is known, an overestimate that the next scale corrects)."""
+    ``seconds``); each later scale's iterations and its set-up (:data:`SCALE_SETUP_ITERATIONS`) at the speed per
+    unit of :func:`iteration_work` measured at large scales (:data:`_SPEED`; this scale's while none is known), never
+    faster than this scale's iterations; and the end (:data:`DELIVERY_ITERATIONS` of the final scale)."""
     if not done or not job.plan:
         return 0.0
     pixels, _ = job.plan[scale.index - 1]
+    work = job.work[scale.index - 1]
     per_iteration = seconds / done
     key = (job.models.device.type, job.settings.precision)
     if pixels >= SPEED_MIN_PIXELS:
         known = _SPEED.get(key)
-        measured = per_iteration / pixels
+        measured = per_iteration / work
         _SPEED[key] = measured if known is None else 0.9 * known + 0.1 * measured
-    per_pixel = _SPEED.get(key, per_iteration / pixels)
-    later = sum(max(per_iteration, per_pixel * p) * budget for p, budget in job.plan[scale.index:])
-    return 1000.0 * ((scale.budget - done) * per_iteration + later)
+    per_work = _SPEED.get(key, per_iteration / work)
+    later = sum(max(per_iteration, per_work * later_work) * (budget + SCALE_SETUP_ITERATIONS)
+                for later_work, (_, budget) in zip(job.work[scale.index:], job.plan[scale.index:]))
+    delivery = DELIVERY_ITERATIONS * max(per_iteration, per_work * job.work[-1])
+    return 1000.0 * ((scale.budget - done) * per_iteration + later + delivery)
 
 
 def _progress(job: _Job, scale: _Scale, iteration: int, pixels: torch.Tensor,

@@ -308,12 +308,17 @@ def encode_png_with_alpha(array: np.ndarray, alpha: Image.Image | None) -> bytes
     return buffer.getvalue()
 
 
+def fitted_size(width: int, height: int, max_side_px: int) -> tuple[int, int]:
+    """``(width, height)`` scaled so that the longer side is ``max_side_px``, keeping the aspect ratio; the shorter
+    side is rounded and at least 1 px (the size :func:`resize_to_max_side` gives)."""
+    scale = max_side_px / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
 def resize_to_max_side(image: Image.Image, max_side_px: int) -> Image.Image:
     """Resize (Lanczos) so that the longer side is ``max_side_px``, keeping the aspect ratio; the shorter side
     is rounded and at least 1 px."""
-    width, height = image.size
-    scale = max_side_px / max(width, height)
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    size = fitted_size(*image.size, max_side_px)
     if size == image.size:
         return image
     return image.resize(size, Image.Resampling.LANCZOS)
