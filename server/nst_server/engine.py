@@ -541,10 +541,11 @@ def _resumed_pixels(job: _Job, resume: Checkpoint, size: tuple[int, int], tally:
 _SPEED: dict[tuple[str, str], float] = {}
 SPEED_MIN_PIXELS = 256 * 256
 
-#: A forward pass's share of a forward and backward pass (the backward computes two products per layer to the
-#: forward's one: Kaplan et al. 2020, "Scaling laws for neural language models", section 2.1), for
-#: :func:`iteration_work`'s tiled levels, which are passed forward once more.
-FORWARD_SHARE = 1.0 / 3.0
+#: A forward pass's share of a forward and backward pass, for :func:`iteration_work`'s tiled levels, which are passed
+#: forward once more. The backward computes only the gradient with respect to the input (the weights are fixed), one
+#: product per convolution as the forward's (the FLOP count of ``nst-benchmark``); profiled at 512 px, bf16, the
+#: convolutions forward took 40 % of an iteration and backward 37 % (docs/benchmarks.md).
+FORWARD_SHARE = 0.5
 
 #: The time estimate's allowance, in iterations of the scale concerned, for what a later scale does besides its
 #: iterations (its targets: the session's fp32 passes over the content and style images at each pyramid level) and
@@ -563,7 +564,7 @@ def iteration_work(height: int, width: int, side: int, settings: StyleTransferSe
     whose output has ``output_pixels``, in pixels passed forward and backward: each pyramid level's pixels
     (:func:`pyramid_factors`), and for a level passed in tiles (over :func:`~nst_server.tiling.pass_pixel_limit`)
     its tiles' pixels, halos included, and their forward-only first pass (:data:`FORWARD_SHARE` of them again).
-    The time estimate's yardstick (:func:`_remaining_ms`): a 2048 x 1536 px scale of a 2048 px job is about 6.7x
+    The time estimate's yardstick (:func:`_remaining_ms`): a 2048 x 1536 px scale of a 2048 px job is about 7.6x
     the work of its 1024 x 768 px scale, for 4x the pixels. A model, not a measurement: the kept last tile
     (:data:`nst_server.objective.KEEP_LAST_TILE`) and the batcher are left out."""
     limit = pass_pixel_limit(height * width, output_pixels, settings.precision)
