@@ -12,7 +12,7 @@ from nst_server.images import resize_to_max_side, to_tensor
 from nst_server.events import JobInputs, STOP_CONVERGED, STOP_ITERATIONS, STOP_NON_FINITE
 from nst_server.objective import evaluate
 from nst_server.settings import DEFAULT_STYLE_LAYERS, StyleTransferSettings, blend_weights
-from nst_server.targets import level_sizes
+from nst_server.targets import half_octaves, level_sizes
 from nst_server.targets import compute_targets, features
 
 
@@ -286,5 +286,5 @@ def test_a_refinement_scale_is_costed_on_its_octave_pyramid(models, images, monk
     assert seen[128][0] == (height, 128)
     for side in set(seen) - {128}:
         assert [max(size) for size in seen[side]] == [max(size) for size in level_sizes(
-            *seen[side][0], [2.0 ** (-k / 2) for k in range(3)])], (side, seen[side])
+            *seen[side][0], half_octaves(3))], (side, seen[side])
     assert result.image.shape[:2] == (height, 128)

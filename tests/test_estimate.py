@@ -36,8 +36,7 @@ def test_a_tiled_level_counts_its_halos_and_its_forward_only_pass():
     tiled = [size for size in levels if tiling.needs_tiles(*size, limit)]
     whole = [size for size in levels if not tiling.needs_tiles(*size, limit)]
     assert tiled == levels[:2] and len(whole) == 3
-    passed = sum((t.input[1] - t.input[0]) * (t.input[3] - t.input[2])
-                 for h, w in tiled for t in tiling.tile_grid(h, w, max_pixels=limit))
+    passed = sum(tiling.input_pixels(t) for h, w in tiled for t in tiling.tile_grid(h, w, max_pixels=limit))
     assert passed > _pixels(tiled)                                                    # the halos
     work = engine.iteration_work(1536, 2048, 2048, settings, 2048 * 1536)
     assert work == pytest.approx(passed * (1 + engine.FORWARD_SHARE) + _pixels(whole))

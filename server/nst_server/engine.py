@@ -74,7 +74,7 @@ from nst_server.precision import default_precision
 from nst_server.settings import MAX_STYLES, StyleTransferSettings, blend_weights
 from nst_server.targets import (Targets, compute_targets, features, half_octaves, level_sizes,
                                 session_forward)
-from nst_server.tiling import needs_tiles, pass_pixel_limit, session_grid, tile_grid
+from nst_server.tiling import input_pixels, needs_tiles, pass_pixel_limit, session_grid, tile_grid
 
 #: Window of the convergence test, iterations.
 CONVERGENCE_WINDOW = 10
@@ -571,8 +571,7 @@ def iteration_work(height: int, width: int, side: int, settings: StyleTransferSe
     work = 0.0
     for level_h, level_w in level_sizes(height, width, pyramid_factors(settings, side)):
         if needs_tiles(level_h, level_w, limit):
-            passed = sum((tile.input[1] - tile.input[0]) * (tile.input[3] - tile.input[2])
-                         for tile in tile_grid(level_h, level_w, max_pixels=limit))
+            passed = sum(map(input_pixels, tile_grid(level_h, level_w, max_pixels=limit)))
             work += passed * (1.0 + FORWARD_SHARE)
         else:
             work += level_h * level_w

@@ -145,7 +145,8 @@ def _grid(height: int, width: int, rows: int, cols: int) -> list[Tile]:
             for y0, y1 in _spans(height, rows) for x0, x1 in _spans(width, cols)]
 
 
-def _input_pixels(tile: Tile) -> int:
+def input_pixels(tile: Tile) -> int:
+    """The pixels one pass over ``tile`` covers: its own region and its halo."""
     iy0, iy1, ix0, ix1 = tile.input
     return (iy1 - iy0) * (ix1 - ix0)
 
@@ -181,9 +182,9 @@ def _best_grid(height: int, width: int, budget: int) -> tuple[Tile, ...]:
     for rows in range(1, max(1, height // ALIGN_PX) + 1):
         for cols in range(1, max(1, width // ALIGN_PX) + 1):
             tiles = _grid(height, width, rows, cols)
-            if max(_input_pixels(tile) for tile in tiles) > budget:
+            if max(input_pixels(tile) for tile in tiles) > budget:
                 continue
-            if best is None or sum(map(_input_pixels, tiles)) < sum(map(_input_pixels, best)):
+            if best is None or sum(map(input_pixels, tiles)) < sum(map(input_pixels, best)):
                 best = tiles
             break                                     # more columns only add halo
     return tuple(best if best is not None
