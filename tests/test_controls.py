@@ -264,6 +264,21 @@ def test_refinement_scales_keep_the_structure_scales_pyramid_levels():
     assert sides(2048, settings.replace(pyramid_levels=2)) == [2048, 1024, 512, 362]
 
 
+def test_refinement_scales_weight_the_structure_levels_style():
+    """At a refinement scale the structure scale's own levels carry STRUCTURE_STYLE_WEIGHT, the octaves above them 1;
+    every level of every other scale or schedule 1."""
+    settings = StyleTransferSettings(max_side_px=4096)
+    weight = engine.STRUCTURE_STYLE_WEIGHT
+    assert weight > 1.0
+    assert engine.pyramid_style_weights(settings, 512) == [1.0, 1.0, 1.0]
+    assert engine.pyramid_style_weights(settings, 1024) == [1.0, weight, weight, weight]
+    assert engine.pyramid_style_weights(settings, 4096) == [1.0, 1.0, 1.0, weight, weight, weight]
+    assert engine.pyramid_style_weights(settings.replace(pyramid_levels=2), 2048) == [1.0, 1.0, weight, weight]
+    assert engine.pyramid_style_weights(settings.replace(pyramid_levels=1), 2048) == [1.0]
+    assert engine.pyramid_style_weights(settings.replace(scales=1), 2048) == [1.0, 1.0, 1.0]
+    assert engine.pyramid_style_weights(settings.replace(max_side_px=512), 512) == [1.0, 1.0, 1.0]
+
+
 def test_a_refinement_scale_is_costed_on_its_octave_pyramid(models, images, monkeypatch):
     """A whole job whose output is above the structure side (lowered to 64 px here, so that it runs in seconds):
     its final scale's targets are at the pyramid_factors' sizes (the output, then the structure scale's levels),
@@ -273,9 +288,12 @@ def test_a_refinement_scale_is_costed_on_its_octave_pyramid(models, images, monk
     seen: dict[int, list[tuple[int, int]]] = {}
     scale_inputs = engine._scale_inputs
 
+    weights: dict[int, list[float]] = {}
+
     def recorded(job, side):
         pixels, targets = scale_inputs(job, side)
         seen[side] = [level.size for level in targets.levels]
+        weights[side] = [level.style_weight for level in targets.levels]
         return pixels, targets
 
     monkeypatch.setattr(engine, "_scale_inputs", recorded)
@@ -284,7 +302,9 @@ def test_a_refinement_scale_is_costed_on_its_octave_pyramid(models, images, monk
     assert max(seen) == 128 and len(seen) >= 2, seen
     assert [max(size) for size in seen[128]] == [128, 64, 45, 32], seen[128]
     assert seen[128][0] == (height, 128)
+    assert weights[128] == [1.0] + [engine.STRUCTURE_STYLE_WEIGHT] * 3, weights
     for side in set(seen) - {128}:
         assert [max(size) for size in seen[side]] == [max(size) for size in level_sizes(
             *seen[side][0], half_octaves(3))], (side, seen[side])
+        assert weights[side] == [1.0] * len(seen[side]), (side, weights[side])
     assert result.image.shape[:2] == (height, 128)

@@ -111,6 +111,29 @@ def test_the_tiled_gradient_equals_the_whole_images(models, monkeypatch, precisi
     assert float(forward_only) == pytest.approx(float(whole_terms.total), rel=bound)
 
 
+def test_a_levels_style_weight_scales_its_style_term_whole_and_tiled(models, monkeypatch):
+    """A level's ``style_weight`` multiplies its J_style in J as dividing its normaliser would, in the whole image's
+    objective and in the tiled one's (engine.STRUCTURE_STYLE_WEIGHT at a large output's structure levels)."""
+    objective, start = _objective(models, "fp32")
+    level = objective.targets.levels[1]
+    unweighted = float(objective.total(start))
+    level.style_weight = 2.0
+    whole = start.clone().requires_grad_(True)
+    whole_terms = objective.costs_and_gradient(whole)
+    assert float(whole_terms.total) > unweighted * 1.01
+    monkeypatch.setattr(tiling, "MAX_PASS_PIXELS", 288 * 288)
+    assert objective.tiled
+    tiled = start.clone().requires_grad_(True)
+    tiled_terms = objective.costs_and_gradient(tiled)
+    assert float(tiled_terms.total) == pytest.approx(float(whole_terms.total), rel=1e-4)
+    assert float((tiled.grad - whole.grad).norm() / whole.grad.norm()) <= 1e-3
+    level.style_weight, level.style_norm = 1.0, level.style_norm / 2.0
+    assert float(objective.total(start)) == pytest.approx(float(whole_terms.total), rel=1e-4)      # tiled
+    monkeypatch.undo()
+    assert not objective.tiled
+    assert float(objective.total(start)) == pytest.approx(float(whole_terms.total), rel=1e-5)      # whole
+
+
 @pytest.mark.parametrize("keep_last", [True, False])
 def test_a_tiled_scale_passes_its_coarser_levels_whole_and_once(models, monkeypatch, keep_last):
     """The levels within the pass limit go forward and backward once (no forward-only first pass), the tiled level

@@ -142,6 +142,13 @@ REFINEMENT_RATIO = 3.0
 #: scale) where it still gets no more than that one: the texture at 1:1 comes from them, and with 2 at 4096 px it
 #: was soft.
 FINAL_SCALE_MIN_ITERATIONS = 4
+#: At a refinement scale, the style cost of each of the structure scale's own pyramid levels (512, 362 and 256 px
+#: by default) counts this many times in the objective (:func:`pyramid_style_weights`). The refinement's finer
+#: levels add texture that, downsampled, moves those levels' Gram matrices away from the style's; 7 % more weight
+#: holds them (tubingen x starry_night at 2048 px judged at 512 px: J_style from +11.7 % of the 512 px job's to
+#: +7.0 %, J_content from +7.6 % to +9.0 %; twice the weight: -35 % and +25 %; docs/benchmarks.md, "The structure
+#: levels' style weight").
+STRUCTURE_STYLE_WEIGHT = 1.07
 
 
 def refinement_sides(final: int) -> list[int]:
@@ -177,6 +184,17 @@ def pyramid_factors(settings: StyleTransferSettings, side: int) -> list[float]:
     while side * 2.0 ** -len(octaves) > STRUCTURE_SIDE_PX * 2.0 ** 0.25:  # down to the structure side's octave
         octaves.append(2.0 ** -len(octaves))
     return octaves + [STRUCTURE_SIDE_PX / side * factor for factor in structure]
+
+
+def pyramid_style_weights(settings: StyleTransferSettings, side: int) -> list[float]:
+    """The ``style_weight`` of each level of :func:`pyramid_factors` (same order): :data:`STRUCTURE_STYLE_WEIGHT`
+    for the structure scale's own levels at a refinement scale, 1.0 for every other level (and at every scale of
+    a job that does not refine)."""
+    factors = pyramid_factors(settings, side)
+    if settings.pyramid_levels == 1 or not refines(settings) or side <= STRUCTURE_SIDE_PX:
+        return [1.0] * len(factors)
+    structure = len(half_octaves(settings.pyramid_levels))
+    return [1.0] * (len(factors) - structure) + [STRUCTURE_STYLE_WEIGHT] * structure
 
 
 def schedule(settings: StyleTransferSettings, aspect: float) -> list[tuple[int, int]]:
@@ -432,7 +450,10 @@ def _scale_inputs(job: _Job, side: int) -> tuple[torch.Tensor, Targets]:
             break                                   # the style would be too small: no coarser level
         level_content = job.content_image.resize((level_w, level_h), Image.Resampling.LANCZOS)
         coarser.append((to_tensor(level_content).to(device), level_styles))
-    return content, compute_targets(job.models, content, styles, settings, coarser)
+    targets = compute_targets(job.models, content, styles, settings, coarser)
+    for level, weight in zip(targets.levels, pyramid_style_weights(settings, side)):
+        level.style_weight = weight
+    return content, targets
 
 
 def _objective(job: _Job, scale: _Scale) -> Objective:

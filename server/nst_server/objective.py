@@ -136,9 +136,10 @@ def evaluate(feats: dict[str, torch.Tensor] | tuple[torch.Tensor, ...], pixels: 
     """The costs of a batch of generated images, each ``(B,)`` float32 (:class:`~nst_server.costs.CostTerms`).
 
     ``J_content`` and ``J_style`` are the seed's costs at the generated image's own size. ``J`` is the objective
-    the job minimises: the mean over the pyramid's levels of ``alpha J_content / c + beta J_style / s`` (each
+    the job minimises: the mean over the pyramid's levels of ``alpha J_content / c + beta w J_style / s`` (each
     level's costs of the image downsampled to that level, ``c`` and ``s`` its normalisers, 1 without
-    normalisation), plus ``tv_weight * TV``. With one level and ``normalization == "none"`` it is the seed's
+    normalisation, ``w`` its ``style_weight``, 1 but at a large output's structure levels), plus
+    ``tv_weight * TV``. With one level and ``normalization == "none"`` it is the seed's
     ``J = alpha J_content + beta J_style`` (+ TV).
 
     Args:
@@ -155,7 +156,7 @@ def evaluate(feats: dict[str, torch.Tensor] | tuple[torch.Tensor, ...], pixels: 
         if j_content is None:
             j_content, j_style = content, style
         objective = objective + (settings.content_weight * content / level.content_norm
-                                 + settings.style_weight * style / level.style_norm)
+                                 + settings.style_weight * level.style_weight * style / level.style_norm)
     tv = costs.total_variation(pixels)
     total = objective / min(len(targets.levels), len(all_feats)) + settings.tv_weight * tv
     return CostTerms(content=j_content, style=j_style, total_variation=tv, total=total)
@@ -271,7 +272,7 @@ class Objective:
 def _level_factors(level: LevelTargets, settings: StyleTransferSettings, levels: int) -> tuple[float, float]:
     """The factors of one level's ``J_content`` and ``J_style`` in ``J`` (:func:`evaluate`)."""
     return (settings.content_weight / (level.content_norm * levels),
-            settings.style_weight / (level.style_norm * levels))
+            settings.style_weight * level.style_weight / (level.style_norm * levels))
 
 
 def _tiled_level(forward: Forward, image: torch.Tensor, level: LevelTargets, settings: StyleTransferSettings,

@@ -32,6 +32,7 @@ class LevelTargets:
     style_grams: dict[str, torch.Tensor]      # layer -> (1, C, C), scaled to this size's positions
     content_norm: float = 1.0                 # J_content is divided by this in the objective
     style_norm: float = 1.0                   # J_style is divided by this in the objective
+    style_weight: float = 1.0                 # and multiplied by this (a level's share of the style term)
 
 
 @dataclass
