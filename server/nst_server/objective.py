@@ -138,7 +138,7 @@ def evaluate(feats: dict[str, torch.Tensor] | tuple[torch.Tensor, ...], pixels: 
     ``J_content`` and ``J_style`` are the seed's costs at the generated image's own size. ``J`` is the objective
     the job minimises: the mean over the pyramid's levels of ``alpha J_content / c + beta w J_style / s`` (each
     level's costs of the image downsampled to that level, ``c`` and ``s`` its normalisers, 1 without
-    normalisation, ``w`` its ``style_weight``, 1 but at a large output's structure levels), plus
+    normalisation, ``w`` its ``style_weight``, 1 except at a large output's structure levels), plus
     ``tv_weight * TV``. With one level and ``normalization == "none"`` it is the seed's
     ``J = alpha J_content + beta J_style`` (+ TV).
 
