@@ -163,6 +163,12 @@ def refines(settings: StyleTransferSettings) -> bool:
     return settings.scales > 1 and not settings.start_side_px and settings.max_side_px > STRUCTURE_SIDE_PX
 
 
+def _octave_pyramid(settings: StyleTransferSettings, side: int) -> bool:
+    """Whether the scale of longest side ``side`` is a refinement scale with a pyramid (:func:`pyramid_factors`'
+    octaves, then the structure scale's levels)."""
+    return settings.pyramid_levels > 1 and refines(settings) and side > STRUCTURE_SIDE_PX
+
+
 def pyramid_factors(settings: StyleTransferSettings, side: int) -> list[float]:
     """The sizes of the objective's pyramid levels at a scale of longest side ``side``, as factors of that side
     (the first 1.0; :func:`nst_server.targets.level_sizes` turns them into sizes).
@@ -178,7 +184,7 @@ def pyramid_factors(settings: StyleTransferSettings, side: int) -> list[float]:
     better one judged at 512 px (docs/benchmarks.md, "Octaves above the structure scale").
     """
     structure = half_octaves(settings.pyramid_levels)
-    if settings.pyramid_levels == 1 or not refines(settings) or side <= STRUCTURE_SIDE_PX:
+    if not _octave_pyramid(settings, side):
         return structure
     octaves = []
     while side * 2.0 ** -len(octaves) > STRUCTURE_SIDE_PX * 2.0 ** 0.25:  # down to the structure side's octave
@@ -191,7 +197,7 @@ def pyramid_style_weights(settings: StyleTransferSettings, side: int) -> list[fl
     for the structure scale's own levels at a refinement scale, 1.0 for every other level (and at every scale of
     a job that does not refine)."""
     factors = pyramid_factors(settings, side)
-    if settings.pyramid_levels == 1 or not refines(settings) or side <= STRUCTURE_SIDE_PX:
+    if not _octave_pyramid(settings, side):
         return [1.0] * len(factors)
     structure = len(half_octaves(settings.pyramid_levels))
     return [1.0] * (len(factors) - structure) + [STRUCTURE_STYLE_WEIGHT] * structure
